@@ -1,0 +1,179 @@
+"""Contract of tiered checkpointing.
+
+Tiers, fastest first: ``ram`` (this node's shared memory), ``peer`` (other
+nodes' RAM, see issue 4) and ``durable`` (fsspec: ``file://`` or ``s3://``).
+
+RAM snapshot format (the interface between the training process, the node
+runtime's sealer/drainer and the restore path). For each global rank ``R``
+that saved on this node::
+
+    <shm_dir>/ckpt/rank<R>/slot<K>.bin        arena: the raw bytes of every tensor
+    <shm_dir>/ckpt/rank<R>/slot<K>.json       commit record, written last (atomic rename)
+    <shm_dir>/ckpt/rank<R>/slot<K>.seal.json  checksums, written after the commit
+
+``<shm_dir>`` is ``$HPRESIL_SHM_DIR`` (set by ``hpresil-run``: one directory
+per job and node). ``K`` ranges over ``CheckpointConfig.slots`` buffers that
+are reused across saves while shapes are unchanged.
+
+Locking: a writer holds ``fcntl.flock(LOCK_EX)`` on ``slot<K>.bin`` from
+before it unlinks the old ``slot<K>.json`` until the new one is renamed into
+place; a reader (sealer, drainer, restore) holds ``LOCK_SH`` and re-reads the
+record after locking to check it is still the same ``commit_id``. A writer
+never takes the slot of the newest commit, and skips slots it cannot lock.
+
+The commit record (:class:`CommitRecord`, JSON) describes the layout of the
+arena: one :class:`Entry` per leaf of the flattened state dict (DCP's
+flattening: nested mappings joined with ``.``). Tensors live in the arena at
+``offset``; plain Python values are stored inline as JSON (never pickled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import timedelta
+from typing import Any, Literal, Protocol
+
+from hpresil.errors import ConfigError
+
+__all__ = [
+    "TierName",
+    "TIERS",
+    "CheckpointConfig",
+    "Entry",
+    "CommitRecord",
+    "SnapshotRef",
+    "Tier",
+    "FORMAT_VERSION",
+]
+
+TierName = Literal["ram", "peer", "durable"]
+TIERS: tuple[TierName, ...] = ("ram", "peer", "durable")
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Settings of :class:`hpresil.Checkpointer`.
+
+    Attributes:
+        every: snapshot to RAM every this many steps (``save(step)`` is a no-op
+            on other steps).
+        durable: fsspec URL of the durable tier (``file:///path``, ``s3://bucket/prefix``);
+            ``None`` takes ``$HPRESIL_DURABLE``, else a ``checkpoints`` directory in
+            the job's log dir (or the current directory outside ``hpresil-run``).
+        durable_every: drain every this many steps to durable storage; 0 disables
+            the durable tier. Must be a multiple of ``every``.
+        keep: durable checkpoints retained (older ones are deleted after a newer
+            one commits).
+        slots: RAM buffers per rank (at least 2; 3 lets a save proceed while the
+            durable drain reads an older snapshot).
+        upload_timeout: bound on one durable upload attempt.
+        verify_on_restore: check checksums before trusting a snapshot.
+    """
+
+    every: int = 1
+    durable: str | None = None
+    durable_every: int = 50
+    keep: int = 3
+    slots: int = 3
+    upload_timeout: timedelta = timedelta(minutes=10)
+    verify_on_restore: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"every={self.every}: snapshot interval must be >= 1 step")
+        if self.durable_every < 0:
+            raise ConfigError(f"durable_every={self.durable_every}: must be >= 0 (0 disables)")
+        if self.durable_every and self.durable_every % self.every:
+            raise ConfigError(
+                f"durable_every={self.durable_every} is not a multiple of every={self.every}: "
+                f"durable_every % every must be 0 (try durable_every={self.every * max(1, self.durable_every // self.every)})"
+            )
+        if self.keep < 1:
+            raise ConfigError(f"keep={self.keep}: keep at least 1 durable checkpoint")
+        if self.slots < 2:
+            raise ConfigError(f"slots={self.slots}: double buffering needs slots >= 2")
+        if self.durable is None:
+            self.durable = os.environ.get("HPRESIL_DURABLE") or None
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Entry:
+    """One leaf of the flattened state dict.
+
+    Attributes:
+        key: flattened key (``"model.layers.0.attn.wq.weight"``).
+        kind: ``"tensor"`` (bytes in the arena) or ``"json"`` (``value`` inline).
+        dtype: torch dtype name without the ``torch.`` prefix (tensors).
+        shape: shape of this rank's local data (tensors).
+        global_shape: shape of the whole tensor; equal to ``shape`` when not sharded.
+        global_offset: where the local chunk starts in the whole tensor.
+        offset: byte offset of the data in the arena (tensors).
+        nbytes: byte length in the arena (tensors).
+        replicated: every rank holds an identical full copy (DDP parameters);
+            restore may read any rank's copy, the durable tier writes one.
+        value: the JSON value (``kind == "json"``).
+    """
+
+    key: str
+    kind: Literal["tensor", "json"]
+    dtype: str = ""
+    shape: list[int] = dataclasses.field(default_factory=list)
+    global_shape: list[int] = dataclasses.field(default_factory=list)
+    global_offset: list[int] = dataclasses.field(default_factory=list)
+    offset: int = 0
+    nbytes: int = 0
+    replicated: bool = True
+    value: Any = None
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class CommitRecord:
+    """The record that makes a RAM snapshot count; written after the data.
+
+    Attributes:
+        version: :data:`FORMAT_VERSION`.
+        commit_id: random id of this commit (binds the seal to it).
+        run_id: the job's rendezvous id.
+        step: training step the snapshot belongs to.
+        rank: global rank that wrote it.
+        world_size: world size when it was written.
+        slot: arena slot index.
+        nbytes: bytes of tensor data in the arena.
+        durable: the drainer should copy this snapshot to the durable tier.
+        entries: the layout.
+        created: Unix time of the commit.
+    """
+
+    version: int
+    commit_id: str
+    run_id: str
+    step: int
+    rank: int
+    world_size: int
+    slot: int
+    nbytes: int
+    durable: bool
+    entries: list[Entry]
+    created: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotRef:
+    """A snapshot some tier can serve: which step, which tier, which ranks."""
+
+    tier: TierName
+    step: int
+    world_size: int
+    ranks: frozenset[int]
+
+
+class Tier(Protocol):
+    """A place snapshots can be restored from."""
+
+    name: TierName
+
+    def available(self) -> list[SnapshotRef]:
+        """Lists the verified snapshots this tier can serve, newest first."""
+        ...

@@ -1,0 +1,55 @@
+"""The one error hierarchy of hpresil.
+
+Every error hpresil raises on purpose derives from :class:`HpresilError`, so a
+caller can catch all of them at once, and each message names the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HpresilError",
+    "ConfigError",
+    "LaunchError",
+    "RuntimeUnavailableError",
+    "CheckpointError",
+    "StorageError",
+    "IntegrityError",
+    "StateMismatchError",
+    "NoCheckpointError",
+]
+
+
+class HpresilError(Exception):
+    """Base class of every error hpresil raises deliberately."""
+
+
+class ConfigError(HpresilError, ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+class LaunchError(HpresilError):
+    """``hpresil-run`` could not start or supervise the worker group."""
+
+
+class RuntimeUnavailableError(HpresilError):
+    """A worker asked for the node runtime but was not started by ``hpresil-run``."""
+
+
+class CheckpointError(HpresilError):
+    """Saving or restoring a checkpoint failed."""
+
+
+class StorageError(CheckpointError):
+    """A storage tier (RAM, peer or durable) could not be read or written."""
+
+
+class IntegrityError(CheckpointError):
+    """A snapshot failed its integrity check (checksum, size or layout)."""
+
+
+class StateMismatchError(CheckpointError):
+    """The saved state does not match the state being restored into."""
+
+
+class NoCheckpointError(CheckpointError):
+    """No tier holds a checkpoint that every rank can load."""
