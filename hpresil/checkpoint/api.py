@@ -32,9 +32,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from datetime import timedelta
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from hpresil.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TierName",
@@ -43,7 +46,7 @@ __all__ = [
     "Entry",
     "CommitRecord",
     "SnapshotRef",
-    "Tier",
+    "SnapshotSource",
     "FORMAT_VERSION",
 ]
 
@@ -142,6 +145,8 @@ class CommitRecord:
         slot: arena slot index.
         nbytes: bytes of tensor data in the arena.
         durable: the drainer should copy this snapshot to the durable tier.
+        durable_url: where the drainer writes it (resolved ``CheckpointConfig.durable``).
+        keep: durable checkpoints to retain (``CheckpointConfig.keep``).
         entries: the layout.
         created: Unix time of the commit.
     """
@@ -155,6 +160,8 @@ class CommitRecord:
     slot: int
     nbytes: int
     durable: bool
+    durable_url: str | None
+    keep: int
     entries: list[Entry]
     created: float
 
@@ -169,11 +176,34 @@ class SnapshotRef:
     ranks: frozenset[int]
 
 
-class Tier(Protocol):
-    """A place snapshots can be restored from."""
+class SnapshotSource(Protocol):
+    """A tier as the restore path sees it: which snapshots exist, their layouts,
+    and the bytes of one entry of one rank, verified.
 
-    name: TierName
+    The restore path asks each source in tier order (ram, peer, durable); all
+    ranks agree collectively on the newest step that every rank can load, then
+    each rank reads the entries (or the overlapping slices of other ranks'
+    entries, when the world size changed) it needs.
+    """
 
-    def available(self) -> list[SnapshotRef]:
-        """Lists the verified snapshots this tier can serve, newest first."""
+    tier: TierName
+
+    def steps(self) -> list[SnapshotRef]:
+        """Snapshots this source can serve, newest first (metadata only, cheap)."""
+        ...
+
+    def records(self, step: int) -> dict[int, CommitRecord]:
+        """Layouts of ``step`` per saving rank (only ranks this source holds)."""
+        ...
+
+    def read(self, step: int, rank: int, entry: Entry, out: "torch.Tensor") -> None:
+        """Copies the bytes of ``entry`` saved by ``rank`` at ``step`` into ``out``.
+
+        Args:
+            out: a contiguous ``uint8`` CPU tensor of ``entry.nbytes`` bytes.
+
+        Raises:
+            IntegrityError: the bytes fail their checksum.
+            StorageError: the bytes cannot be read.
+        """
         ...
