@@ -11,6 +11,7 @@ Integrate in about five lines::
 and launch with ``hpresil-run`` instead of ``torchrun``.
 """
 
+from hpresil import _errorfile
 from hpresil.errors import (
     CheckpointError,
     ConfigError,
@@ -23,6 +24,8 @@ from hpresil.errors import (
 )
 
 __version__ = "0.1.0"
+
+_errorfile.install()
 
 __all__ = [
     "__version__",

@@ -1,0 +1,1 @@
+"""``hpresil-run``: torchrun plus the node runtime (see :mod:`hpresil.run.cli`)."""

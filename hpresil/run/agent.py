@@ -1,0 +1,148 @@
+"""``LocalElasticAgent`` subclass that reports to the node runtime.
+
+It overrides only the agent's lifecycle hooks (rendezvous, start, monitor,
+restart, stop) to emit events and tell the runtime's services what happened;
+scheduling, restarts and process management stay torch's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+from hpresil.runtime.api import WorkerGroupInfo
+from hpresil.runtime.node import NodeRuntime
+
+__all__ = ["HpresilAgent"]
+
+log = logging.getLogger(__name__)
+
+
+class HpresilAgent(LocalElasticAgent):
+    """The elastic agent of ``hpresil-run``.
+
+    Args:
+        spec: the worker spec (as torchrun builds it).
+        runtime: the node runtime that receives lifecycle callbacks.
+        **kwargs: passed to ``LocalElasticAgent``.
+    """
+
+    def __init__(self, spec: WorkerSpec, runtime: NodeRuntime, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        self._runtime = runtime
+        self._attempt = -1
+        self._last_state = WorkerState.INIT
+        self._group_info: WorkerGroupInfo | None = None
+        #: stderr log of each failed global rank (when captured), for the failure report.
+        self.stderr_paths: dict[int, str] = {}
+
+    @property
+    def remaining_restarts(self) -> int:
+        """Restarts left before a failure ends the job."""
+        return self._remaining_restarts
+
+    def _rendezvous(self, worker_group: WorkerGroup) -> None:
+        start = time.monotonic()
+        super()._rendezvous(worker_group)
+        self._runtime.events.emit(
+            "rendezvous",
+            group_rank=worker_group.group_rank,
+            group_world_size=worker_group.group_world_size,
+            world_size=worker_group.workers[0].world_size if worker_group.workers else None,
+            duration_s=round(time.monotonic() - start, 4),
+        )
+
+    def _set_local_rank_env(self, worker_env: dict[str, str | None], local_rank: int, spec: WorkerSpec) -> None:
+        super()._set_local_rank_env(worker_env, local_rank, spec)
+        worker_env.update(self._runtime.worker_env(attempt=self._attempt + 1))
+
+    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
+        pids = super()._start_workers(worker_group)
+        self._attempt += 1
+        workers = sorted(worker_group.workers, key=lambda w: w.local_rank)
+        info = WorkerGroupInfo(
+            attempt=self._attempt,
+            group_rank=worker_group.group_rank or 0,
+            group_world_size=worker_group.group_world_size or 1,
+            world_size=workers[0].world_size if workers else 0,
+            global_ranks=tuple(w.global_rank for w in workers),
+            pids=tuple(int(pids[w.local_rank]) for w in workers),
+        )
+        self._group_info = info
+        self._last_state = WorkerState.HEALTHY
+        self._runtime.events.emit(
+            "workers_start",
+            attempt=info.attempt,
+            group_rank=info.group_rank,
+            group_world_size=info.group_world_size,
+            world_size=info.world_size,
+            ranks=list(info.global_ranks),
+            pids=list(info.pids),
+        )
+        self._runtime.on_workers_started(info)
+        return pids
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        if result.state != self._last_state:
+            self._on_state_change(result)
+            self._last_state = result.state
+        return result
+
+    def _on_state_change(self, result: RunResult) -> None:
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+            stderrs = getattr(self._pcontext, "stderrs", {}) or {}
+            for rank, failure in sorted(result.failures.items()):
+                if stderrs.get(failure.local_rank):
+                    self.stderr_paths[rank] = stderrs[failure.local_rank]
+                sig = failure.signal_name() if failure.exitcode < 0 else None
+                self._runtime.events.emit(
+                    "worker_exit",
+                    rank=rank,
+                    local_rank=failure.local_rank,
+                    pid=failure.pid,
+                    exitcode=failure.exitcode,
+                    signal=sig,
+                    state=result.state.name,
+                    attempt=self._attempt,
+                    message=_short(failure.message),
+                )
+                log.warning(
+                    "worker rank %d (local %d, pid %d) exited with %s (attempt %d)",
+                    rank,
+                    failure.local_rank,
+                    failure.pid,
+                    sig or f"code {failure.exitcode}",
+                    self._attempt,
+                )
+        elif result.state == WorkerState.SUCCEEDED:
+            self._runtime.events.emit("workers_succeeded", attempt=self._attempt)
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        # torch's loop decrements the restart budget before calling us on a
+        # failure and leaves it alone on a membership change.
+        failed = self._last_state in (WorkerState.FAILED, WorkerState.UNHEALTHY)
+        cause = "failure" if failed else "membership"
+        self._runtime.events.emit(
+            "workers_restart",
+            cause=cause,
+            attempt=self._attempt,
+            remaining_restarts=self._remaining_restarts,
+            max_restarts=worker_group.spec.max_restarts,
+        )
+        log.info("restarting worker group (cause: %s, %d restarts left)", cause, self._remaining_restarts)
+        super()._restart_workers(worker_group)
+
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        super()._stop_workers(worker_group)
+        if self._group_info is not None:
+            self._runtime.on_workers_stopped(self._group_info)
+
+
+def _short(message: str, limit: int = 500) -> str:
+    message = message or ""
+    return message if len(message) <= limit else message[:limit] + "..."

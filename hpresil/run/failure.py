@@ -1,0 +1,103 @@
+"""The root-cause report ``hpresil-run`` prints when the job fails.
+
+torch's ``@record`` prints a table of every failed rank; this report leads
+with the one that failed first, says how it died (exit code or signal), and
+quotes its Python traceback: from the error file when the worker recorded one
+(``@record`` or ``import hpresil``), else from the tail of its stderr log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+__all__ = ["explain_failure", "traceback_from_stderr", "traceback_from_error_file"]
+
+_MAX_LINES = 40
+
+
+def traceback_from_stderr(path: str | None, max_lines: int = _MAX_LINES) -> str | None:
+    """The last Python traceback in a worker's stderr log, if any."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    start = text.rfind("Traceback (most recent call last)")
+    if start < 0:
+        return None
+    lines = text[start:].rstrip().splitlines()
+    return "\n".join(lines[-max_lines:] if len(lines) > max_lines else lines)
+
+
+def traceback_from_error_file(failure: ProcessFailure) -> str | None:
+    """The traceback a worker wrote to its elastic error file, if any."""
+    data = failure.error_file_data
+    if not data:
+        return None
+    try:
+        message = data["message"]
+        if isinstance(message, str):
+            message = json.loads(message)
+        extra = message.get("extraInfo", {})
+        stack = extra.get("py_callstack")
+        return stack.rstrip() if stack else message.get("message")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _how(failure: ProcessFailure) -> str:
+    if failure.exitcode < 0:
+        return f"was killed by {failure.signal_name()}"
+    return f"exited with code {failure.exitcode}"
+
+
+def explain_failure(
+    exc: ChildFailedError,
+    max_restarts: int,
+    restarts_used: int,
+    stderr_paths: dict[int, str] | None = None,
+) -> str:
+    """Formats the report for a failed job.
+
+    Args:
+        exc: the error the elastic launcher raised.
+        max_restarts: the ``--max-restarts`` in force.
+        restarts_used: restarts spent on failures before giving up.
+        stderr_paths: stderr log of each failed global rank, when captured.
+
+    Returns:
+        A multi-line report naming the first failed rank, how it died, its
+        traceback, and what to do.
+    """
+    rank, failure = exc.get_first_failure()
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.timestamp)) if failure.timestamp else "?"
+    lines = [
+        "",
+        f"hpresil-run: job failed; {restarts_used} of --max-restarts {max_restarts} restarts used",
+        f"  root cause: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {_how(failure)} at {when}",
+    ]
+    others = sorted(r for r in exc.failures if r != rank)
+    if others:
+        lines.append(f"  also stopped: ranks {', '.join(map(str, others))} (failed too, or stopped by the agent)")
+    tb = traceback_from_error_file(failure) or traceback_from_stderr((stderr_paths or {}).get(rank))
+    if tb:
+        lines.append("  traceback of the root cause:")
+        lines.extend("    " + line for line in tb.splitlines())
+    elif failure.exitcode < 0:
+        lines.append("  no traceback: the process was killed by a signal (OOM killer, scheduler, or a fault)")
+    else:
+        lines.append("  no traceback captured: run with --tracebacks auto, or import hpresil in the script")
+    if max_restarts == 0:
+        lines.append("  fix: correct the error above; to survive transient faults, pass --max-restarts N")
+    else:
+        lines.append("  fix: every restart failed; correct the error above, or raise --max-restarts")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Launches the elastic agent with the node runtime around it.
+
+torch's ``launch_agent`` hard-codes ``LocalElasticAgent``; this module builds
+the same pieces from torch's public elastic API (``RendezvousParameters``,
+the rendezvous registry, ``WorkerSpec``, ``events``, ``metrics``) and runs
+:class:`~hpresil.run.agent.HpresilAgent`, a ``LocalElasticAgent`` subclass.
+Everything torchrun decides from its flags — rendezvous, restarts, logs,
+NUMA binding, signal handling — is taken from torch's own ``LaunchConfig``
+unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+import uuid
+from typing import Any, Callable
+
+import torch.distributed.elastic.rendezvous.registry as rdzv_registry
+from torch.distributed.elastic import events, metrics
+from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+from torch.distributed.launcher.api import LaunchConfig
+
+from hpresil.run.agent import HpresilAgent
+from hpresil.run.failure import explain_failure
+from hpresil.runtime.node import NodeRuntime
+
+__all__ = ["launch_agent", "entrypoint_name"]
+
+log = logging.getLogger(__name__)
+
+
+def entrypoint_name(entrypoint: Callable[..., Any] | str | None, args: list[Any]) -> str:
+    """Names the entrypoint the way torchrun's logs do (script, not ``python``)."""
+    if callable(entrypoint):
+        return getattr(entrypoint, "__name__", str(entrypoint))
+    if isinstance(entrypoint, str):
+        if os.path.basename(entrypoint).startswith("python"):
+            return next((str(a) for a in args if not str(a).startswith("-")), entrypoint)
+        return entrypoint
+    return ""
+
+
+def _master_addr_port(params: RendezvousParameters) -> tuple[str | None, int | None]:
+    # Only the static backend takes a master address from the endpoint; the
+    # others publish one through the store (same rule as torch's launcher).
+    if params.backend != "static":
+        return None, None
+    endpoint = params.endpoint.strip()
+    if not endpoint:
+        raise ValueError("the static rendezvous needs an endpoint: pass --master-addr and --master-port")
+    addr, port = parse_rendezvous_endpoint(endpoint, default_port=-1)
+    if port == -1:
+        raise ValueError(f"port is missing in endpoint {endpoint!r}: pass --master-port")
+    return addr, port
+
+
+_OPTIONAL_SPEC_FIELDS = (
+    "event_log_handler",
+    "numa_options",
+    "duplicate_stdout_filters",
+    "duplicate_stderr_filters",
+    "virtual_local_rank",
+)
+
+
+def _shared_fields(config: LaunchConfig, target: type, names: tuple[str, ...]) -> dict[str, Any]:
+    accepted = set(inspect.signature(target).parameters)
+    return {n: getattr(config, n) for n in names if n in accepted and hasattr(config, n)}
+
+
+def launch_agent(
+    config: LaunchConfig,
+    entrypoint: Callable[..., Any] | str,
+    args: list[Any],
+    runtime: NodeRuntime,
+) -> dict[int, Any]:
+    """Runs the worker group to completion under an :class:`HpresilAgent`.
+
+    Args:
+        config: torch's launch config, as built by ``torch.distributed.run.config_from_args``.
+        entrypoint: the worker command (e.g. the Python executable) or function.
+        args: arguments of the entrypoint.
+        runtime: the node runtime; started here, stopped when the job ends.
+
+    Returns:
+        The workers' return values by global rank (function entrypoints only).
+
+    Raises:
+        ChildFailedError: the worker group failed and ran out of restarts.
+    """
+    if not config.run_id:
+        config.run_id = str(uuid.uuid4().int)
+        log.warning("no --rdzv-id given; generated run id %s", config.run_id)
+
+    params = RendezvousParameters(
+        backend=config.rdzv_backend,
+        endpoint=config.rdzv_endpoint,
+        run_id=config.run_id,
+        min_nodes=config.min_nodes,
+        max_nodes=config.max_nodes,
+        local_addr=config.local_addr,
+        **config.rdzv_configs,
+    )
+    master_addr, master_port = _master_addr_port(params)
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
+
+    spec = WorkerSpec(
+        role=config.role,
+        local_world_size=config.nproc_per_node,
+        entrypoint=entrypoint,
+        args=tuple(args),
+        rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
+        max_restarts=config.max_restarts,
+        monitor_interval=config.monitor_interval,
+        master_addr=master_addr,
+        master_port=master_port,
+        local_addr=config.local_addr,
+        # Fields newer torch releases added to both LaunchConfig and WorkerSpec.
+        **_shared_fields(config, WorkerSpec, _OPTIONAL_SPEC_FIELDS),
+    )
+    agent = HpresilAgent(
+        spec=spec,
+        runtime=runtime,
+        logs_specs=config.logs_specs,
+        start_method=config.start_method,
+        log_line_prefix_template=config.log_line_prefix_template,
+        **_shared_fields(config, HpresilAgent, ("shutdown_timeout",)),
+    )
+    log.info(
+        "hpresil-run: entrypoint=%s nnodes=%s:%s nproc_per_node=%s run_id=%s rdzv=%s@%s max_restarts=%s",
+        entrypoint_name(entrypoint, args),
+        config.min_nodes,
+        config.max_nodes,
+        config.nproc_per_node,
+        config.run_id,
+        config.rdzv_backend,
+        config.rdzv_endpoint,
+        config.max_restarts,
+    )
+
+    shutdown_rdzv = True
+    succeeded = False
+    runtime.start()
+    try:
+        metrics.initialize_metrics(metrics.MetricsConfig(config.metrics_cfg))
+        result = agent.run()
+        events.record(agent.get_event_succeeded(), config.event_log_handler)
+        if result.is_failed():
+            error = ChildFailedError(name=entrypoint_name(entrypoint, args), failures=result.failures)
+            report = explain_failure(
+                error,
+                max_restarts=config.max_restarts,
+                restarts_used=config.max_restarts - agent.remaining_restarts,
+                stderr_paths=agent.stderr_paths,
+            )
+            print(report, file=sys.stderr, flush=True)
+            runtime.events.emit("workers_failed", report=report)
+            raise error
+        succeeded = True
+        return result.return_values
+    except ChildFailedError:
+        raise
+    except Exception as exc:
+        # A signal (SIGTERM from the scheduler) must not close the rendezvous:
+        # that would stop this run id from ever scaling again.
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        if isinstance(exc, SignalException):
+            shutdown_rdzv = False
+        events.record(agent.get_event_failed(), config.event_log_handler)
+        raise
+    finally:
+        if shutdown_rdzv:
+            spec.rdzv_handler.shutdown()
+        runtime.stop(succeeded=succeeded)

@@ -1,0 +1,151 @@
+"""The node runtime: per-node state that outlives worker-group restarts.
+
+Started by ``hpresil-run`` before the first worker and stopped when the job
+ends. It owns the job's shared-memory directory and the event log, exports
+their locations to the workers' environment, and drives :class:`NodeService`
+plugins from one service thread, so one slow service cannot stall the
+elastic agent's monitor loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Sequence
+
+from hpresil import _env
+from hpresil.events.jsonl import JsonlEventLog
+from hpresil.runtime.api import NodeService, RuntimeConfig, RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.shm import JobShmDir
+
+__all__ = ["NodeRuntime"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeRuntime:
+    """One node's runtime.
+
+    Args:
+        config: runtime settings.
+        run_id: the rendezvous run id.
+        log_dir: the job's log directory on this node (``events.jsonl`` goes here).
+        services: plugins to drive, in start order.
+    """
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        run_id: str,
+        log_dir: str,
+        services: Sequence[NodeService] = (),
+    ) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.node_id = config.node_id or socket.gethostname()
+        self.log_dir = os.path.abspath(log_dir)
+        self.shm = JobShmDir(config.shm_root, run_id, self.node_id)
+        self.events = JsonlEventLog(os.path.join(self.log_dir, "events.jsonl"), node=self.node_id)
+        self.services = list(services)
+        self._started: list[NodeService] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.group: WorkerGroupInfo | None = None
+
+    @property
+    def context(self) -> RuntimeContext:
+        """What services get: ids, paths and the event sink."""
+        return RuntimeContext(
+            run_id=self.run_id,
+            node_id=self.node_id,
+            shm_dir=self.shm.path,
+            log_dir=self.log_dir,
+            events=self.events,
+        )
+
+    def start(self) -> None:
+        """Creates the shared-memory directory, starts services and the service thread.
+
+        Raises:
+            ConfigError: the shared-memory directory is unusable.
+        """
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.shm.create()
+        self.events.emit(
+            "runtime_start",
+            run_id=self.run_id,
+            pid=os.getpid(),
+            shm_dir=self.shm.path,
+            shm_free_bytes=self.shm.free_bytes(),
+            log_dir=self.log_dir,
+            services=[s.name for s in self.services],
+        )
+        ctx = self.context
+        for service in self.services:
+            try:
+                service.start(ctx)
+                self._started.append(service)
+            except Exception:  # a broken optional service must not stop the job
+                log.exception("service %s failed to start; continuing without it", service.name)
+                self.events.emit("service_failed", service=service.name, phase="start")
+        self._thread = threading.Thread(target=self._loop, name="hpresil-runtime", daemon=True)
+        self._thread.start()
+
+    def worker_env(self, attempt: int) -> dict[str, str]:
+        """Environment variables every worker gets (see :mod:`hpresil._env`)."""
+        return {
+            _env.SHM_DIR: self.shm.path,
+            _env.LOG_DIR: self.log_dir,
+            _env.NODE_ID: self.node_id,
+            _env.EVENTS_FILE: self.events.path,
+            _env.RUN_ID: self.run_id,
+            _env.ATTEMPT: str(attempt),
+        }
+
+    def on_workers_started(self, group: WorkerGroupInfo) -> None:
+        """Tells every service that the local worker group (re)started."""
+        self.group = group
+        self._each("on_workers_started", group)
+
+    def on_workers_stopped(self, group: WorkerGroupInfo) -> None:
+        """Tells every service that the local worker group stopped."""
+        self._each("on_workers_stopped", group)
+
+    def _each(self, hook: str, *args: object) -> None:
+        with self._lock:
+            services = list(self._started)
+        for service in services:
+            try:
+                getattr(service, hook)(*args)
+            except Exception:
+                log.exception("service %s failed in %s", service.name, hook)
+                self.events.emit("service_failed", service=service.name, phase=hook)
+
+    def _loop(self) -> None:
+        interval = self.config.service_interval.total_seconds()
+        while not self._stop.wait(interval):
+            self._each("tick")
+
+    def stop(self, succeeded: bool, timeout: timedelta = timedelta(seconds=60)) -> None:
+        """Stops services (letting them finish pending work within ``timeout``),
+        then removes the shared-memory directory unless ``keep_shm``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        deadline = time.monotonic() + timeout.total_seconds()
+        for service in reversed(self._started):
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                service.stop(timedelta(seconds=left))
+            except Exception:
+                log.exception("service %s failed to stop cleanly", service.name)
+        self._started.clear()
+        if not self.config.keep_shm:
+            self.shm.remove()
+        self.events.emit("runtime_stop", succeeded=succeeded, shm_kept=self.config.keep_shm)
+        self.events.close()

@@ -1,0 +1,86 @@
+"""The job's shared-memory directory on one node.
+
+Layout: ``<shm_root>/<run_id>/<node_id>/``. It is created before the first
+worker starts and outlives worker crashes (the RAM tier lives in it); it is
+removed when the job ends unless the user asks to keep it. Creating it checks
+that the filesystem is usable and reports its free space, so a too-small
+``/dev/shm`` (a common container default of 64 MiB) is named up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+from hpresil.errors import ConfigError
+
+__all__ = ["JobShmDir", "safe_component"]
+
+log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_component(name: str) -> str:
+    """Turns a run id or node id into a safe single path component.
+
+    Raises:
+        ConfigError: the name is empty or consists only of dots.
+    """
+    cleaned = _UNSAFE.sub("_", name)[:128]
+    if not cleaned.strip("."):
+        raise ConfigError(f"id {name!r} cannot name a directory; use letters, digits, '.', '_' or '-'")
+    return cleaned
+
+
+class JobShmDir:
+    """Creates, inspects and removes one job's shared-memory directory.
+
+    Args:
+        shm_root: parent directory (e.g. ``/dev/shm/hpresil``).
+        run_id: the rendezvous run id.
+        node_id: this node's id.
+    """
+
+    def __init__(self, shm_root: str, run_id: str, node_id: str) -> None:
+        self.job_dir = os.path.join(os.path.abspath(shm_root), safe_component(run_id))
+        self.path = os.path.join(self.job_dir, safe_component(node_id))
+
+    def create(self) -> str:
+        """Creates the directory (mode 0700) and returns its path.
+
+        Raises:
+            ConfigError: the directory cannot be created or written.
+        """
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            probe = os.path.join(self.path, ".probe")
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use shared-memory directory {self.path}: {exc}. "
+                "Pass --shm-root to a writable tmpfs (e.g. /dev/shm/hpresil)"
+            ) from exc
+        free = self.free_bytes()
+        log.info("job shared-memory directory %s (%.1f GiB free)", self.path, free / 2**30)
+        return self.path
+
+    def free_bytes(self) -> int:
+        """Free bytes on the filesystem holding the directory (0 if unknown)."""
+        try:
+            st = os.statvfs(self.path if os.path.exists(self.path) else os.path.dirname(self.path))
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def remove(self) -> None:
+        """Removes this node's directory, and the job directory once empty."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            os.rmdir(self.job_dir)
+        except OSError:
+            pass  # other simulated nodes of the job still use it
