@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import uuid
 from datetime import timedelta
@@ -115,20 +116,30 @@ def resolve_rendezvous(args: argparse.Namespace) -> None:
         args.master_port = 29500
 
 
-def _fix_for(exc: BaseException, args: argparse.Namespace) -> str:
-    text = str(exc)
-    if "nnodes" in text or "min_nodes" in text:
-        return f"{text}. Fix: --nnodes N or --nnodes MIN:MAX with 0 < MIN <= MAX (got {args.nnodes!r})"
-    if "nproc_per_node" in text:
-        return (f"{text}. Fix: --nproc-per-node takes an integer or one of auto, cpu, gpu, xpu "
-                f"(got {args.nproc_per_node!r})")
-    if "max_restarts" in text:
-        return f"{text}. Fix: --max-restarts takes an integer >= 0"
-    if "local_ranks_filter" in text:
-        return f"{text}"
-    if "--no-python" in text or "--module" in text:
-        return f"{text}. Fix: drop --no-python to run a module with -m"
-    return text
+_NNODES = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks torchrun's arguments up front so errors name the fix.
+
+    Raises:
+        ConfigError: an argument is invalid; the message says how to fix it.
+    """
+    match = _NNODES.match(str(args.nnodes))
+    if not match:
+        raise ConfigError(f"--nnodes {args.nnodes!r} is not N or MIN:MAX; pass e.g. --nnodes 2 or --nnodes 1:4")
+    low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+    if not 0 < low <= high:
+        raise ConfigError(f"--nnodes {args.nnodes!r}: need 0 < MIN <= MAX; pass e.g. --nnodes {max(1, high)}:{max(1, low, high)}")
+    nproc = str(args.nproc_per_node)
+    if not (nproc.isdigit() and int(nproc) > 0) and nproc not in ("auto", "cpu", "gpu", "xpu"):
+        raise ConfigError(f"--nproc-per-node {nproc!r}: takes an integer > 0 or one of auto, cpu, gpu, xpu")
+    if int(args.max_restarts) < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts}: takes an integer >= 0")
+    if float(args.monitor_interval) <= 0:
+        raise ConfigError(f"--monitor-interval {args.monitor_interval}: takes a number of seconds > 0")
+    if args.no_python and args.module:
+        raise ConfigError("--no-python and -m/--module conflict: drop --no-python to run a module with -m")
 
 
 def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -169,11 +180,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _apply_traceback_capture(args)
     try:
+        validate(args)
         resolve_rendezvous(args)
         config, cmd, cmd_args = config_from_args(args)
         runtime_config = _runtime_config(args)
-    except (AssertionError, ValueError, RuntimeError) as exc:
-        parser.error(_fix_for(exc, args))
+    except (AssertionError, ValueError, RuntimeError) as exc:  # ConfigError is a ValueError
+        parser.error(str(exc))
 
     from hpresil.run.launch import launch_agent
     from hpresil.runtime.node import NodeRuntime

@@ -1,0 +1,55 @@
+"""Helpers to run ``hpresil-run`` (and torchrun) as a real subprocess in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "tests", "scripts")
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(tmp_path: Any, **extra: str) -> dict[str, str]:
+    """Environment for a launcher subprocess: repo importable, 1 thread, private shm root."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "HPRESIL_", "TORCHELASTIC_"))}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["HPRESIL_SHM_ROOT"] = str(tmp_path / "shm")
+    env.update(extra)
+    return env
+
+
+def hpresil_run(
+    args: list[str], tmp_path: Any, env: dict[str, str] | None = None, timeout: float = 90, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -m hpresil.run ARGS`` and returns the completed process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpresil.run", *args],
+        env=env if env is not None else base_env(tmp_path),
+        cwd=cwd or str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def script(name: str) -> str:
+    """Path of a test worker script in tests/scripts."""
+    return os.path.join(SCRIPTS, name)
+
+
+def events(path: Any) -> list[dict[str, Any]]:
+    """The events of an ``events.jsonl`` file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
