@@ -1,6 +1,6 @@
 """``python -m hpresil.run``: same as ``hpresil-run``."""
 
-from hpresil.run.cli import main
+from hpresil.run.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 import uuid
 from datetime import timedelta
@@ -24,7 +25,7 @@ from torch.distributed.run import config_from_args, get_args_parser, parse_min_m
 from hpresil.errors import ConfigError
 from hpresil.runtime.api import RuntimeConfig
 
-__all__ = ["build_parser", "main", "HPRESIL_OPTIONS"]
+__all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -169,37 +170,46 @@ def _apply_traceback_capture(args: argparse.Namespace) -> None:
 
 @record
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``hpresil-run`` and ``python -m hpresil.run``."""
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO").upper(),
-                        format="[hpresil-run] %(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        parser = build_parser()
-    except ConfigError as exc:
-        print(f"hpresil-run: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    """Runs ``hpresil-run`` with ``argv`` (default: ``sys.argv[1:]``) in this process.
+
+    Same contract as ``torch.distributed.run.main``: argparse errors exit 2;
+    invalid argument values raise :class:`~hpresil.errors.ConfigError` (a
+    ``ValueError``); a failed worker group raises ``ChildFailedError``.
+
+    Raises:
+        ConfigError: an argument or ``HPRESIL_*`` value is invalid.
+        ChildFailedError: the workers failed and ran out of restarts.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
     _apply_traceback_capture(args)
-    try:
-        validate(args)
-        resolve_rendezvous(args)
-        config, cmd, cmd_args = config_from_args(args)
-        runtime_config = _runtime_config(args)
-    except (AssertionError, ValueError, RuntimeError) as exc:  # ConfigError is a ValueError
-        parser.error(str(exc))
+    validate(args)
+    resolve_rendezvous(args)
+    config, cmd, cmd_args = config_from_args(args)
+    runtime_config = _runtime_config(args)
 
     from hpresil.run.launch import launch_agent
     from hpresil.runtime.node import NodeRuntime
     from hpresil.runtime.services import default_services
 
-    node_id = runtime_config.node_id or __import__("socket").gethostname()
-    runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=_job_log_dir(args, str(config.run_id), node_id),
-                          services=default_services())
+    node_id = runtime_config.node_id or socket.gethostname()
+    log_dir = _job_log_dir(args, str(config.run_id), node_id)
+    runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=default_services())
+    launch_agent(config, cmd, cmd_args, runtime)
+
+
+def console_main() -> None:
+    """The ``hpresil-run`` console script: invalid values exit 2 naming the fix."""
+    logging.basicConfig(
+        level=os.environ.get("LOGLEVEL", "INFO").upper(),
+        format="[hpresil-run] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
-        launch_agent(config, cmd, cmd_args, runtime)
-    except ConfigError as exc:
-        print(f"hpresil-run: error: {exc}", file=sys.stderr)
+        main()
+    except (ConfigError, ValueError, AssertionError) as exc:
+        print(f"usage: hpresil-run [options] training_script [args...]\nhpresil-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    console_main()

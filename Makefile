@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv if
+# it is missing. torch is installed first and pinned (2.13.0, CPU build) so no
+# resolver ever pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv chaos bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) examples/llama/demo.py
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/launcher_overhead.py
+	$(PY) bench/checkpoint.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
