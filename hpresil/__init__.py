@@ -23,6 +23,9 @@ from hpresil.errors import (
     StorageError,
 )
 
+from hpresil.hang.heartbeat import heartbeat, phase, section
+from hpresil.checkpoint import Checkpointer, RNGState
+
 __version__ = "0.1.0"
 
 _errorfile.install()
@@ -30,6 +33,8 @@ _errorfile.install()
 __all__ = [
     "__version__",
     "CheckpointError",
+    "Checkpointer",
+    "RNGState",
     "ConfigError",
     "HpresilError",
     "IntegrityError",
@@ -37,4 +42,7 @@ __all__ = [
     "NoCheckpointError",
     "StateMismatchError",
     "StorageError",
+    "heartbeat",
+    "phase",
+    "section",
 ]

@@ -71,6 +71,9 @@ class HpresilAgent(LocalElasticAgent):
             world_size=workers[0].world_size if workers else 0,
             global_ranks=tuple(w.global_rank for w in workers),
             pids=tuple(int(pids[w.local_rank]) for w in workers),
+            master_addr=worker_group.master_addr,
+            master_port=worker_group.master_port,
+            started=time.time(),
         )
         self._group_info = info
         self._last_state = WorkerState.HEALTHY

@@ -23,6 +23,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
 from hpresil.errors import ConfigError
+from hpresil.hang.config import HANG_OPTIONS, hang_config
+from hpresil.run.env import apply_launcher_env
 from hpresil.runtime.api import RuntimeConfig
 
 __all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS"]
@@ -42,6 +44,7 @@ HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
     ("--job-log-dir", "HPRESIL_LOG_DIR", "str", None,
      "Where events.jsonl and hpresil's diagnostics go (default: --log-dir when given, "
      "else <tmp>/hpresil-logs/<run-id>/<node-id>)."),
+    *((flag, env_var, "str", None, help_text) for flag, env_var, _, help_text in HANG_OPTIONS),
     ("--tracebacks", "HPRESIL_TRACEBACKS", "choice:auto,off", "auto",
      "auto: when neither --redirects nor --tee is given, also copy each worker's stderr to "
      "the log dir so a failure report can show the failing rank's traceback; off: torchrun's behaviour."),
@@ -187,15 +190,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     resolve_rendezvous(args)
     config, cmd, cmd_args = config_from_args(args)
     runtime_config = _runtime_config(args)
+    hang = hang_config({flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, *_ in HANG_OPTIONS})
 
     from hpresil.run.launch import launch_agent
     from hpresil.runtime.node import NodeRuntime
     from hpresil.runtime.services import default_services
 
+    env_changes = apply_launcher_env()
     node_id = runtime_config.node_id or socket.gethostname()
     log_dir = _job_log_dir(args, str(config.run_id), node_id)
-    runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=default_services())
-    launch_agent(config, cmd, cmd_args, runtime)
+    runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=default_services({"hpresil.hang.watchdog": hang}))
+    launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes)
 
 
 def console_main() -> None:

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch.distributed.elastic.rendezvous.registry as rdzv_registry
 from torch.distributed.elastic import events, metrics
@@ -27,6 +27,7 @@ from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.launcher.api import LaunchConfig
 
 from hpresil.run.agent import HpresilAgent
+from hpresil.run.env import EnvChange
 from hpresil.run.failure import explain_failure
 from hpresil.runtime.node import NodeRuntime
 
@@ -79,6 +80,7 @@ def launch_agent(
     entrypoint: Callable[..., Any] | str,
     args: list[Any],
     runtime: NodeRuntime,
+    env_changes: Sequence[EnvChange] = (),
 ) -> dict[int, Any]:
     """Runs the worker group to completion under an :class:`HpresilAgent`.
 
@@ -87,6 +89,7 @@ def launch_agent(
         entrypoint: the worker command (e.g. the Python executable) or function.
         args: arguments of the entrypoint.
         runtime: the node runtime; started here, stopped when the job ends.
+        env_changes: environment changes made by the launcher, reported as events.
 
     Returns:
         The workers' return values by global rank (function entrypoints only).
@@ -147,6 +150,8 @@ def launch_agent(
     shutdown_rdzv = True
     succeeded = False
     runtime.start()
+    for change in env_changes:
+        runtime.events.emit("env_change", name=change.name, old=change.old, new=change.new, reason=change.reason)
     try:
         metrics.initialize_metrics(metrics.MetricsConfig(config.metrics_cfg))
         result = agent.run()

@@ -73,6 +73,9 @@ class WorkerGroupInfo:
         world_size: number of workers in the job.
         global_ranks: global rank of each local worker (index = local rank).
         pids: process id of each local worker (index = local rank).
+        master_addr: host of the store the workers use (the rendezvous store for c10d).
+        master_port: its port.
+        started: Unix time the group was started.
     """
 
     attempt: int
@@ -81,6 +84,9 @@ class WorkerGroupInfo:
     world_size: int
     global_ranks: tuple[int, ...]
     pids: tuple[int, ...]
+    master_addr: str | None = None
+    master_port: int | None = None
+    started: float = 0.0
 
 
 class NodeService(Protocol):

@@ -56,6 +56,7 @@ class NodeRuntime:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.group: WorkerGroupInfo | None = None
+        self._failures: dict[tuple[str, str], int] = {}
 
     @property
     def context(self) -> RuntimeContext:
@@ -122,9 +123,15 @@ class NodeRuntime:
         for service in services:
             try:
                 getattr(service, hook)(*args)
-            except Exception:
-                log.exception("service %s failed in %s", service.name, hook)
-                self.events.emit("service_failed", service=service.name, phase=hook)
+            except Exception as exc:
+                # Report the first failure of each (service, hook) fully, then
+                # only every 1000th: a broken tick must not flood the logs.
+                key = (service.name, hook)
+                count = self._failures[key] = self._failures.get(key, 0) + 1
+                if count == 1:
+                    log.exception("service %s failed in %s", service.name, hook)
+                if count == 1 or count % 1000 == 0:
+                    self.events.emit("service_failed", service=service.name, phase=hook, error=repr(exc), count=count)
 
     def _loop(self) -> None:
         interval = self.config.service_interval.total_seconds()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from typing import Mapping
 
 from hpresil.runtime.api import NodeService
 
@@ -17,13 +18,21 @@ log = logging.getLogger(__name__)
 
 #: (module, class) of each default service, in start order.
 DEFAULT_SERVICES: tuple[tuple[str, str], ...] = (
+    ("hpresil.health.service", "HealthService"),
     ("hpresil.checkpoint.sealer", "Sealer"),
     ("hpresil.checkpoint.drain", "Drainer"),
+    ("hpresil.hang.watchdog", "Watchdog"),
 )
 
 
-def default_services() -> list[NodeService]:
-    """Instantiates the default services that are importable here."""
+def default_services(configs: Mapping[str, object] | None = None) -> list[NodeService]:
+    """Instantiates the default services that are importable here.
+
+    Args:
+        configs: a config per service module (e.g. ``{"hpresil.hang.watchdog": HangConfig(...)}``),
+            passed to the service's constructor; others use their own defaults.
+    """
+    configs = configs or {}
     services: list[NodeService] = []
     for module_name, class_name in DEFAULT_SERVICES:
         try:
@@ -31,5 +40,5 @@ def default_services() -> list[NodeService]:
         except (ImportError, AttributeError) as exc:
             log.info("node service %s.%s unavailable: %s", module_name, class_name, exc)
             continue
-        services.append(cls())
+        services.append(cls(configs[module_name]) if module_name in configs else cls())
     return services

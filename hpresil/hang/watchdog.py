@@ -1,0 +1,258 @@
+"""The hang watchdog: a node-runtime service outside the workers.
+
+Every tick it reads each local worker's heartbeat and process state and
+compares the time spent in the current phase with that phase's timeout (see
+:mod:`hpresil.hang.api`). When one is overdue it diagnoses in a separate
+thread (so the runtime keeps ticking): dumps every local rank's stacks,
+shares the node's view with the other nodes through the job's store, names
+the suspect, emits ``hang_detected`` and kills the local worker group
+(SIGTERM, then SIGKILL after the grace period). The elastic agent then
+restarts the group, which resumes from the newest snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+
+from hpresil.hang import probe
+from hpresil.hang.api import FLAG_FAULTHANDLER, Beat, HangConfig
+from hpresil.hang.config import hang_config_from_env
+from hpresil.hang.diagnose import RankDiag, find_suspects, in_collective
+from hpresil.hang.heartbeat import record_path
+from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+
+__all__ = ["Watchdog", "phase_timeout"]
+
+log = logging.getLogger(__name__)
+
+
+def phase_timeout(beat: Beat | None, cfg: HangConfig, step_max: float, ckpt_max: float) -> tuple[float, str]:
+    """The timeout (seconds) that applies to a worker now, and the phase's name.
+
+    Args:
+        beat: the worker's record (``None``: it has not beaten yet).
+        cfg: the configuration.
+        step_max: slowest step observed on this node (seconds).
+        ckpt_max: slowest checkpoint observed on this node (seconds).
+    """
+    init = cfg.init_timeout.total_seconds()
+    if beat is None or beat.phase == 0:
+        return init, "init"
+    if beat.phase == 1:
+        if cfg.step_timeout is not None:
+            return cfg.step_timeout.total_seconds(), "step"
+        if beat.n_steps < cfg.min_samples or step_max <= 0:
+            return init, "step"  # not calibrated yet: the early steps may still warm up
+        return max(cfg.step_floor.total_seconds(), cfg.factor * step_max), "step"
+    if beat.phase == 2:
+        return max(cfg.checkpoint_floor.total_seconds(), cfg.factor * ckpt_max), "checkpoint"
+    if beat.phase == 4:
+        return init, "exit"
+    return (beat.phase_timeout or cfg.user_timeout.total_seconds()), beat.phase_label
+
+
+def _alive(pid: int) -> bool:
+    state = probe.proc_state(pid)
+    return state is not None and state[0] not in ("Z", "X")
+
+
+class _Rank:
+    """The watchdog's view of one local worker."""
+
+    def __init__(self, local_rank: int, rank: int, pid: int, path: str) -> None:
+        self.local_rank, self.rank, self.pid, self.path = local_rank, rank, pid, path
+        self.cpu: list[tuple[float, float]] = []  # (monotonic time, cpu seconds), last ~2 s
+        self.stopped_since: float | None = None
+        self.beat: Beat | None = None
+        self.state: str | None = None
+
+    def sample(self, now: float) -> None:
+        beat = probe.read_beat(self.path)
+        self.beat = beat if beat is not None and beat.pid == self.pid else None
+        st = probe.proc_state(self.pid)
+        self.state = st[0] if st else None
+        if st:
+            self.cpu.append((now, st[1]))
+            while len(self.cpu) > 2 and now - self.cpu[0][0] > 2.0:
+                self.cpu.pop(0)
+        if self.state in ("T", "t"):
+            self.stopped_since = self.stopped_since or now
+        else:
+            self.stopped_since = None
+
+    def cpu_rate(self) -> float | None:
+        if len(self.cpu) < 2 or self.cpu[-1][0] - self.cpu[0][0] < 0.2:
+            return None
+        (t0, c0), (t1, c1) = self.cpu[0], self.cpu[-1]
+        return (c1 - c0) / (t1 - t0)
+
+
+class Watchdog:
+    """NodeService ``watchdog``.
+
+    Args:
+        config: hang settings; default from ``HPRESIL_HANG_*``.
+    """
+
+    name = "watchdog"
+
+    def __init__(self, config: HangConfig | None = None) -> None:
+        self.config = config or hang_config_from_env()
+        self._ctx: RuntimeContext | None = None
+        self._group: WorkerGroupInfo | None = None
+        self._ranks: list[_Rank] = []
+        self._handling: threading.Thread | None = None
+        self._handled: WorkerGroupInfo | None = None  # the group a detection already fired for
+        self._lock = threading.Lock()
+        self.detections: list[dict] = []
+
+    def start(self, ctx: RuntimeContext) -> None:
+        """Remembers where the workers' records live."""
+        self._ctx = ctx
+
+    def on_workers_started(self, group: WorkerGroupInfo) -> None:
+        """Watches the new group's workers from now on."""
+        assert self._ctx is not None
+        with self._lock:
+            self._group = group
+            self._ranks = [
+                _Rank(i, rank, pid, record_path(self._ctx.shm_dir, i))
+                for i, (rank, pid) in enumerate(zip(group.global_ranks, group.pids))
+            ]
+
+    def on_workers_stopped(self, group: WorkerGroupInfo) -> None:
+        """Stops watching the group that just stopped."""
+        with self._lock:
+            if self._group is group:
+                self._group, self._ranks = None, []
+
+    def tick(self) -> None:
+        """Checks every local worker against its phase's timeout."""
+        if not self.config.enabled:
+            return
+        with self._lock:
+            group, ranks = self._group, list(self._ranks)
+        if group is None or not ranks or self._handled is group:
+            return
+        now_mono, now = time.monotonic(), time.time()
+        for r in ranks:
+            r.sample(now_mono)
+        beats = [r.beat for r in ranks if r.beat is not None]
+        step_max = max((b.step_max for b in beats), default=0.0)
+        ckpt_max = max((b.ckpt_max for b in beats), default=0.0)
+        overdue: list[tuple[_Rank, str, float, float]] = []
+        for r in ranks:
+            if r.state in (None, "Z", "X"):
+                continue  # exited: the elastic agent handles it
+            if r.stopped_since is not None and now_mono - r.stopped_since > self.config.stopped_timeout.total_seconds():
+                overdue.append((r, "stopped", self.config.stopped_timeout.total_seconds(), now_mono - r.stopped_since))
+                continue
+            timeout, phase = phase_timeout(r.beat, self.config, step_max, ckpt_max)
+            if r.beat is None:
+                waited = now - group.started
+            elif r.beat.phase == 1:
+                waited = now - max(r.beat.t_beat, r.beat.t_phase)
+            else:
+                waited = now - r.beat.t_phase
+            if waited > timeout:
+                overdue.append((r, phase, timeout, waited))
+        if overdue:
+            self._handled = group
+            self._handling = threading.Thread(target=self._handle, args=(group, ranks, overdue), name="hpresil-hang",
+                                              daemon=True)
+            self._handling.start()
+
+    # -- diagnosis and recovery -------------------------------------------------
+
+    def _handle(self, group: WorkerGroupInfo, ranks: list[_Rank], overdue: list[tuple[_Rank, str, float, float]]) -> None:
+        assert self._ctx is not None
+        t0 = time.monotonic()
+        first, phase, timeout, waited = overdue[0]
+        log.error("hang: rank %d in phase %s for %.1f s (timeout %.1f s); diagnosing", first.rank, phase, waited, timeout)
+        diags = [self._diagnose(r) for r in ranks]
+        diags += self._exchange(group, diags)
+        suspects, reason = find_suspects(diags)
+        detection = {
+            "suspects": suspects,
+            "reason": reason,
+            "phase": phase,
+            "timeout_s": round(timeout, 3),
+            "waited_s": round(waited, 3),
+            "step": min((d.step for d in diags), default=-1),
+            "attempt": group.attempt,
+            "ranks": [d.to_json() for d in sorted(diags, key=lambda d: d.rank)],
+            "diagnose_s": round(time.monotonic() - t0, 3),
+        }
+        self.detections.append(detection)
+        self._ctx.events.emit("hang_detected", **detection)
+        log.error("hang detected: suspect rank(s) %s (%s) in phase %s after %.1f s; killing the local worker group",
+                  suspects, reason, phase, waited)
+        self._kill(ranks)
+
+    def _diagnose(self, r: _Rank) -> RankDiag:
+        assert self._ctx is not None
+        stacks_file = os.path.join(self._ctx.log_dir, "stacks", f"rank{r.rank}.txt")
+        use_signal = bool(r.beat and r.beat.flags & FLAG_FAULTHANDLER) and r.state not in ("T", "t")
+        text = probe.dump_stacks(r.pid, stacks_file, use_signal)
+        return RankDiag(
+            rank=r.rank,
+            node=self._ctx.node_id,
+            step=r.beat.step if r.beat else -1,
+            phase=r.beat.phase_label if r.beat else "init",
+            state=r.state,
+            cpu_rate=r.cpu_rate(),
+            in_collective=in_collective(text),
+            stacks_file=stacks_file if text else None,
+        )
+
+    def _exchange(self, group: WorkerGroupInfo, mine: list[RankDiag]) -> list[RankDiag]:
+        """Publishes this node's diagnostics and collects the other nodes' (best effort)."""
+        if group.group_world_size <= 1 or not group.master_addr or not group.master_port:
+            return []
+        try:
+            from torch.distributed import TCPStore
+
+            store = TCPStore(group.master_addr, int(group.master_port), is_master=False,
+                             timeout=timedelta(seconds=2), wait_for_workers=False)
+            prefix = f"hpresil/hang/{group.attempt}/"
+            store.set(prefix + str(group.group_rank), json.dumps([d.to_json() for d in mine]))
+            others = [prefix + str(n) for n in range(group.group_world_size) if n != group.group_rank]
+            deadline = time.monotonic() + self.config.gather_timeout.total_seconds()
+            while time.monotonic() < deadline and not store.check(others):
+                time.sleep(0.05)
+            found: list[RankDiag] = []
+            for key in others:
+                if store.check([key]):
+                    found += [RankDiag.from_json(o) for o in json.loads(store.get(key))]
+            return found
+        except Exception as exc:  # the store may be gone with the node that hosted it
+            log.warning("could not exchange hang diagnostics with other nodes: %s", exc)
+            return []
+
+    def _kill(self, ranks: list[_Rank]) -> None:
+        for r in ranks:
+            for sig in (signal.SIGTERM, signal.SIGCONT):  # a stopped process only acts on SIGTERM once continued
+                try:
+                    os.kill(r.pid, sig)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + self.config.grace.total_seconds()
+        while time.monotonic() < deadline and any(_alive(r.pid) for r in ranks):
+            time.sleep(0.05)
+        for r in ranks:
+            if _alive(r.pid):
+                try:
+                    os.kill(r.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def stop(self, timeout: timedelta) -> None:
+        """Waits for a diagnosis in progress to finish."""
+        if self._handling is not None:
+            self._handling.join(timeout.total_seconds())

@@ -1,0 +1,56 @@
+"""Test worker for hang detection: a gloo all_reduce loop with heartbeats.
+
+argv: <out_dir> <steps> [--slow-first S] [--slow-checkpoint S] [--eval S] [--straggle-rank R --straggle S]
+Faults come from $HPRESIL_FAULTS (stop / spin / hang at a step). Each rank
+appends "<step>" lines to <out_dir>/rank<R>.attempt<N> and writes
+<out_dir>/done.rank<R> at the end.
+"""
+
+import argparse
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import hpresil
+from hpresil.testing import maybe_inject
+
+p = argparse.ArgumentParser()
+p.add_argument("out_dir")
+p.add_argument("steps", type=int)
+p.add_argument("--slow-first", type=float, default=0.0)
+p.add_argument("--slow-checkpoint", type=float, default=0.0)
+p.add_argument("--eval", type=float, default=0.0)
+p.add_argument("--straggle-rank", type=int, default=-1)
+p.add_argument("--straggle", type=float, default=0.0)
+p.add_argument("--step-time", type=float, default=0.02)
+a = p.parse_args()
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+t = torch.ones(1)
+with open(os.path.join(a.out_dir, f"rank{rank}.attempt{attempt}"), "a") as log:
+    for step in range(a.steps):
+        maybe_inject(step)
+        with hpresil.section():
+            if step == 0 and a.slow_first:
+                time.sleep(a.slow_first)
+            if rank == a.straggle_rank:
+                time.sleep(a.straggle)
+            time.sleep(a.step_time)
+        dist.all_reduce(t)
+        if a.slow_checkpoint and step % 10 == 9:
+            with hpresil.phase("checkpoint"):
+                time.sleep(a.slow_checkpoint)
+        if a.eval and step % 15 == 14:
+            with hpresil.phase("eval", timeout=timedelta(seconds=a.eval * 3)):
+                time.sleep(a.eval)
+        hpresil.heartbeat(step)
+        log.write(f"{step}\n")
+        log.flush()
+open(os.path.join(a.out_dir, f"done.rank{rank}"), "w").close()
+with hpresil.phase("teardown"):
+    dist.destroy_process_group()

@@ -1,0 +1,68 @@
+"""Real hangs under hpresil-run: detected with the right suspect, stacks captured,
+the group killed and restarted, training completed; no false alarm on slow phases."""
+
+from __future__ import annotations
+
+import pytest
+
+from _launch import base_env, events, hpresil_run, script
+from hpresil.testing import Fault, to_env
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--hang-step-floor", "1", "--hang-stopped-timeout", "1", "--hang-grace", "1", "--monitor-interval", "0.1"]
+
+
+def _run(tmp_path, faults: list[Fault], extra: list[str] = (), steps: int = 20, restarts: int = 1):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    env = base_env(tmp_path, **to_env(faults))
+    proc = hpresil_run(["--standalone", "--nproc-per-node", "2", "--max-restarts", str(restarts), "--log-dir",
+                        str(logs), *FAST, script("hang_worker.py"), str(out), str(steps), *extra], tmp_path, env=env)
+    return proc, out, events(logs / "events.jsonl"), logs
+
+
+@pytest.mark.parametrize(
+    "action, reason",
+    [("stop", "stopped"), ("spin", "not_in_collective"), ("hang", "not_in_collective")],
+    ids=["sigstop", "gil_spin", "sleep_while_peers_in_collective"],
+)
+def test_hang_is_detected_suspect_named_and_training_resumes(tmp_path, action: str, reason: str) -> None:
+    proc, out, evs, logs = _run(tmp_path, [Fault(rank=1, step=8, action=action)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hangs = [e for e in evs if e["event"] == "hang_detected"]
+    assert len(hangs) == 1, hangs
+    hang = hangs[0]
+    assert hang["suspects"] == [1] and hang["reason"] == reason
+    assert hang["phase"] in ("step", "stopped") and hang["step"] == 7
+    # detection within max(5 s, 3x the calibrated step time) of the last progress
+    assert hang["waited_s"] < 5.0
+    by_rank = {r["rank"]: r for r in hang["ranks"]}
+    assert by_rank[0]["in_collective"] is True, "the healthy rank waits inside the collective"
+    assert (logs / "stacks" / "rank0.txt").read_text().count("all_reduce") >= 1
+    if action != "stop":  # a stopped process cannot run its stack dumper; py-spy could
+        assert "maybe_inject" in (logs / "stacks" / "rank1.txt").read_text()
+    restarts = [e for e in evs if e["event"] == "workers_restart"]
+    assert [r["cause"] for r in restarts] == ["failure"]
+    assert (out / "done.rank0").exists() and (out / "done.rank1").exists()
+    assert (out / "rank1.attempt1").read_text().split()[-1] == "19"
+
+
+def test_no_false_positive_on_slow_first_step_checkpoints_and_eval(tmp_path) -> None:
+    proc, out, evs, _ = _run(tmp_path, [], ["--slow-first", "3", "--slow-checkpoint", "1.5", "--eval", "1.5"],
+                             steps=30, restarts=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [e for e in evs if e["event"] == "hang_detected"]
+    assert (out / "done.rank0").exists()
+
+
+def test_script_without_heartbeats_still_gets_process_supervision(tmp_path) -> None:
+    # crash_and_resume.py never calls hpresil.heartbeat: a SIGSTOP is caught by process state.
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    env = base_env(tmp_path, **to_env([Fault(rank=0, step=3, action="stop")]))
+    proc = hpresil_run(["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--log-dir", str(logs), *FAST,
+                        script("crash_and_resume.py"), str(out), "6"], tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hangs = [e for e in events(logs / "events.jsonl") if e["event"] == "hang_detected"]
+    assert len(hangs) == 1 and hangs[0]["suspects"] == [0] and hangs[0]["reason"] == "stopped"
