@@ -25,6 +25,7 @@ from hpresil.hang.api import FLAG_FAULTHANDLER, Beat, HangConfig
 from hpresil.hang.config import hang_config_from_env
 from hpresil.hang.diagnose import RankDiag, find_suspects, in_collective
 from hpresil.hang.heartbeat import record_path
+from hpresil.hang.straggler import StragglerDetector
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
 
 __all__ = ["Watchdog", "phase_timeout"]
@@ -71,6 +72,8 @@ class _Rank:
         self.stopped_since: float | None = None
         self.beat: Beat | None = None
         self.state: str | None = None
+        self.win_step: int | None = None  # straggler window start: step and CPU seconds
+        self.win_cpu = 0.0
 
     def sample(self, now: float) -> None:
         beat = probe.read_beat(self.path)
@@ -109,6 +112,9 @@ class Watchdog:
         self._ranks: list[_Rank] = []
         self._handling: threading.Thread | None = None
         self._handled: WorkerGroupInfo | None = None  # the group a detection already fired for
+        self._stragglers = StragglerDetector(self.config.straggler_threshold, self.config.straggler_windows)
+        self._windows: dict[int, dict[int, tuple[float | None, float]]] = {}
+        self._store: object | None = None
         self._lock = threading.Lock()
         self.detections: list[dict] = []
 
@@ -121,6 +127,8 @@ class Watchdog:
         assert self._ctx is not None
         with self._lock:
             self._group = group
+            self._windows.clear()
+            self._store = None
             self._ranks = [
                 _Rank(i, rank, pid, record_path(self._ctx.shm_dir, i))
                 for i, (rank, pid) in enumerate(zip(group.global_ranks, group.pids))
@@ -162,11 +170,73 @@ class Watchdog:
                 waited = now - r.beat.t_phase
             if waited > timeout:
                 overdue.append((r, phase, timeout, waited))
+        if not overdue:
+            self._straggler_tick(group, ranks)
+            return
         if overdue:
             self._handled = group
             self._handling = threading.Thread(target=self._handle, args=(group, ranks, overdue), name="hpresil-hang",
                                               daemon=True)
             self._handling.start()
+
+    # -- stragglers ---------------------------------------------------------------
+
+    def _straggler_tick(self, group: WorkerGroupInfo, ranks: list[_Rank]) -> None:
+        size = self.config.straggler_window
+        for r in ranks:
+            if r.beat is None or r.beat.phase == 0 or not r.cpu:
+                continue
+            cpu = r.cpu[-1][1]
+            if r.win_step is None or r.beat.step < r.win_step:
+                r.win_step, r.win_cpu = r.beat.step, cpu
+            elif r.beat.step - r.win_step >= size:
+                per_step = (cpu - r.win_cpu) / (r.beat.step - r.win_step)
+                busy = r.beat.busy_ema if r.beat.busy_ema > 0 else None
+                self._windows.setdefault(r.beat.step // size, {})[r.rank] = (busy, per_step)
+                r.win_step, r.win_cpu = r.beat.step, cpu
+        local = {r.rank for r in ranks}
+        for window in sorted(self._windows):
+            metrics = self._windows[window]
+            if not local <= set(metrics):
+                continue
+            del self._windows[window]
+            everyone = {**self._share_window(group, window, {k: v for k, v in metrics.items() if k in local}), **metrics}
+            use_busy = all(b is not None for b, _ in everyone.values())
+            values = {k: (b if use_busy else c) for k, (b, c) in everyone.items()}
+            for rep in self._stragglers.observe(window, values, "section" if use_busy else "cpu"):
+                if rep.rank in local:
+                    assert self._ctx is not None
+                    self._ctx.events.emit("straggler", rank=rep.rank, window=rep.window, metric_s=round(rep.metric, 6),
+                                          others_median_s=round(rep.median, 6), ratio=round(rep.ratio, 3),
+                                          source=rep.source, attempt=group.attempt)
+                    log.warning("straggler: rank %d is %.2fx slower than the others (%s %.4f s vs %.4f s per step)",
+                                rep.rank, rep.ratio, rep.source, rep.metric, rep.median)
+        for window in [w for w in self._windows if w < max(self._windows, default=0) - 8]:
+            del self._windows[window]  # a rank that stopped beating must not make this grow forever
+
+    def _share_window(self, group: WorkerGroupInfo, window: int,
+                      mine: dict[int, tuple[float | None, float]]) -> dict[int, tuple[float | None, float]]:
+        """Publishes this node's window metrics and returns the other nodes' that are there."""
+        if group.group_world_size <= 1 or not group.master_addr or not group.master_port:
+            return {}
+        try:
+            if self._store is None:
+                from torch.distributed import TCPStore
+
+                self._store = TCPStore(group.master_addr, int(group.master_port), is_master=False,
+                                       timeout=timedelta(seconds=1), wait_for_workers=False)
+            store = self._store
+            prefix = f"hpresil/straggler/{group.attempt}/{window}/"
+            store.set(prefix + str(group.group_rank), json.dumps({str(k): v for k, v in mine.items()}))  # type: ignore[attr-defined]
+            found: dict[int, tuple[float | None, float]] = {}
+            for node in range(group.group_world_size):
+                key = prefix + str(node)
+                if node != group.group_rank and store.check([key]):  # type: ignore[attr-defined]
+                    found.update({int(k): (v[0], v[1]) for k, v in json.loads(store.get(key)).items()})  # type: ignore[attr-defined]
+            return found
+        except Exception as exc:
+            log.debug("straggler metrics not shared across nodes: %s", exc)
+            return {}
 
     # -- diagnosis and recovery -------------------------------------------------
 

@@ -1,0 +1,230 @@
+"""Reference training script: a small Llama on synthetic data, DDP or FSDP2, CPU/gloo.
+
+Launch with hpresil (restarts the job when a worker dies)::
+
+    hpresil-run --standalone --nproc-per-node 2 examples/llama/train.py --steps 50
+
+or with plain torchrun, or as a single process (world size 1)::
+
+    torchrun --standalone --nproc-per-node 2 examples/llama/train.py --steps 50
+    python examples/llama/train.py --steps 50 --preset tiny
+
+Add ``--fsdp`` to shard with FSDP2 (``fully_shard`` per block, then the root)
+instead of replicating with DDP. To kill a worker mid-run, set a fault plan::
+
+    HPRESIL_FAULTS='[{"rank": 1, "step": 20, "action": "kill"}]' hpresil-run ...
+
+The run is deterministic: the batch of step ``s`` on rank ``r`` is a pure
+function of ``(seed, s, r, world_size)``, so the same seed and world size give
+bitwise-identical final parameters, and a run resumed at step ``s`` sees exactly
+the data an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from model import PRESETS, ModelArgs, Transformer, count_parameters
+
+try:
+    from hpresil.testing import maybe_inject
+except ImportError:  # a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from hpresil.testing import maybe_inject
+
+# Successors per token in the synthetic Markov chain: the best achievable loss
+# is ln(4) ~= 1.386, far below the ln(vocab) a fresh model starts at.
+BRANCHING = 4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=100, help="total optimizer steps")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the data")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
+    p.add_argument("--out", type=Path, default=None, help="rank 0 saves the final full state_dict here")
+    p.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
+    return p.parse_args(argv)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Joins the torchrun job, or forms a one-process group when run directly."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    else:
+        # A real (size-1) group keeps one code path for DDP, FSDP and logging.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def transition_table(seed: int, vocab_size: int) -> torch.Tensor:
+    """The fixed Markov chain: row ``t`` lists the ``BRANCHING`` tokens that may follow ``t``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab_size, (vocab_size, BRANCHING), generator=gen)
+
+
+def batch_seed(seed: int, step: int, rank: int, world_size: int) -> int:
+    # A hash rather than arithmetic so nearby (step, rank) pairs get unrelated streams.
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}:{world_size}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def make_batch(
+    table: torch.Tensor, *, seed: int, step: int, rank: int, world_size: int, batch_size: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, ``(batch_size, seq_len)`` each, for one rank and step."""
+    gen = torch.Generator().manual_seed(batch_seed(seed, step, rank, world_size))
+    tokens = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(table.shape[0], (batch_size,), generator=gen)
+    choices = torch.randint(BRANCHING, (batch_size, seq_len), generator=gen)
+    for t in range(seq_len):
+        tokens[:, t + 1] = table[tokens[:, t], choices[:, t]]
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``peak`` at ``total``.
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    # No weight decay on norm scales: decaying them towards 0 fights the normalisation.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def full_state_dict(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The unsharded model state on CPU (a collective under FSDP: call on every rank)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
+    """Builds the model and runs steps ``start_step..args.steps`` in the joined process group."""
+    margs: ModelArgs = ModelArgs.preset(args.preset)
+    # Every rank builds identical weights from the seed, so no broadcast is needed.
+    model = Transformer(margs, seed=args.seed)
+    n_params = count_parameters(model)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        train_model: nn.Module = model
+    else:
+        train_model = nn.parallel.DistributedDataParallel(model)
+    optim = build_optimizer(model, args.lr)
+    table = transition_table(args.seed, margs.vocab_size)
+
+    # `model` is the unwrapped module (FSDP2 shards in place): its state_dict
+    # keys are the same under DDP and FSDP, which keeps checkpoints portable.
+    state = {"model": model, "optim": optim}
+    start_step = 0
+    # ---- hpresil checkpointing goes here (about 5 lines) ----------------------
+    #   import hpresil
+    #   ckpt = hpresil.Checkpointer(state=state)
+    #   start_step = ckpt.restore()        # 0 when there is no checkpoint yet
+    # and at the end of each step below: ckpt.save(step + 1)
+    # ---------------------------------------------------------------------------
+
+    if rank == 0:
+        print(
+            f"llama {args.preset}: {n_params / 1e6:.2f}M params, world size {world_size}, "
+            f"{'FSDP2' if args.fsdp else 'DDP'}, steps {start_step}..{args.steps}",
+            flush=True,
+        )
+    t_start = t_log = time.perf_counter()
+    last_logged = start_step - 1
+    for step in range(start_step, args.steps):
+        maybe_inject(step)
+        inputs, targets = make_batch(
+            table,
+            seed=args.seed,
+            step=step,
+            rank=rank,
+            world_size=world_size,
+            batch_size=args.batch_size,
+            seq_len=margs.max_seq_len,
+        )
+        lr = lr_at(step, peak=args.lr, warmup=args.warmup, total=args.steps)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        logits = train_model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        # ckpt.save(step + 1)  # hpresil: after the step, so a restore resumes at the next one
+
+        if step % args.log_every == 0 or step == args.steps - 1:
+            # Every rank takes this branch (it depends on the step only), so the
+            # all-reduce is safe; it reports the loss over the global batch.
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= world_size
+            now = time.perf_counter()
+            ms = 1000.0 * (now - t_log) / (step - last_logged)
+            t_log, last_logged = now, step
+            if rank == 0:
+                print(f"step {step} loss {mean_loss.item():.4f} ({ms:.0f} ms/step)", flush=True)
+
+    elapsed = time.perf_counter() - t_start
+    n_done = args.steps - start_step
+    if rank == 0 and n_done > 0:
+        print(f"done: {n_done} steps in {elapsed:.1f} s ({n_done / elapsed:.2f} steps/s)", flush=True)
+    if args.out is not None:
+        sd = full_state_dict(model, args.fsdp)
+        if rank == 0:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(sd, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Deterministic kernels and a fixed reduction order: same seed and world
+    # size must give bitwise-identical weights.
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    rank, world_size = init_distributed()
+    train(args, rank, world_size)
+    # DDP's reducer must be gone before the process group is destroyed: the
+    # reducer's destructor holds the GIL, and if it drops the group's last
+    # reference, gloo's destructor waits for a worker thread that is itself
+    # waiting for the GIL (pytorch/pytorch#56297). collect() frees any cycles.
+    gc.collect()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
