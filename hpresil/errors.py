@@ -16,6 +16,9 @@ __all__ = [
     "IntegrityError",
     "StateMismatchError",
     "NoCheckpointError",
+    "HealthError",
+    "HealthUnavailableError",
+    "NodeUnhealthyError",
 ]
 
 
@@ -53,3 +56,23 @@ class StateMismatchError(CheckpointError):
 
 class NoCheckpointError(CheckpointError):
     """No tier holds a checkpoint that every rank can load."""
+
+
+class HealthError(HpresilError):
+    """A GPU health check could not run or found the node unfit for the job."""
+
+
+class HealthUnavailableError(HealthError):
+    """No health backend works here (NVML library or driver missing, no GPUs)."""
+
+
+class NodeUnhealthyError(HealthError):
+    """A fatal GPU finding: this node leaves the job so the others can rescale.
+
+    Attributes:
+        exit_code: the process exit code ``hpresil-run`` should end with.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

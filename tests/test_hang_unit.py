@@ -114,3 +114,17 @@ def test_config_validation_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
         hang_config_from_env({"HPRESIL_HANG": "maybe"})
     cfg = hang_config({"--hang-step-floor": "2", "HPRESIL_HANG_STEP_FLOOR": "9", "HPRESIL_HANG": "off"})
     assert cfg.step_floor == timedelta(seconds=2) and cfg.enabled is False
+
+
+def test_straggler_detector_needs_consecutive_slow_windows() -> None:
+    from hpresil.hang.straggler import StragglerDetector
+
+    det = StragglerDetector(threshold=1.5, windows=2)
+    assert det.observe(0, {0: 1.0, 1: 2.0, 2: 1.0}, "cpu") == []
+    reports = det.observe(1, {0: 1.0, 1: 2.0, 2: 1.1}, "cpu")
+    assert [(r.rank, round(r.ratio, 2)) for r in reports] == [(1, 1.90)]
+    assert det.observe(2, {0: 1.0, 1: 2.0, 2: 1.0}, "cpu") == [], "reported once"
+    assert det.observe(3, {0: 1.0, 1: 1.0, 2: 1.0}, "cpu") == []
+    det.observe(4, {0: 1.0, 1: 3.0, 2: 1.0}, "cpu")
+    assert [r.rank for r in det.observe(5, {0: 1.0, 1: 3.0, 2: 1.0}, "cpu")] == [1], "reported again after recovery"
+    assert det.observe(6, {0: 1.0}, "cpu") == []

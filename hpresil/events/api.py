@@ -36,6 +36,10 @@ EVENT_NAMES = frozenset(
         "integrity_failed",
         "hang_detected",
         "straggler",
+        "health_check",
+        "gpu_unhealthy",
+        "node_leave",
+        "service_failed",
         "rescale",
         "step",
     }

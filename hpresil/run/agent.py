@@ -45,7 +45,22 @@ class HpresilAgent(LocalElasticAgent):
         """Restarts left before a failure ends the job."""
         return self._remaining_restarts
 
+    def _leave_if_unhealthy(self) -> None:
+        """Leaves the job when a service found this node unfit (e.g. a fatal GPU
+        finding): rejoining would only crash every restart. The workers are
+        stopped by ``agent.run()``'s cleanup; the other nodes re-rendezvous."""
+        verdict = self._runtime.leave_verdict()
+        if verdict is not None:
+            self._runtime.events.emit(
+                "node_leave",
+                reason=verdict.message,  # type: ignore[attr-defined]
+                exit_code=verdict.exit_code,  # type: ignore[attr-defined]
+                findings=[f.to_json_obj() for f in verdict.findings],  # type: ignore[attr-defined]
+            )
+            raise verdict.error()  # type: ignore[attr-defined]
+
     def _rendezvous(self, worker_group: WorkerGroup) -> None:
+        self._leave_if_unhealthy()  # never join with a node known to be bad
         start = time.monotonic()
         super()._rendezvous(worker_group)
         self._runtime.events.emit(
@@ -90,6 +105,7 @@ class HpresilAgent(LocalElasticAgent):
         return pids
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        self._leave_if_unhealthy()
         result = super()._monitor_workers(worker_group)
         if result.state != self._last_state:
             self._on_state_change(result)

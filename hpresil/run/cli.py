@@ -22,7 +22,7 @@ from typing import Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
-from hpresil.errors import ConfigError
+from hpresil.errors import ConfigError, NodeUnhealthyError
 from hpresil.hang.config import HANG_OPTIONS, hang_config
 from hpresil.run.env import apply_launcher_env
 from hpresil.runtime.api import RuntimeConfig
@@ -211,6 +211,9 @@ def console_main() -> None:
     )
     try:
         main()
+    except NodeUnhealthyError as exc:
+        print(f"hpresil-run: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except (ConfigError, ValueError, AssertionError) as exc:
         print(f"usage: hpresil-run [options] training_script [args...]\nhpresil-run: error: {exc}", file=sys.stderr)
         sys.exit(2)

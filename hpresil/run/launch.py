@@ -26,6 +26,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.launcher.api import LaunchConfig
 
+from hpresil.errors import NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
 from hpresil.run.env import EnvChange
 from hpresil.run.failure import explain_failure
@@ -172,11 +173,12 @@ def launch_agent(
     except ChildFailedError:
         raise
     except Exception as exc:
-        # A signal (SIGTERM from the scheduler) must not close the rendezvous:
-        # that would stop this run id from ever scaling again.
         from torch.distributed.elastic.multiprocessing.api import SignalException
 
-        if isinstance(exc, SignalException):
+        # Neither a signal (SIGTERM from the scheduler) nor a node leaving for
+        # bad health may close the rendezvous: that would end the job for
+        # every node instead of letting the others continue.
+        if isinstance(exc, (SignalException, NodeUnhealthyError)):
             shutdown_rdzv = False
         events.record(agent.get_event_failed(), config.event_log_handler)
         raise

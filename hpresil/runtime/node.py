@@ -117,6 +117,18 @@ class NodeRuntime:
         """Tells every service that the local worker group stopped."""
         self._each("on_workers_stopped", group)
 
+    def leave_verdict(self) -> object | None:
+        """The first verdict a service gives that this node must leave the job
+        (e.g. a fatal GPU finding), or ``None``. A verdict has ``message``,
+        ``exit_code``, ``findings`` and ``error()``."""
+        for service in list(self._started):
+            verdict = getattr(service, "verdict", None)
+            if callable(verdict):
+                result = verdict()
+                if result is not None:
+                    return result
+        return None
+
     def _each(self, hook: str, *args: object) -> None:
         with self._lock:
             services = list(self._started)

@@ -2,11 +2,12 @@
 
 argv: <out_dir> <steps> [--slow-first S] [--slow-checkpoint S] [--eval S] [--straggle-rank R --straggle S]
 Faults come from $HPRESIL_FAULTS (stop / spin / hang at a step). Each rank
-appends "<step>" lines to <out_dir>/rank<R>.attempt<N> and writes
+appends "<step> <unix time>" lines to <out_dir>/rank<R>.attempt<N> and writes
 <out_dir>/done.rank<R> at the end.
 """
 
 import argparse
+import contextlib
 import os
 import time
 from datetime import timedelta
@@ -26,6 +27,8 @@ p.add_argument("--eval", type=float, default=0.0)
 p.add_argument("--straggle-rank", type=int, default=-1)
 p.add_argument("--straggle", type=float, default=0.0)
 p.add_argument("--step-time", type=float, default=0.02)
+p.add_argument("--no-section", action="store_true", help="do not mark local work (straggler falls back to CPU time)")
+p.add_argument("--burn", action="store_true", help="the straggler burns CPU instead of sleeping")
 a = p.parse_args()
 
 dist.init_process_group("gloo")
@@ -35,11 +38,15 @@ t = torch.ones(1)
 with open(os.path.join(a.out_dir, f"rank{rank}.attempt{attempt}"), "a") as log:
     for step in range(a.steps):
         maybe_inject(step)
-        with hpresil.section():
+        with (contextlib.nullcontext() if a.no_section else hpresil.section()):
             if step == 0 and a.slow_first:
                 time.sleep(a.slow_first)
             if rank == a.straggle_rank:
-                time.sleep(a.straggle)
+                end = time.perf_counter() + a.straggle
+                while a.burn and time.perf_counter() < end:
+                    pass
+                if not a.burn:
+                    time.sleep(a.straggle)
             time.sleep(a.step_time)
         dist.all_reduce(t)
         if a.slow_checkpoint and step % 10 == 9:
@@ -49,7 +56,7 @@ with open(os.path.join(a.out_dir, f"rank{rank}.attempt{attempt}"), "a") as log:
             with hpresil.phase("eval", timeout=timedelta(seconds=a.eval * 3)):
                 time.sleep(a.eval)
         hpresil.heartbeat(step)
-        log.write(f"{step}\n")
+        log.write(f"{step} {time.time():.6f}\n")
         log.flush()
 open(os.path.join(a.out_dir, f"done.rank{rank}"), "w").close()
 with hpresil.phase("teardown"):
