@@ -25,16 +25,26 @@ The commit record (:class:`CommitRecord`, JSON) describes the layout of the
 arena: one :class:`Entry` per leaf of the flattened state dict (DCP's
 flattening: nested mappings joined with ``.``). Tensors live in the arena at
 ``offset``; plain Python values are stored inline as JSON (never pickled).
+Use :meth:`CommitRecord.to_json` / :meth:`CommitRecord.from_json` to write
+and parse it, and :func:`slot_path` for the file names.
+
+The seal (:class:`Seal`, JSON) holds one ``sum64`` checksum per tensor entry
+(:mod:`hpresil.checkpoint.integrity`) and the ``commit_id`` of the record it
+was computed for; a seal whose ``commit_id`` differs from the slot's current
+record is stale and ignored. Only sealed snapshots are trusted when
+``CheckpointConfig.verify_on_restore`` is set: a commit proves the copy
+finished, a seal lets a reader prove the bytes did not change since.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from hpresil.errors import ConfigError
+from hpresil.errors import ConfigError, IntegrityError
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +57,10 @@ __all__ = [
     "CommitRecord",
     "SnapshotRef",
     "SnapshotSource",
+    "Seal",
     "FORMAT_VERSION",
+    "rank_dir",
+    "slot_path",
 ]
 
 TierName = Literal["ram", "peer", "durable"]
@@ -116,7 +129,12 @@ class Entry:
         nbytes: byte length in the arena (tensors).
         replicated: every rank holds an identical full copy (DDP parameters);
             restore may read any rank's copy, the durable tier writes one.
-        value: the JSON value (``kind == "json"``).
+        value: the JSON value (``kind == "json"``), encoded by
+            :mod:`hpresil.checkpoint.flatten`'s codec (tuples, bytes and
+            non-string dict keys are tagged objects).
+        path: the unflattened key path with its original key types (``int``
+            for optimizer state ids), like DCP's ``planner_data``; lets a
+            restore rebuild entries its template lacks.
     """
 
     key: str
@@ -129,6 +147,33 @@ class Entry:
     nbytes: int = 0
     replicated: bool = True
     value: Any = None
+    path: list[str | int] | None = None
+
+    def to_json_obj(self) -> dict[str, Any]:
+        """The entry as a JSON object (fields that do not apply are left out)."""
+        if self.kind == "json":
+            obj: dict[str, Any] = {"key": self.key, "kind": "json", "value": self.value}
+        else:
+            obj = {
+                "key": self.key,
+                "kind": self.kind,
+                "dtype": self.dtype,
+                "shape": self.shape,
+                "global_shape": self.global_shape,
+                "global_offset": self.global_offset,
+                "offset": self.offset,
+                "nbytes": self.nbytes,
+                "replicated": self.replicated,
+            }
+        if self.path is not None:
+            obj["path"] = self.path
+        return obj
+
+    @classmethod
+    def from_json_obj(cls, obj: dict[str, Any]) -> "Entry":
+        """Parses :meth:`to_json_obj`'s output (unknown fields are ignored)."""
+        names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        return cls(**{k: v for k, v in obj.items() if k in names})
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -164,6 +209,79 @@ class CommitRecord:
     keep: int
     entries: list[Entry]
     created: float
+
+    def to_json(self) -> str:
+        """Serialises the record (see :meth:`from_json`)."""
+        obj = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "entries"}  # type: ignore[attr-defined]
+        obj["entries"] = [e.to_json_obj() for e in self.entries]
+        return json.dumps(obj, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "CommitRecord":
+        """Parses a record written by :meth:`to_json`.
+
+        Raises:
+            IntegrityError: the text is not a record of :data:`FORMAT_VERSION`.
+        """
+        try:
+            obj = json.loads(text)
+            if obj.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format version {obj.get('version')!r}, expected {FORMAT_VERSION}")
+            obj["entries"] = [Entry.from_json_obj(e) for e in obj["entries"]]
+            names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+            return cls(**{k: v for k, v in obj.items() if k in names})
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise IntegrityError(f"malformed commit record: {exc}") from exc
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Seal:
+    """Checksums of one committed RAM snapshot (``slot<K>.seal.json``).
+
+    Attributes:
+        version: :data:`FORMAT_VERSION`.
+        commit_id: the :class:`CommitRecord` it was computed for.
+        step: the record's step (for humans and logs).
+        rank: the record's rank.
+        checksums: ``sum64`` checksum per tensor entry key.
+        sealed: Unix time the seal was written.
+    """
+
+    version: int
+    commit_id: str
+    step: int
+    rank: int
+    checksums: dict[str, str]
+    sealed: float
+
+    def to_json(self) -> str:
+        """Serialises the seal (see :meth:`from_json`)."""
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Seal":
+        """Parses a seal written by :meth:`to_json`.
+
+        Raises:
+            IntegrityError: the text is not a seal of :data:`FORMAT_VERSION`.
+        """
+        try:
+            obj = json.loads(text)
+            if obj.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format version {obj.get('version')!r}, expected {FORMAT_VERSION}")
+            return cls(**obj)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"malformed seal: {exc}") from exc
+
+
+def rank_dir(shm_dir: str, rank: int) -> str:
+    """``<shm_dir>/ckpt/rank<R>``: the RAM snapshots of global rank ``rank``."""
+    return os.path.join(shm_dir, "ckpt", f"rank{rank}")
+
+
+def slot_path(shm_dir: str, rank: int, slot: int, suffix: Literal["bin", "json", "seal.json"]) -> str:
+    """``<shm_dir>/ckpt/rank<R>/slot<K>.<suffix>``."""
+    return os.path.join(rank_dir(shm_dir, rank), f"slot{slot}.{suffix}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

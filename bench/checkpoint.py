@@ -1,0 +1,164 @@
+"""Checkpoint blocking time and RAM restore time against a bare memcpy.
+
+Every rank (spawned, gloo) holds ``--mib`` MiB of float32 state in
+``--tensors`` tensors and measures, with all ranks in lock step (a barrier
+before each timed call, so they contend for memory bandwidth as in training):
+
+* ``memcpy``: ``dst.copy_(src)`` for every tensor into warm, preallocated
+  buffers: the physical floor every method below is divided by;
+* ``hpresil save``: ``Checkpointer.save`` blocking time (the sealer finishes
+  between saves, as it would during a training step);
+* ``hpresil restore``: ``Checkpointer.restore`` from RAM, checksums verified,
+  including the collective agreement on the step;
+* ``torch.save`` to ``/dev/shm``; ``dcp.save`` and ``dcp.async_save`` (time
+  until it returns) to a local directory.
+
+Times are medians over ``--iters`` of the slowest rank; ratios are to memcpy.
+Usage: ``python bench/checkpoint.py [--mib 512] [--ranks 2] [--iters 5] [--no-baselines]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+
+def _state(mib: int, tensors: int) -> dict[str, Any]:
+    per = mib * 2**20 // 4 // tensors
+    layers = {f"layer{i}.weight": torch.randn(per) for i in range(tensors)}
+    return {"model": layers, "data": {"epoch": 1, "offset": 12345}}
+
+
+def _timed(fns: dict[str, Callable[[], Any]], iters: int, between: dict[str, Callable[[], Any]] | None = None) -> dict[str, float]:
+    """Runs the functions interleaved (so background noise hits all of them
+    alike), each after a barrier; returns the slowest rank's median per name."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            if between and name in between:
+                between[name]()
+    t = torch.tensor([statistics.median(times[n]) for n in fns], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(fns, t.tolist()))
+
+
+def _worker(rank: int, args: argparse.Namespace, workdir: str, results: Any) -> None:
+    from hpresil.checkpoint import Checkpointer
+
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/rdzv", rank=rank, world_size=args.ranks)
+    torch.set_num_threads(args.threads)
+    state = _state(args.mib, args.tensors)
+    src = list(state["model"].values())
+    dst = [torch.empty_like(t) for t in src]
+    for d, s in zip(dst, src):
+        d.copy_(s)  # warm: pages faulted in, like a reused arena
+
+    def memcpy() -> None:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+    ckpt = Checkpointer(state=state, shm_dir=f"{workdir}/shm", durable_every=0, run_services=True, slots=3)
+    ckpt.restore()
+    step = 0
+
+    def save() -> None:
+        nonlocal step
+        step += 1
+        ckpt.save(step)
+
+    for _ in range(3):  # allocate and fault in every slot once
+        save()
+        ckpt.wait()
+    out = _timed({"memcpy": memcpy, "hpresil save": save}, args.iters, between={"hpresil save": ckpt.wait})
+    ckpt.close(keep_ram=True)
+
+    def restore() -> None:
+        c = Checkpointer(state=state, shm_dir=f"{workdir}/shm", durable_every=0, run_services=False)
+        assert c.restore() == step
+        c.close(keep_ram=True)
+
+    out.update(_timed({"memcpy (restore run)": memcpy, "hpresil restore (RAM)": restore}, args.iters))
+    if not args.no_baselines:
+        import torch.distributed.checkpoint as dcp
+
+        path = f"{workdir}/torch_save_rank{rank}.pt"
+        out.update(
+            _timed({"memcpy (baselines run)": memcpy, "torch.save to /dev/shm": lambda: torch.save(state, path)}, args.baseline_iters)
+        )
+        os.unlink(path)
+        ddir = tempfile.mkdtemp(prefix="hpresil-bench-dcp-", dir=args.dcp_dir) if rank == 0 else ""
+        obj = [ddir]
+        dist.broadcast_object_list(obj)
+        ddir = obj[0]
+        n = iter(range(10**6))
+        futures: list[Any] = []
+        out.update(
+            _timed(
+                {
+                    "dcp.save (local dir)": lambda: dcp.save(state, checkpoint_id=f"{ddir}/s{next(n)}"),
+                    "dcp.async_save (blocking part)": lambda: futures.append(
+                        dcp.async_save(state, checkpoint_id=f"{ddir}/a{next(n)}")
+                    ),
+                },
+                args.baseline_iters,
+                between={"dcp.async_save (blocking part)": lambda: futures[-1].result()},
+            )
+        )
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(ddir, ignore_errors=True)
+    if rank == 0:
+        results.update(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mib", type=int, default=512, help="state size per rank (MiB)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--tensors", type=int, default=32, help="tensors the state is split into")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--baseline-iters", type=int, default=3, help="iterations of torch.save and DCP (slow)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--dcp-dir", default=None, help="parent of the DCP directory (default: the temp dir)")
+    p.add_argument("--no-baselines", action="store_true", help="skip torch.save and DCP")
+    args = p.parse_args()
+    workdir = tempfile.mkdtemp(prefix="hpresil-bench-", dir="/dev/shm")
+    try:
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(_worker, args=(args, workdir, results), nprocs=args.ranks, join=True)
+            res = dict(results)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    # Each method is compared with the memcpy measured interleaved with it.
+    print(f"{args.mib} MiB/rank x {args.ranks} ranks, {args.tensors} tensors, median of {args.iters}, slowest rank")
+    print(f"{'method':34s} {'seconds':>9s} {'x memcpy':>9s} {'GB/s':>7s}")
+    for name, sec in res.items():
+        base = res["memcpy (restore run)"] if "restore" in name else res["memcpy"]
+        if "torch.save" in name or "dcp" in name:
+            base = res["memcpy (baselines run)"]
+        if name.startswith("memcpy"):
+            base = sec
+        print(f"{name:34s} {sec:9.4f} {sec / base:9.2f} {args.mib * 2**20 / sec / 1e9:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""The user-facing :class:`Checkpointer`: save to RAM every step, restore from
+the fastest tier that every rank can load.
+
+Under ``hpresil-run`` (``$HPRESIL_SHM_DIR`` set) the node runtime seals and
+drains the snapshots; elsewhere (plain ``torchrun``, a single process) the
+Checkpointer runs the :class:`~hpresil.checkpoint.sealer.Sealer` and the
+durable drainer on background threads of the training process, over a
+per-job directory ``/dev/shm/hpresil/<run id>/<host>``.
+
+When shared memory is full, the RAM tier degrades: a ``tier_degraded`` event
+and a warning, the RAM slots are freed, and the snapshots due for the durable
+tier are staged on disk instead (same format, drained in-process); training
+goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any, Mapping
+
+import torch
+
+from hpresil import _env
+from hpresil.checkpoint import flatten as fl
+from hpresil.checkpoint.api import CheckpointConfig, SnapshotSource, rank_dir
+from hpresil.checkpoint.ram import RamWriter
+from hpresil.checkpoint.ram_files import drop_newer
+from hpresil.checkpoint.ram_source import RamSource
+from hpresil.checkpoint.restore import RestoreResult, restore_state
+from hpresil.checkpoint.sealer import Sealer
+from hpresil.errors import StorageError
+from hpresil.events import worker_sink
+from hpresil.events.api import EventSink
+from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+
+__all__ = ["Checkpointer", "RNGState", "default_shm_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def default_shm_dir() -> str:
+    """Where snapshots go without ``hpresil-run``: one directory per job and host.
+
+    The job is ``$TORCHELASTIC_RUN_ID`` (shared by the workers of one
+    ``torchrun`` launch and kept across its restarts), else ``$HPRESIL_RUN_ID``,
+    else a hash of the working directory and script, so rerunning the same
+    script resumes from RAM.
+    """
+    run_id = _env.get("TORCHELASTIC_RUN_ID") or _env.get(_env.RUN_ID)
+    if run_id is None:
+        script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        run_id = "local-" + hashlib.sha1(f"{os.getcwd()}\0{script}".encode()).hexdigest()[:12]
+    from hpresil.runtime.shm import safe_component
+
+    return os.path.join("/dev/shm/hpresil", safe_component(run_id), safe_component(socket.gethostname()))
+
+
+class RNGState:
+    """Random number generator states (Python, torch CPU, CUDA) as a stateful
+    object, so ``state={"rng": RNGState()}`` saves them on every save and puts
+    them back on restore. Stored as plain per-rank values (never replicated)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current generator states."""
+        sd: dict[str, Any] = {"python": random.getstate(), "torch": bytes(torch.get_rng_state().numpy())}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            sd["cuda"] = [bytes(s.numpy()) for s in torch.cuda.get_rng_state_all()]
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restores the generator states."""
+        random.setstate(sd["python"])
+        torch.set_rng_state(torch.frombuffer(bytearray(sd["torch"]), dtype=torch.uint8))
+        if "cuda" in sd and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in sd["cuda"]])
+
+
+class Checkpointer:
+    """Tiered checkpointing of a training state.
+
+    Example::
+
+        ckpt = hpresil.Checkpointer(state={"model": model, "optim": opt, "rng": RNGState()},
+                                    durable="s3://bucket/run1", durable_every=50)
+        start = ckpt.restore()
+        for step in range(start, total):
+            ...train...
+            ckpt.save(step + 1)
+        ckpt.close()
+
+    Args:
+        state: what to save; values are tensors, nested dicts/lists, plain
+            values, or objects with ``state_dict()``/``load_state_dict()``.
+            Read on every save, restored in place.
+        durable: fsspec URL of the durable tier (see :class:`CheckpointConfig`).
+        every: snapshot to RAM every this many steps.
+        durable_every: copy every this many steps to the durable tier (0: never).
+        keep: durable checkpoints retained.
+        slots: RAM buffers per rank.
+        verify_on_restore: trust only sealed snapshots, and check checksums.
+        config: all of the above at once (replaces them).
+        shm_dir: RAM tier directory (default: ``$HPRESIL_SHM_DIR``, else
+            :func:`default_shm_dir`).
+        run_services: seal and drain on background threads here (default: only
+            outside ``hpresil-run``, whose node runtime does it).
+        events: event sink (default: :func:`hpresil.events.worker_sink`).
+
+    Raises:
+        ConfigError: an invalid setting or durable URL.
+        StorageError: the durable store cannot be reached.
+    """
+
+    def __init__(
+        self,
+        state: Mapping[str, Any],
+        *,
+        durable: str | None = None,
+        every: int = 1,
+        durable_every: int = 50,
+        keep: int = 3,
+        slots: int = 3,
+        verify_on_restore: bool = True,
+        config: CheckpointConfig | None = None,
+        shm_dir: str | None = None,
+        run_services: bool | None = None,
+        events: EventSink | None = None,
+    ) -> None:
+        self.state = state
+        self.config = config or CheckpointConfig(
+            every=every, durable=durable, durable_every=durable_every, keep=keep, slots=slots, verify_on_restore=verify_on_restore
+        )
+        runtime = _env.get(_env.SHM_DIR)
+        self.shm_dir = os.path.abspath(shm_dir or runtime or default_shm_dir())
+        self.run_services = (runtime is None) if run_services is None else run_services
+        self.events: EventSink = events or worker_sink()
+        self.run_id = _env.get(_env.RUN_ID) or _env.get("TORCHELASTIC_RUN_ID") or os.path.basename(os.path.dirname(self.shm_dir))
+        self.durable_url = self._durable_url()
+        self._store: Any = None
+        if self.durable_url is not None:
+            self._store = _open_durable(self.durable_url)
+            if self._store is None:
+                self.durable_url = None
+        self._started = False
+        self.rank, self.world_size = 0, 1
+        self._ram: RamWriter | None = None
+        self._staging: RamWriter | None = None
+        self._staging_dir: str | None = None
+        self._services: list[tuple[Sealer, Any]] = []  # (sealer, drainer or None) per directory
+        self.last_restore: RestoreResult | None = None
+
+    # -- setup -----------------------------------------------------------
+    def _durable_url(self) -> str | None:
+        if not self.config.durable_every:
+            return None
+        if self.config.durable:
+            return self.config.durable
+        base = _env.get(_env.LOG_DIR) or os.getcwd()
+        return "file://" + os.path.join(os.path.abspath(base), "checkpoints")
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+            if self.world_size > 1:
+                log.warning("WORLD_SIZE=%d but torch.distributed is not initialised: restores agree locally only", self.world_size)
+        self._started = True
+        try:
+            self._ram = RamWriter(self.shm_dir, self.rank, slots=self.config.slots, run_id=self.run_id)
+        except OSError as exc:
+            self._degrade(exc)
+            return
+        if self.run_services:
+            self._start_services(self.shm_dir)
+
+    def _start_services(self, directory: str) -> None:
+        drainer = None
+        if self.durable_url is not None:
+            try:
+                from hpresil.checkpoint.drain import Drainer
+            except ImportError as exc:  # the durable tier is optional in minimal installs
+                log.warning("durable drain unavailable (%s); snapshots stay in RAM only", exc)
+            else:
+                drainer = Drainer(directory, self.events)
+                drainer.start(RuntimeContext(run_id=self.run_id, node_id=socket.gethostname(), shm_dir=directory,
+                                             log_dir=_env.get(_env.LOG_DIR) or os.getcwd(), events=self.events))
+                # Only this rank: other local ranks run their own drainer.
+                drainer.on_workers_started(WorkerGroupInfo(attempt=0, group_rank=0, group_world_size=1,
+                                                           world_size=self.world_size, global_ranks=(self.rank,), pids=(os.getpid(),)))
+        sealer = Sealer(directory, self.events, ranks=[self.rank], after_pass=None if drainer is None else drainer.tick)
+        sealer.start_background()
+        self._services.append((sealer, drainer))
+
+    # -- saving ----------------------------------------------------------
+    def save(self, step: int) -> bool:
+        """Snapshots the state as of ``step`` (no-op unless ``step % every == 0``).
+
+        Returns after the copy into shared memory; sealing and the durable
+        upload happen in the background. Must be called on every rank.
+
+        Returns:
+            Whether a snapshot was taken.
+
+        Raises:
+            CheckpointError: a state value cannot be stored (the message names it).
+        """
+        if step % self.config.every:
+            return False
+        self._start()
+        t0 = time.perf_counter()
+        flat = fl.flatten(self.state)
+        durable = self.durable_url is not None and step % self.config.durable_every == 0
+        writer = self._ram
+        if writer is None:
+            if not durable or self._staging is None:
+                return False
+            writer = self._staging
+        try:
+            nbytes = writer.save(
+                step, flat.leaves, world_size=self.world_size, durable=durable, durable_url=self.durable_url,
+                keep=self.config.keep, on_commit=self._on_commit,
+            )
+        except StorageError as exc:
+            self._degrade(exc)
+            return self.save(step) if self._staging is not None and durable else False
+        if nbytes is None:
+            return False
+        blocking = time.perf_counter() - t0
+        if writer is self._ram:
+            tier = "ram"
+            self.events.emit("checkpoint_saved", step=step, tier=tier, blocking_s=round(blocking, 6), bytes=nbytes)
+        else:  # staged on disk for the durable tier (RAM tier degraded)
+            tier = "durable"
+            self.events.emit("checkpoint_saved", step=step, tier=tier, blocking_s=round(blocking, 6), bytes=nbytes, staged=True)
+        log.debug("rank %d step %d: saved %.1f MiB to %s in %.4fs", self.rank, step, nbytes / 2**20, tier, blocking)
+        return True
+
+    def _on_commit(self, slot: int, step: int) -> None:
+        for sealer, _ in self._services:
+            sealer.notify()
+
+    def _degrade(self, exc: BaseException) -> None:
+        """RAM tier unusable: free it and stage durable snapshots on disk."""
+        if self._ram is not None:
+            self._ram.release()
+            self._ram.close()
+            self._ram = None
+        if self._staging is not None:  # staging failed too: nothing left to write to
+            self._staging.close()
+            self._staging = None
+            log.error("rank %d: checkpoint staging failed too (%s); checkpointing is off", self.rank, exc)
+            self.events.emit("tier_degraded", tier="durable", error=str(exc), fallback="none")
+            return
+        fallback = "durable" if self.durable_url is not None else "none"
+        log.warning("rank %d: RAM tier unavailable (%s); continuing with %s checkpoints only", self.rank, exc, fallback)
+        self.events.emit("tier_degraded", tier="ram", error=str(exc), fallback=fallback)
+        if self.durable_url is None:
+            return
+        base = _env.get(_env.LOG_DIR) or tempfile.gettempdir()
+        self._staging_dir = os.path.join(base, "hpresil-staging", os.path.basename(os.path.dirname(self.shm_dir)), f"rank{self.rank}")
+        try:
+            self._staging = RamWriter(self._staging_dir, self.rank, slots=2, run_id=self.run_id)
+        except OSError as exc2:
+            log.error("rank %d: cannot stage checkpoints in %s (%s); checkpointing is off", self.rank, self._staging_dir, exc2)
+            return
+        self._start_services(self._staging_dir)
+
+    # -- restoring -------------------------------------------------------
+    def restore(self) -> int:
+        """Restores the state in place from the newest snapshot every rank can
+        load (RAM, then durable) and returns its step; 0 when there is none.
+
+        Collective: every rank must call it.
+
+        Raises:
+            StateMismatchError: the snapshot does not fit the state (names the keys).
+            CheckpointError: restoring failed on some rank.
+        """
+        self._start()
+        for w in (self._ram, self._staging):
+            if w is not None:
+                w.wait()
+        sources: list[SnapshotSource] = [RamSource(self.shm_dir, verify=self.config.verify_on_restore)]
+        if self._store is not None:
+            from hpresil.checkpoint.durable import DurableSource
+
+            sources.append(DurableSource(self._store))
+        result = restore_state(self.state, sources, events=self.events)
+        self.last_restore = result
+        step = 0 if result is None else result.step
+        # Newer snapshots belong to a timeline the job just abandoned: a later
+        # restore must never mix them with the new one.
+        dropped = self._ram.invalidate_after(step) if self._ram is not None else []
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank == 0:
+            # Directories of ranks that no worker on this node owns any more
+            # (a smaller world, or ranks moved to other nodes) are cleaned by
+            # the node's first worker; torchrun numbers a node's ranks
+            # contiguously. Without torchrun's variables only ranks beyond the
+            # world size are known to be nobody's.
+            if "LOCAL_RANK" in os.environ:
+                first = self.rank - local_rank
+                mine = range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            else:
+                mine = range(self.world_size)
+            for r in _rank_dirs(self.shm_dir):
+                if r not in mine:
+                    dropped += drop_newer(self.shm_dir, r, step)
+        if dropped:
+            log.info("rank %d: dropped RAM snapshots of abandoned steps %s", self.rank, dropped)
+        return step
+
+    # -- shutdown --------------------------------------------------------
+    def wait(self, timeout: timedelta = timedelta(seconds=60)) -> None:
+        """Waits until the snapshots taken so far are committed and sealed (and,
+        with in-process services, drained)."""
+        for w in (self._ram, self._staging):
+            if w is not None:
+                w.wait()
+        for sealer, drainer in self._services:
+            sealer.flush(timeout)
+            if drainer is not None:
+                drainer.drain_once()
+
+    def close(self, *, keep_ram: bool | None = None) -> None:
+        """Finishes background work and releases the RAM tier.
+
+        Args:
+            keep_ram: leave this rank's snapshots in shared memory. Default:
+                kept under ``hpresil-run`` (its runtime removes them at job
+                end), removed otherwise, since nothing else would free them.
+        """
+        try:
+            self.wait(timedelta(seconds=30))
+        finally:
+            for sealer, drainer in self._services:
+                sealer.stop(timedelta(seconds=5))
+                if drainer is not None:
+                    drainer.stop(self.config.upload_timeout)
+            self._services = []
+            for w in (self._ram, self._staging):
+                if w is not None:
+                    w.close()
+            keep = (not self.run_services) if keep_ram is None else keep_ram
+            if self._ram is not None and not keep:
+                shutil.rmtree(rank_dir(self.shm_dir, self.rank), ignore_errors=True)
+            if self._staging_dir is not None:
+                shutil.rmtree(self._staging_dir, ignore_errors=True)
+            self._ram = self._staging = None
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rank_dirs(shm_dir: str) -> list[int]:
+    try:
+        names = os.listdir(os.path.join(shm_dir, "ckpt"))
+    except FileNotFoundError:
+        return []
+    return [int(n[4:]) for n in names if n.startswith("rank") and n[4:].isdigit()]
+
+
+def _open_durable(url: str) -> Any:
+    try:
+        from hpresil.checkpoint.durable import open_store
+    except ImportError as exc:
+        log.warning("durable tier unavailable (%s); checkpoints stay in RAM only", exc)
+        return None
+    return open_store(url)  # ConfigError / StorageError: fail fast, before training

@@ -1,0 +1,441 @@
+"""The RAM tier: per-rank arenas of shared-memory slots (format in :mod:`.api`).
+
+Writer (:class:`RamWriter`, in the training process): each slot is a file in
+``<shm_dir>/ckpt/rank<R>/`` that is allocated once with ``posix_fallocate``
+(so a full tmpfs fails here with ``ENOSPC`` instead of a ``SIGBUS`` in the
+middle of a copy), mapped with ``MAP_POPULATE`` (page faults happen once, at
+allocation, not in ``save``), and reused while the state's layout is
+unchanged. A save copies each tensor with ``copy_`` into a cached view of its
+64-byte aligned region, then writes the commit record (its tensor part is
+serialised once per layout). No checksum is computed here: the sealer does
+that after the commit, off the training thread.
+
+Slot choice (double buffering): never the newest commit, preferably not the
+newest sealed one either (the newest *verified* snapshot survives a crash
+while a newer one is still unsealed), otherwise the oldest; a slot locked by
+a reader (sealer, drainer) is skipped. A crash mid-copy leaves that slot
+without a record, so it is never trusted, and every other slot is untouched.
+
+CUDA tensors are copied device→host into the arena registered as pinned
+memory, with ``non_blocking=True`` on a side stream that first waits for the
+current stream. The current stream then waits (on the GPU, not the host) for
+the copies, so later kernels cannot modify a tensor before it is copied, and
+``save`` returns after enqueueing. A background thread writes the commit
+record once the copy's event completes; the next save (and ``wait``) joins it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import threading
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+import torch
+
+from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
+from hpresil.checkpoint.flatten import Leaf, dtype_from_name, dtype_name, encode_json
+from hpresil.checkpoint.ram_files import ScanCache, cached_parse, drop_newer, read_seal, scan, unlink, write_atomic
+from hpresil.errors import StorageError
+
+__all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "signature"]
+
+log = logging.getLogger(__name__)
+
+#: Alignment of every entry in the arena (a cache line; also keeps 8-byte views legal).
+ALIGN = 64
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclasses.dataclass(slots=True)
+class Layout:
+    """Where each tensor leaf lives in the arena.
+
+    Attributes:
+        signature: what the layout depends on (keys, dtypes, shapes, sharding).
+        entries: tensor entries with their offsets, in leaf order.
+        nbytes: bytes of the arena the layout uses.
+        entries_json: the tensor entries serialised once (comma separated).
+    """
+
+    signature: tuple[Any, ...]
+    entries: list[Entry]
+    nbytes: int
+    entries_json: str
+
+
+def _path(leaf: Leaf) -> list[str | int] | None:
+    # bool is an int subclass but would round-trip as true/false: leave it out.
+    ok = all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in leaf.path)
+    return list(leaf.path) if ok else None
+
+
+def signature(leaves: Sequence[Leaf]) -> tuple[Any, ...]:
+    """The layout-relevant description of ``leaves`` (cheap; compared every save)."""
+    return tuple(
+        (l.key, l.value.dtype, tuple(l.value.shape), l.global_shape, l.global_offset, l.replicated)
+        for l in leaves
+        if isinstance(l.value, torch.Tensor)
+    )
+
+
+def build_layout(leaves: Sequence[Leaf], sig: tuple[Any, ...] | None = None) -> Layout:
+    """Assigns 64-byte aligned arena regions to the tensor leaves."""
+    entries: list[Entry] = []
+    offset = 0
+    for leaf in leaves:
+        t = leaf.value
+        if not isinstance(t, torch.Tensor):
+            continue
+        nbytes = t.numel() * t.element_size()
+        entries.append(
+            Entry(
+                key=leaf.key,
+                kind="tensor",
+                dtype=dtype_name(t.dtype),
+                shape=list(t.shape),
+                global_shape=list(leaf.global_shape),
+                global_offset=list(leaf.global_offset),
+                offset=offset,
+                nbytes=nbytes,
+                replicated=leaf.replicated,
+                path=_path(leaf),
+            )
+        )
+        offset = _align(offset + nbytes)
+    text = ",".join(json.dumps(e.to_json_obj(), separators=(",", ":")) for e in entries)
+    return Layout(signature=signature(leaves) if sig is None else sig, entries=entries, nbytes=offset, entries_json=text)
+
+
+class _Slot:
+    """One slot file of the writer: descriptor (also the flock handle) and mapping."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.mm: mmap.mmap | None = None
+        self.buf: torch.Tensor | None = None
+        self.size = 0
+        self.views: list[torch.Tensor] = []
+        self.views_sig: tuple[Any, ...] | None = None
+        self.cuda_registered = False
+
+    def ensure(self, nbytes: int) -> None:
+        """Makes the file and mapping at least ``nbytes`` long.
+
+        Raises:
+            OSError: ``ENOSPC`` when the shared-memory filesystem is full.
+        """
+        if self.buf is not None and self.size >= nbytes:
+            return
+        self.unmap()
+        size = max(nbytes, ALIGN)
+        try:
+            # Reserves the pages now: a full tmpfs fails here, not with SIGBUS mid-copy.
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError:
+            os.ftruncate(self.fd, 0)  # give back whatever was reserved
+            raise
+        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.size = size
+
+    def views_for(self, layout: Layout) -> list[torch.Tensor]:
+        """Typed views of the arena for each entry of ``layout`` (cached)."""
+        if self.views_sig is not layout.signature:
+            assert self.buf is not None
+            self.views = [
+                self.buf[e.offset : e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape)
+                for e in layout.entries
+            ]
+            self.views_sig = layout.signature
+        return self.views
+
+    def register_cuda(self) -> bool:
+        """Pins the mapping for asynchronous device→host copies (once)."""
+        if not self.cuda_registered and self.buf is not None:
+            rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.size, 0)
+            self.cuda_registered = int(rc) == 0
+            if not self.cuda_registered:
+                log.warning("cudaHostRegister(%s) failed (%s); device copies will be synchronous", self.path, rc)
+        return self.cuda_registered
+
+    def unmap(self) -> None:
+        if self.cuda_registered and self.buf is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.cuda_registered = False
+        self.views, self.views_sig, self.buf = [], None, None
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        self.size = 0
+
+    def close(self) -> None:
+        self.unmap()
+        os.close(self.fd)
+
+
+class RamWriter:
+    """Writes one rank's snapshots into its slots.
+
+    Args:
+        shm_dir: the job's shared-memory directory on this node.
+        rank: global rank.
+        slots: number of slots (``CheckpointConfig.slots``).
+        run_id: stored in every record.
+    """
+
+    def __init__(self, shm_dir: str, rank: int, *, slots: int, run_id: str) -> None:
+        self.shm_dir = shm_dir
+        self.rank = rank
+        self.run_id = run_id
+        os.makedirs(rank_dir(shm_dir, rank), mode=0o700, exist_ok=True)
+        self._slots = [_Slot(slot_path(shm_dir, rank, k, "bin")) for k in range(slots)]
+        self._layout: Layout | None = None
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self._stream: Any = None
+        self._seal_cache: ScanCache = {}
+        self._unusable: set[int] = set()  # slots that could not be allocated
+        # slot -> (step, created, commit_id) of its current record
+        self._commits: dict[int, tuple[int, float, str]] = {}
+        for info in scan(shm_dir, [rank]):
+            if info.slot < slots:
+                self._commits[info.slot] = (info.record.step, info.record.created, info.record.commit_id)
+
+    # -- slot choice -----------------------------------------------------
+    def _newest(self, slots: Sequence[int]) -> int | None:
+        have = [k for k in slots if k in self._commits]
+        return max(have, key=lambda k: self._commits[k][:2]) if have else None
+
+    def _sealed(self, k: int) -> bool:
+        commit = self._commits.get(k)
+        if commit is None:
+            return False
+        path = slot_path(self.shm_dir, self.rank, k, "seal.json")
+        seal = cached_parse(path, self._seal_cache, lambda: read_seal(path, None, header_only=True))
+        return seal is not None and seal.commit_id == commit[2]
+
+    def _pick_and_lock(self) -> int | None:
+        usable = [k for k in range(len(self._slots)) if k not in self._unusable]
+        newest = self._newest(usable)
+        candidates = [k for k in usable if k != newest]
+        newest_sealed = self._newest([k for k in candidates if self._sealed(k)])
+        # Empty slots first, then oldest commit first; the newest sealed one last.
+        candidates.sort(key=lambda k: (k == newest_sealed, k in self._commits, self._commits.get(k, (0, 0.0))[:2]))
+        for k in candidates:
+            try:
+                fcntl.flock(self._slots[k].fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return k
+            except BlockingIOError:
+                continue  # a reader (sealer, drainer) holds it
+        return None
+
+    # -- saving ----------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        leaves: Sequence[Leaf],
+        *,
+        world_size: int,
+        durable: bool,
+        durable_url: str | None,
+        keep: int,
+        on_commit: Callable[[int, int], None] | None = None,
+    ) -> int | None:
+        """Copies ``leaves`` into a free slot and commits it.
+
+        Args:
+            on_commit: called with ``(slot, step)`` once the record is in place
+                (from a background thread for device tensors).
+
+        Returns:
+            Bytes of tensor data copied, or ``None`` when every slot that may be
+            overwritten is locked by a reader (the save is skipped).
+
+        Raises:
+            StorageError: the slot cannot be allocated (``ENOSPC``) or written.
+            CheckpointError: a leaf cannot be stored (plain value without a JSON form).
+        """
+        self.wait()
+        sig = signature(leaves)
+        if self._layout is None or sig != self._layout.signature:
+            self._layout = build_layout(leaves, sig)
+            log.info("rank %d: RAM arena layout %d entries, %.1f MiB", self.rank, len(self._layout.entries), self._layout.nbytes / 2**20)
+        layout = self._layout
+        json_entries = [
+            Entry(key=l.key, kind="json", value=encode_json(l.value, l.key), path=_path(l)).to_json_obj()
+            for l in leaves
+            if not isinstance(l.value, torch.Tensor)
+        ]
+        while True:
+            k = self._pick_and_lock()
+            if k is None:
+                log.warning("rank %d step %d: every free RAM slot is being read; skipping this snapshot", self.rank, step)
+                return None
+            slot = self._slots[k]
+            # The record goes first: from here until the rename the slot is untrusted.
+            unlink(slot_path(self.shm_dir, self.rank, k, "json"))
+            self._commits.pop(k, None)
+            unlink(slot_path(self.shm_dir, self.rank, k, "seal.json"))
+            try:
+                slot.ensure(layout.nbytes)
+                break
+            except OSError as exc:
+                fcntl.flock(slot.fd, fcntl.LOCK_UN)
+                # Fewer slots still double-buffer; below two, the tier is unusable.
+                self._unusable.add(k)
+                if len(self._slots) - len(self._unusable) >= 2:
+                    log.warning("rank %d: RAM slot %d unavailable (%s); continuing with %d slots",
+                                self.rank, k, exc, len(self._slots) - len(self._unusable))
+                    continue
+                raise StorageError(
+                    f"cannot allocate {layout.nbytes / 2**20:.1f} MiB RAM slot {slot.path}: {exc}"
+                    + (" (shared memory is full: enlarge /dev/shm or lower slots)" if exc.errno == errno.ENOSPC else "")
+                ) from exc
+        committed = False
+        try:
+            views = slot.views_for(layout)
+            tensors = [l.value for l in leaves if isinstance(l.value, torch.Tensor)]
+            event = self._copy(slot, views, tensors)
+            commit = lambda: self._commit(k, step, layout, json_entries, world_size, durable, durable_url, keep, on_commit)  # noqa: E731
+            if event is None:
+                commit()
+            else:
+                self._pending = threading.Thread(target=self._commit_after, args=(event, commit), name="hpresil-commit", daemon=True)
+                self._pending.start()
+            committed = True
+        finally:
+            if not committed:
+                fcntl.flock(slot.fd, fcntl.LOCK_UN)
+        return layout.nbytes
+
+    def _copy(self, slot: _Slot, views: list[torch.Tensor], tensors: list[torch.Tensor]) -> Any:
+        cuda = [i for i, t in enumerate(tensors) if t.is_cuda]
+        for i, t in enumerate(tensors):
+            if not t.is_cuda and views[i].numel():
+                views[i].copy_(t)
+        if not cuda:
+            return None
+        if not slot.register_cuda():
+            for i in cuda:
+                views[i].copy_(tensors[i])
+            return None
+        main = torch.cuda.current_stream()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(main)  # copy the values as of this save
+        with torch.cuda.stream(self._stream):
+            for i in cuda:
+                views[i].copy_(tensors[i], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        main.wait_stream(self._stream)  # later kernels must not modify what is being copied
+        return event
+
+    def _commit_after(self, event: Any, commit: Callable[[], None]) -> None:
+        try:
+            event.synchronize()
+            commit()
+        except BaseException as exc:  # surfaced by the next wait()
+            self._pending_error = exc
+
+    def _commit(
+        self,
+        k: int,
+        step: int,
+        layout: Layout,
+        json_entries: list[dict[str, Any]],
+        world_size: int,
+        durable: bool,
+        durable_url: str | None,
+        keep: int,
+        on_commit: Callable[[int, int], None] | None,
+    ) -> None:
+        slot = self._slots[k]
+        try:
+            commit_id = uuid.uuid4().hex
+            created = time.time()
+            head = {
+                "version": FORMAT_VERSION,
+                "commit_id": commit_id,
+                "run_id": self.run_id,
+                "step": step,
+                "rank": self.rank,
+                "world_size": world_size,
+                "slot": k,
+                "nbytes": layout.nbytes,
+                "durable": durable,
+                "durable_url": durable_url,
+                "keep": keep,
+                "created": created,
+            }
+            parts = [layout.entries_json] if layout.entries_json else []
+            parts += [json.dumps(e, separators=(",", ":")) for e in json_entries]
+            text = json.dumps(head, separators=(",", ":"))[:-1] + ',"entries":[' + ",".join(parts) + "]}"
+            try:
+                write_atomic(slot_path(self.shm_dir, self.rank, k, "json"), text)
+            except OSError as exc:
+                raise StorageError(f"cannot write commit record of {slot.path}: {exc}") from exc
+            self._commits[k] = (step, created, commit_id)
+        finally:
+            fcntl.flock(slot.fd, fcntl.LOCK_UN)
+        if on_commit is not None:
+            on_commit(k, step)
+
+    def wait(self) -> None:
+        """Waits for a pending (device) commit.
+
+        Raises:
+            StorageError: the pending commit failed.
+        """
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._pending_error is not None:
+            exc, self._pending_error = self._pending_error, None
+            raise StorageError(f"asynchronous commit failed: {exc}") from exc
+
+    def invalidate_after(self, step: int) -> list[int]:
+        """Drops the records of this rank's snapshots newer than ``step`` (they
+        belong to a timeline the job has abandoned by restoring ``step``).
+
+        Returns:
+            The dropped steps.
+        """
+        self.wait()
+        return drop_newer(self.shm_dir, self.rank, step, self._commits)
+
+    def release(self) -> None:
+        """Unmaps and truncates every slot and forgets the records (degrading to
+        no RAM tier frees the memory for the rest of the node)."""
+        self.wait()
+        for k, slot in enumerate(self._slots):
+            unlink(slot_path(self.shm_dir, self.rank, k, "json"))
+            unlink(slot_path(self.shm_dir, self.rank, k, "seal.json"))
+            slot.unmap()
+            try:
+                os.ftruncate(slot.fd, 0)
+            except OSError:
+                pass
+        self._commits.clear()
+        self._layout = None
+
+    def close(self) -> None:
+        """Waits for pending work and unmaps the slots (the files stay)."""
+        try:
+            self.wait()
+        finally:
+            for slot in self._slots:
+                slot.close()
+            self._slots = []

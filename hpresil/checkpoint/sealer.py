@@ -1,0 +1,249 @@
+"""The sealer: checksums committed RAM snapshots after the fact.
+
+Keeping the checksum out of ``save`` is what makes the blocking time a bare
+copy; the sealer computes one ``sum64`` per tensor entry
+(:mod:`~hpresil.checkpoint.integrity`, ~3x faster than the copy here) and
+writes ``slot<K>.seal.json`` bound to the record's ``commit_id``, holding
+``LOCK_SH`` on the slot so the writer cannot reuse it meanwhile (it skips
+locked slots). Newest commits are sealed first. With ``slots=2`` a sealer
+that lags behind back-to-back saves can hold the only slot the writer may
+take, and that save is skipped; the default of 3 slots avoids it.
+
+The same class runs as a :class:`~hpresil.runtime.api.NodeService` in
+``hpresil-run`` (all ranks of the node) and, outside it, in a background
+thread of the training process (:meth:`Sealer.start_background`, that
+process's rank only). Either way the work happens on the sealer's own thread:
+``tick`` only wakes it, so a large snapshot never delays the runtime's other
+services.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch
+
+from hpresil.checkpoint.api import FORMAT_VERSION, Seal, slot_path
+from hpresil.checkpoint.integrity import checksum
+from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read_record, scan, write_atomic
+from hpresil.events import NullEventLog
+from hpresil.events.api import EventSink
+from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+
+__all__ = ["Sealer"]
+
+log = logging.getLogger(__name__)
+
+
+class Sealer:
+    """Writes seals for committed, unsealed RAM snapshots.
+
+    Args:
+        shm_dir: the job's shared-memory directory (``None`` when run as a
+            node service: :meth:`start` provides it).
+        events: where ``checkpoint_sealed`` goes.
+        ranks: seal only these ranks' directories (default: all).
+        interval: how often the background thread looks without being woken.
+        after_pass: called on the thread after every pass (the in-process
+            Checkpointer ticks its drainer from here).
+    """
+
+    name = "sealer"
+
+    def __init__(
+        self,
+        shm_dir: str | None = None,
+        events: EventSink | None = None,
+        *,
+        ranks: Sequence[int] | None = None,
+        interval: timedelta = timedelta(milliseconds=200),
+        after_pass: Callable[[], None] | None = None,
+    ) -> None:
+        self.shm_dir = shm_dir
+        self.events: EventSink = events or NullEventLog()
+        self.ranks = None if ranks is None else list(ranks)
+        self.interval = interval
+        self.after_pass = after_pass
+        self._lock = threading.Lock()  # one sealing pass at a time
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cache: dict[str, Any] = {}
+        self._maps: dict[str, tuple[tuple[int, int], mmap.mmap, torch.Tensor]] = {}
+        self._bad: set[str] = set()  # commit ids that could not be sealed
+
+    # -- node service ----------------------------------------------------
+    def start(self, ctx: RuntimeContext) -> None:
+        """Node-service hook: seals the job's shared-memory directory."""
+        self.shm_dir = ctx.shm_dir
+        self.events = ctx.events
+        self.start_background()
+
+    def on_workers_started(self, group: WorkerGroupInfo) -> None:
+        """Node-service hook (nothing to do)."""
+
+    def on_workers_stopped(self, group: WorkerGroupInfo) -> None:
+        """Node-service hook: the last commits of a failed group are sealed promptly."""
+        self.notify()
+
+    def tick(self) -> None:
+        """Node-service hook: wakes the sealing thread (never seals inline)."""
+        self.notify()
+
+    def stop(self, timeout: timedelta = timedelta(seconds=10)) -> None:
+        """Seals what is pending within ``timeout``, then stops the thread."""
+        self.flush(timeout)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(0.1, timeout.total_seconds()))
+            self._thread = None
+        self._unmap_all()
+
+    # -- in-process ------------------------------------------------------
+    def start_background(self) -> None:
+        """Starts the sealing thread (idempotent)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="hpresil-sealer", daemon=True)
+            self._thread.start()
+
+    def notify(self) -> None:
+        """Wakes the thread: a commit may be waiting."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval.total_seconds())
+            self._wake.clear()
+            try:
+                while not self._stop.is_set() and self.seal_once():
+                    pass
+                if self.after_pass is not None:
+                    self.after_pass()
+            except Exception:  # never let the thread die on an unexpected error
+                log.exception("sealer pass failed; retrying")
+
+    def flush(self, timeout: timedelta = timedelta(seconds=10)) -> bool:
+        """Seals until no committed snapshot is unsealed, or ``timeout``.
+
+        Returns:
+            Whether everything committed is sealed.
+        """
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            self.seal_once()
+            if not self._pending():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)  # a writer holds the slot; its commit comes soon
+
+    # -- sealing ---------------------------------------------------------
+    def _pending(self) -> list[SlotInfo]:
+        """Unsealed commits, newest first: the newest is what a restore wants;
+        older ones are fallbacks should the newest fail its check."""
+        if self.shm_dir is None:
+            return []
+        todo = [i for i in scan(self.shm_dir, self.ranks, self._cache) if i.seal is None and i.record.commit_id not in self._bad]
+        return sorted(todo, key=lambda i: (i.record.step, i.record.created), reverse=True)
+
+    def seal_once(self) -> bool:
+        """Seals the newest unsealed commit that is not being written.
+
+        Returns:
+            Whether a seal was written.
+        """
+        with self._lock:
+            for info in self._pending():
+                if self._seal(info):
+                    return True
+            return False
+
+    def _seal(self, info: SlotInfo) -> bool:
+        assert self.shm_dir is not None
+        path = slot_path(self.shm_dir, info.rank, info.slot, "bin")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            if not lock_shared(fd, None):
+                return False  # the writer is reusing it; the record is about to go
+            current = read_record(slot_path(self.shm_dir, info.rank, info.slot, "json"))
+            if current is None or current.commit_id != info.record.commit_id:
+                return False
+            record = current
+            t0 = time.perf_counter()
+            size = os.fstat(fd).st_size
+            if size < record.nbytes:
+                log.error("rank %d step %d: %s shorter than its record; not sealing", record.rank, record.step, path)
+                self._bad.add(record.commit_id)
+                return False
+            buf = self._map(path, fd, size)
+            sums = {
+                e.key: checksum(buf[e.offset : e.offset + e.nbytes])
+                for e in record.entries
+                if e.kind == "tensor"
+            }
+            seal = Seal(
+                version=FORMAT_VERSION,
+                commit_id=record.commit_id,
+                step=record.step,
+                rank=record.rank,
+                checksums=sums,
+                sealed=time.time(),
+            )
+            # Written while still holding the lock: the writer unlinks seals
+            # only under LOCK_EX, so a seal can never outlive its record's data.
+            write_atomic(slot_path(self.shm_dir, info.rank, info.slot, "seal.json"), seal.to_json())
+            duration = time.perf_counter() - t0
+        except OSError as exc:
+            log.warning("rank %d step %d: cannot seal %s: %s", info.rank, info.record.step, path, exc)
+            return False
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        log.debug("rank %d step %d: sealed slot %d in %.3fs", record.rank, record.step, info.slot, duration)
+        self.events.emit(
+            "checkpoint_sealed",
+            step=record.step,
+            rank=record.rank,
+            slot=info.slot,
+            bytes=record.nbytes,
+            duration_s=round(duration, 6),
+        )
+        return True
+
+    def _map(self, path: str, fd: int, size: int) -> torch.Tensor:
+        # Mappings are kept: re-mapping a slot each time would fault every page again.
+        st = os.fstat(fd)
+        ident = (st.st_ino, size)
+        hit = self._maps.get(path)
+        if hit is not None and hit[0] == ident:
+            return hit[2]
+        if hit is not None:
+            del self._maps[path], hit
+        # mmap keeps a dup of the descriptor it maps, and a dup shares the open
+        # file description that holds the flock: map through a second open so
+        # the kept mapping never holds the lock.
+        map_fd = os.open(path, os.O_RDONLY)
+        try:
+            mm = mmap.mmap(map_fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ)
+        finally:
+            os.close(map_fd)
+        buf = frombuffer(mm)
+        self._maps[path] = (ident, mm, buf)
+        return buf
+
+    def _unmap_all(self) -> None:
+        # Dropping the tensor and the mmap together unmaps (mmap.close() would
+        # refuse while the tensor still exports the buffer).
+        self._maps.clear()

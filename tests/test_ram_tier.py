@@ -1,0 +1,287 @@
+"""The RAM tier: arena layout and reuse, slot choice and locking, sealing,
+verified reads, crash safety, integrity fallback, and a full /dev/shm."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import signal
+import subprocess
+import tempfile
+import uuid
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from hpresil.checkpoint import Checkpointer, ram_source
+from hpresil.checkpoint.api import CommitRecord, slot_path
+from hpresil.checkpoint.flatten import flatten
+from hpresil.checkpoint.integrity import checksum
+from hpresil.checkpoint.ram import RamWriter
+from hpresil.checkpoint.ram_files import scan
+from hpresil.checkpoint.ram_source import RamSource, read_verified
+from hpresil.checkpoint.sealer import Sealer
+from hpresil.errors import IntegrityError
+
+
+class ListSink:
+    """Collects events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [f for e, f in self.events if e == name]
+
+
+@pytest.fixture
+def shm() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-test-") as d:
+        yield d
+
+
+def _save(w: RamWriter, step: int, state: dict[str, Any]) -> int | None:
+    return w.save(step, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1)
+
+
+def _slot_of(shm: str, step: int, rank: int = 0) -> int:
+    return next(i.slot for i in scan(shm, [rank]) if i.record.step == step)
+
+
+def test_layout_is_aligned_record_is_parseable_and_arena_is_reused(shm: str) -> None:
+    state = {"a": torch.randn(3), "b": {"w": torch.randn(5, 7, dtype=torch.float64), "n": (1, b"x")}, "e": torch.empty(0)}
+    w = RamWriter(shm, 0, slots=2, run_id="run")
+    for step in (1, 2):
+        assert _save(w, step, state) == 64 + 320 + 0
+    ptrs = [s.buf.data_ptr() for s in w._slots]
+    for step in (3, 4, 5):
+        state["a"].add_(1)
+        _save(w, step, state)
+    assert [s.buf.data_ptr() for s in w._slots] == ptrs  # no re-allocation while the layout holds
+    rec = CommitRecord.from_json(open(slot_path(shm, 0, _slot_of(shm, 5), "json")).read())
+    entries = {e.key: e for e in rec.entries}
+    assert rec.step == 5 and rec.world_size == 1 and rec.run_id == "run"
+    assert all(e.offset % 64 == 0 for e in rec.entries if e.kind == "tensor")
+    assert entries["b.w"].dtype == "float64" and entries["b.w"].shape == [5, 7] and entries["b.w"].path == ["b", "w"]
+    assert entries["b.n"].kind == "json" and entries["b.n"].value == {"__tuple__": [1, {"__bytes__": "eA=="}]}
+    w.close()
+
+
+def test_slot_choice_protects_newest_and_newest_sealed_and_skips_locked(shm: str) -> None:
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=3, run_id="r")
+    _save(w, 1, state)
+    assert Sealer(shm).flush()
+    _save(w, 2, state)
+    _save(w, 3, state)
+    s1, s2 = _slot_of(shm, 1), _slot_of(shm, 2)
+    _save(w, 4, state)  # oldest is step 1, but it is the newest *sealed* one: step 2's slot is taken
+    assert _slot_of(shm, 4) == s2 and _slot_of(shm, 1) == s1
+    s3 = _slot_of(shm, 3)
+    fd = os.open(slot_path(shm, 0, s3, "bin"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader (drainer) holds step 3
+    _save(w, 5, state)  # falls back to the newest sealed slot rather than waiting
+    assert _slot_of(shm, 5) == s1
+    fd2 = os.open(slot_path(shm, 0, s2, "bin"), os.O_RDONLY)
+    fcntl.flock(fd2, fcntl.LOCK_SH)  # now every slot but the newest is locked
+    assert _save(w, 6, state) is None
+    os.close(fd), os.close(fd2)
+    assert {i.record.step for i in scan(shm)} == {3, 4, 5}
+    w.close()
+
+
+@pytest.mark.parametrize("nbytes", [0, 5, 8, 67, 1000, 4096 + 3])
+def test_streaming_checksum_matches_integrity(monkeypatch: pytest.MonkeyPatch, shm: str, nbytes: int) -> None:
+    monkeypatch.setattr(ram_source, "CHUNK", 64)  # many chunks, threaded
+    data = torch.randint(0, 256, (nbytes + 16,), dtype=torch.uint8)
+    path = os.path.join(shm, "blob")
+    with open(path, "wb") as f:
+        f.write(bytes(data.tolist()))
+    fd = os.open(path, os.O_RDONLY)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        for start in (0, 8, 3):  # 3: a destination that is not 8-byte aligned
+            out = torch.zeros(nbytes + 3, dtype=torch.uint8)[start % 3 : start % 3 + nbytes]
+            expected = checksum(data[start : start + nbytes].clone())
+            read_verified(fd, start, out, expected, pool)
+            assert torch.equal(out, data[start : start + nbytes])
+            if nbytes:
+                with pytest.raises(IntegrityError):
+                    read_verified(fd, start, out, expected.replace(expected[7], "f" if expected[7] != "f" else "0"), pool)
+    os.close(fd)
+
+
+def _write_then_die(shm: str) -> None:
+    """Child: commits step 1, then is SIGKILLed half way through copying step 2."""
+    from hpresil.checkpoint import ram
+
+    state = {"a": torch.full((1000,), 1.0), "b": torch.full((1000,), 1.0)}
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    _save(w, 1, state)
+    real = ram.RamWriter._copy
+
+    def copy_half_then_die(self: Any, slot: Any, views: list[torch.Tensor], tensors: list[torch.Tensor]) -> Any:
+        views[0].copy_(tensors[0])
+        os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, slot, views, tensors)
+
+    ram.RamWriter._copy = copy_half_then_die
+    state["a"].fill_(2.0), state["b"].fill_(2.0)
+    _save(w, 2, state)
+
+
+def test_sigkill_mid_copy_never_damages_the_previous_snapshot(shm: str) -> None:
+    proc = multiprocessing.get_context("fork").Process(target=_write_then_die, args=(shm,))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    infos = scan(shm)
+    assert [i.record.step for i in infos] == [1]  # step 2's slot has no record: never trusted
+    assert Sealer(shm).flush()
+    state = {"a": torch.zeros(1000), "b": torch.zeros(1000)}
+    ckpt = Checkpointer(state=state, shm_dir=shm, durable_every=0, run_services=False)
+    assert ckpt.restore() == 1
+    assert torch.equal(state["a"], torch.ones(1000)) and torch.equal(state["b"], torch.ones(1000))
+    ckpt.close(keep_ram=True)
+    # Once the writer lock is free again, the half-written slot is reused first.
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    _save(w, 3, state)
+    assert sorted(i.record.step for i in scan(shm)) == [1, 3]
+    w.close()
+
+
+def _ckpt(shm: str, state: dict[str, Any], events: ListSink, **kw: Any) -> Checkpointer:
+    return Checkpointer(state=state, shm_dir=shm, durable_every=0, events=events, **kw)
+
+
+def test_corrupt_newest_snapshot_is_skipped_and_its_timeline_dropped(shm: str) -> None:
+    sink = ListSink()
+    state = {"w": torch.zeros(64)}
+    ckpt = _ckpt(shm, state, sink, run_services=True)
+    for step in (1, 2, 3):
+        state["w"].fill_(float(step))
+        ckpt.save(step)
+    ckpt.wait()
+    ckpt.close(keep_ram=True)
+    info = next(i for i in scan(shm) if i.record.step == 3)
+    with open(slot_path(shm, 0, info.slot, "bin"), "r+b") as f:  # a bit flip in the sealed data
+        f.seek(info.load_record(shm).entries[0].offset + 5)
+        f.write(b"\x7f")
+    state["w"].zero_()
+    ckpt = _ckpt(shm, state, sink, run_services=False)
+    assert ckpt.restore() == 2
+    assert torch.equal(state["w"], torch.full((64,), 2.0))
+    assert sink.named("integrity_failed")[0]["step"] == 3 and sink.named("integrity_failed")[0]["tier"] == "ram"
+    assert sink.named("checkpoint_restored")[-1] == {
+        "step": 2, "tier": "ram", "duration_s": sink.named("checkpoint_restored")[-1]["duration_s"], "bytes": 256, "world_size_saved": 1,
+    }
+    assert 3 not in {i.record.step for i in scan(shm)}  # abandoned timeline
+    ckpt.close(keep_ram=True)
+
+
+def test_unsealed_commit_is_unverified(shm: str) -> None:
+    state = {"w": torch.zeros(8)}
+    ckpt = _ckpt(shm, state, ListSink(), run_services=False)  # nobody seals: like a runtime that lags
+    state["w"].fill_(1.0)
+    ckpt.save(1)
+    assert Sealer(shm).flush()
+    state["w"].fill_(2.0)
+    ckpt.save(2)  # committed, never sealed
+    ckpt.close(keep_ram=True)
+    state["w"].zero_()
+    ckpt = _ckpt(shm, state, ListSink(), run_services=False, verify_on_restore=False)
+    assert ckpt.restore() == 2 and state["w"][0] == 2.0  # opted out of verification
+    ckpt.close(keep_ram=True)
+    ckpt = _ckpt(shm, state, ListSink(), run_services=False)
+    assert ckpt.restore() == 1 and state["w"][0] == 1.0  # newest *sealed* one
+    ckpt.close(keep_ram=False)
+    assert not os.path.exists(os.path.join(shm, "ckpt", "rank0"))  # close() frees the RAM when asked
+
+
+@pytest.fixture
+def tiny_tmpfs() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="hpresil-tinyshm-")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", d], capture_output=True)
+    if res.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", d], check=False)
+        os.rmdir(d)
+
+
+def test_full_shm_degrades_and_training_continues(tiny_tmpfs: str, tmp_path: Any) -> None:
+    sink = ListSink()
+    state = {"w": torch.randn(512, 1024)}  # 2 MiB: cannot fit a 1 MiB tmpfs
+    ckpt = Checkpointer(state=state, shm_dir=tiny_tmpfs, durable_every=0, events=sink, run_services=True)
+    assert ckpt.restore() == 0
+    assert ckpt.save(1) is False  # no exception: training goes on
+    assert ckpt.save(2) is False
+    degraded = sink.named("tier_degraded")
+    assert len(degraded) == 1 and degraded[0]["tier"] == "ram" and "No space left" in degraded[0]["error"]
+    assert os.statvfs(tiny_tmpfs).f_bfree * os.statvfs(tiny_tmpfs).f_frsize > 900 * 1024  # slots were freed
+    ckpt.close()
+
+
+def test_shm_with_room_for_two_slots_keeps_double_buffering(tiny_tmpfs: str) -> None:
+    sink = ListSink()
+    state = {"w": torch.randn(100 * 1024)}  # 400 KiB: two slots fit in 1 MiB, three do not
+    ckpt = Checkpointer(state=state, shm_dir=tiny_tmpfs, durable_every=0, events=sink, run_services=True, slots=3)
+    for step in range(1, 6):
+        assert ckpt.save(step)
+        ckpt.wait()  # the training step between saves, in which the sealer finishes
+    assert not sink.named("tier_degraded")
+    assert sorted(i.record.step for i in scan(tiny_tmpfs)) == [4, 5]
+    ckpt.close()
+
+
+def test_full_shm_stages_durable_snapshots_on_disk(tiny_tmpfs: str, tmp_path: Any) -> None:
+    pytest.importorskip("hpresil.checkpoint.drain")
+    sink = ListSink()
+    state = {"w": torch.randn(512, 1024), "step": {"n": 0}}
+    url = f"file://{tmp_path}/durable"
+    ckpt = Checkpointer(state=state, shm_dir=tiny_tmpfs, durable=url, every=1, durable_every=2, events=sink, run_services=True)
+    assert ckpt.restore() == 0
+    for step in (1, 2, 3):
+        state["step"]["n"] = step
+        ckpt.save(step)
+    ckpt.wait()
+    assert sink.named("tier_degraded")[0]["fallback"] == "durable"
+    assert [e["step"] for e in sink.named("checkpoint_saved")] == [2]
+    ckpt.close()
+    expected = state["w"].clone()
+    state["w"].zero_()
+    ckpt = Checkpointer(state=state, shm_dir=tiny_tmpfs, durable=url, durable_every=2, events=sink, run_services=True)
+    assert ckpt.restore() == 2
+    assert ckpt.last_restore is not None and ckpt.last_restore.tier == "durable"
+    assert torch.equal(state["w"], expected) and state["step"]["n"] == 2
+    ckpt.close()
+
+
+def test_sealer_as_node_service_seals_all_ranks(shm: str) -> None:
+    from datetime import timedelta
+
+    from hpresil.runtime.api import RuntimeContext
+
+    for rank in (0, 1):
+        w = RamWriter(shm, rank, slots=2, run_id="r")
+        _save(w, 7, {"t": torch.full((10,), float(rank))})
+        w.close()
+    sink = ListSink()
+    sealer = Sealer()
+    sealer.start(RuntimeContext(run_id="r", node_id="n", shm_dir=shm, log_dir=shm, events=sink))
+    sealer.tick()
+    sealer.stop(timedelta(seconds=10))
+    assert all(i.seal is not None for i in scan(shm)) and len(scan(shm)) == 2
+    assert sorted(e["rank"] for e in sink.named("checkpoint_sealed")) == [0, 1]
+    src = RamSource(shm)
+    assert [(r.step, r.world_size, sorted(r.ranks)) for r in src.steps()] == [(7, 1, [0, 1])]
+    src.close()
