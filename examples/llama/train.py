@@ -39,9 +39,11 @@ from torch import nn
 from model import PRESETS, ModelArgs, Transformer, count_parameters
 
 try:
+    import hpresil
     from hpresil.testing import maybe_inject
 except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import hpresil
     from hpresil.testing import maybe_inject
 
 # Successors per token in the synthetic Markov chain: the best achievable loss
@@ -60,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
     p.add_argument("--out", type=Path, default=None, help="rank 0 saves the final full state_dict here")
     p.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
+    p.add_argument("--no-checkpoint", action="store_true", help="train without hpresil checkpointing")
+    p.add_argument("--durable", default=None, help="durable tier URL (file:///dir, s3://bucket/prefix); "
+                   "default $HPRESIL_DURABLE, else the job's log dir")
+    p.add_argument("--ckpt-every", type=int, default=1, help="RAM snapshot every N steps")
+    p.add_argument("--durable-every", type=int, default=20, help="drain to the durable tier every N steps (0: never)")
     return p.parse_args(argv)
 
 
@@ -150,12 +157,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
     # keys are the same under DDP and FSDP, which keeps checkpoints portable.
     state = {"model": model, "optim": optim}
     start_step = 0
-    # ---- hpresil checkpointing goes here (about 5 lines) ----------------------
-    #   import hpresil
-    #   ckpt = hpresil.Checkpointer(state=state)
-    #   start_step = ckpt.restore()        # 0 when there is no checkpoint yet
-    # and at the end of each step below: ckpt.save(step + 1)
-    # ---------------------------------------------------------------------------
+    ckpt = None
+    if not args.no_checkpoint:  # hpresil: these lines and ckpt.save() below are the whole integration
+        ckpt = hpresil.Checkpointer(state=state, durable=args.durable, every=args.ckpt_every,
+                                    durable_every=args.durable_every)
+        start_step = ckpt.restore()  # 0 when no tier holds a checkpoint yet
 
     if rank == 0:
         print(
@@ -185,7 +191,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
-        # ckpt.save(step + 1)  # hpresil: after the step, so a restore resumes at the next one
+        if ckpt is not None:
+            ckpt.save(step + 1)  # after the step, so a restore resumes at the next one
 
         if step % args.log_every == 0 or step == args.steps - 1:
             # Every rank takes this branch (it depends on the step only), so the
@@ -203,6 +210,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
     n_done = args.steps - start_step
     if rank == 0 and n_done > 0:
         print(f"done: {n_done} steps in {elapsed:.1f} s ({n_done / elapsed:.2f} steps/s)", flush=True)
+    if ckpt is not None:
+        ckpt.close()  # waits for pending durable uploads
     if args.out is not None:
         sd = full_state_dict(model, args.fsdp)
         if rank == 0:

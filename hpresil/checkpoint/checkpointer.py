@@ -37,7 +37,9 @@ from hpresil.checkpoint.ram_files import drop_newer
 from hpresil.checkpoint.ram_source import RamSource
 from hpresil.checkpoint.restore import RestoreResult, restore_state
 from hpresil.checkpoint.sealer import Sealer
-from hpresil.errors import StorageError
+from hpresil.errors import ConfigError, StorageError
+from hpresil.hang.heartbeat import get as heartbeat_get
+from hpresil.hang.heartbeat import heartbeat, phase
 from hpresil.events import worker_sink
 from hpresil.events.api import EventSink
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
@@ -62,6 +64,35 @@ def default_shm_dir() -> str:
     from hpresil.runtime.shm import safe_component
 
     return os.path.join("/dev/shm/hpresil", safe_component(run_id), safe_component(socket.gethostname()))
+
+
+HANG_KEY = "hpresil_hang"
+
+
+class _HangCalibration:
+    """The hang watchdog's calibration (slowest step and checkpoint seen) as a
+    stateful entry of every checkpoint."""
+
+    def state_dict(self) -> dict[str, float]:
+        hb = heartbeat_get()
+        return hb.calibration() if hb is not None else {"step_max": 0.0, "ckpt_max": 0.0, "n_steps": 0.0}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self._loaded = {k: float(v) for k, v in sd.items()}
+
+    def agree(self) -> None:
+        """Seeds this worker's heartbeat with the maximum over all ranks (one tiny all-reduce)."""
+        loaded = getattr(self, "_loaded", None)
+        hb = heartbeat_get()
+        if loaded is None or hb is None:
+            return
+        values = torch.tensor([loaded.get("step_max", 0.0), loaded.get("ckpt_max", 0.0), loaded.get("n_steps", 0.0)],
+                              dtype=torch.float64)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        hb.seed({"step_max": float(values[0]), "ckpt_max": float(values[1]), "n_steps": float(values[2])})
 
 
 class RNGState:
@@ -134,7 +165,11 @@ class Checkpointer:
         run_services: bool | None = None,
         events: EventSink | None = None,
     ) -> None:
-        self.state = state
+        if HANG_KEY in state:
+            raise ConfigError(f"state key {HANG_KEY!r} is reserved by hpresil; rename that entry")
+        # The hang watchdog's calibration travels with the checkpoint, so a
+        # restarted job does not have to re-learn its step time.
+        self.state = {**state, HANG_KEY: _HangCalibration()}
         self.config = config or CheckpointConfig(
             every=every, durable=durable, durable_every=durable_every, keep=keep, slots=slots, verify_on_restore=verify_on_restore
         )
@@ -217,8 +252,13 @@ class Checkpointer:
         Raises:
             CheckpointError: a state value cannot be stored (the message names it).
         """
+        heartbeat(step)
         if step % self.config.every:
             return False
+        with phase("checkpoint"):
+            return self._save(step)
+
+    def _save(self, step: int) -> bool:
         self._start()
         t0 = time.perf_counter()
         flat = fl.flatten(self.state)
@@ -235,7 +275,7 @@ class Checkpointer:
             )
         except StorageError as exc:
             self._degrade(exc)
-            return self.save(step) if self._staging is not None and durable else False
+            return self._save(step) if self._staging is not None and durable else False
         if nbytes is None:
             return False
         blocking = time.perf_counter() - t0
@@ -300,6 +340,7 @@ class Checkpointer:
             sources.append(DurableSource(self._store))
         result = restore_state(self.state, sources, events=self.events)
         self.last_restore = result
+        self.state[HANG_KEY].agree()
         step = 0 if result is None else result.step
         # Newer snapshots belong to a timeline the job just abandoned: a later
         # restore must never mix them with the new one.

@@ -27,6 +27,10 @@ import torch
 
 from hpresil.errors import CheckpointError
 
+#: Keys hpresil adds to the state itself (the hang calibration); snapshots
+#: written without them (older versions, raw RamWriter) still restore.
+OPTIONAL_PREFIXES = ("hpresil_hang.",)
+
 __all__ = [
     "Leaf",
     "FlatState",
@@ -408,7 +412,7 @@ def prepare(
     tmpl = flat.by_key()
     module_prefixes = [_prefix(p) for p, obj, _ in flat.statefuls if isinstance(obj, torch.nn.Module)]
     problems: list[str] = []
-    missing = [k for k in tmpl if k not in saved]
+    missing = [k for k in tmpl if k not in saved and not k.startswith(OPTIONAL_PREFIXES)]
     if missing:
         problems.append(f"missing from the snapshot: {_names(missing)}")
     unexpected, build = [], []
@@ -424,7 +428,7 @@ def prepare(
     for key, leaf in tmpl.items():
         e = saved.get(key)
         if e is None:
-            continue
+            continue  # only optional keys get here: they keep their current value
         if leaf.is_tensor != (e.kind == "tensor"):
             problems.append(f"{key}: snapshot holds a {e.kind} value, the state a {'tensor' if leaf.is_tensor else 'plain value'}")
         elif leaf.is_tensor:
@@ -468,7 +472,7 @@ def apply_loaded(flat: FlatState, meta: Any, build: list[Any], built: Mapping[st
     stateful objects (innermost first)."""
     saved = {e.key: e for e in meta.entries}
     for leaf in flat.leaves:
-        if not leaf.is_tensor:
+        if not leaf.is_tensor and leaf.key in saved:  # optional keys absent from the snapshot stay
             leaf.parent[leaf.slot] = decode_json(saved[leaf.key].value)
     for e in build:
         flat.insert(tuple(e.path), built[e.key])
