@@ -128,3 +128,33 @@ def test_straggler_detector_needs_consecutive_slow_windows() -> None:
     det.observe(4, {0: 1.0, 1: 3.0, 2: 1.0}, "cpu")
     assert [r.rank for r in det.observe(5, {0: 1.0, 1: 3.0, 2: 1.0}, "cpu")] == [1], "reported again after recovery"
     assert det.observe(6, {0: 1.0}, "cpu") == []
+
+
+def test_checkpoint_persists_and_restores_the_calibration(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import hpresil
+    import sys
+
+    hbmod = sys.modules["hpresil.hang.heartbeat"]
+
+    shm = tmp_path / "shm"
+    monkeypatch.setenv("HPRESIL_SHM_DIR", str(shm))
+    monkeypatch.setattr(hbmod, "_instance", None)
+    state = {"w": torch.zeros(8)}
+    ckpt = hpresil.Checkpointer(state=state, shm_dir=str(shm / "ckpt-root"), durable_every=0, run_services=True)
+    for step in range(1, 6):
+        time.sleep(0.03)
+        ckpt.save(step)  # each save is also a heartbeat, and runs in the "checkpoint" phase
+    before = read_beat(str(shm / "hb" / "local0"))
+    assert before.step == 5 and before.n_steps >= 3 and before.step_max >= 0.02 and before.ckpt_max > 0
+    ckpt.wait()
+    ckpt.close(keep_ram=True)
+    # a restarted worker: fresh heartbeat record, calibration comes back from the snapshot
+    monkeypatch.setattr(hbmod, "_instance", None)
+    (shm / "hb" / "local0").unlink()
+    ckpt = hpresil.Checkpointer(state=state, shm_dir=str(shm / "ckpt-root"), durable_every=0, run_services=True)
+    assert ckpt.restore() == 5
+    after = read_beat(str(shm / "hb" / "local0"))
+    assert after.step_max == pytest.approx(before.step_max) and after.n_steps == before.n_steps
+    ckpt.close()

@@ -1,0 +1,409 @@
+"""Drains RAM snapshots to the durable tier, off the training path.
+
+The :class:`Drainer` runs in the node runtime (a :class:`~hpresil.runtime.api.NodeService`
+named ``"drain"``) or in-process (``Drainer(shm_dir, events).drain_once()``). Each
+pass scans ``<shm_dir>/ckpt/rank*/slot*.json`` for committed, sealed records with
+``durable=True``, picks the newest step that every local rank holds (older pending
+steps are skipped), takes ``LOCK_SH`` on each rank's slot arena, re-reads the
+record to confirm its ``commit_id``, streams the arena to storage through
+:class:`~hpresil.checkpoint.durable.DurableWriter`, and releases the locks. The
+node that completes the set of rank markers commits the step and applies
+retention (``keep`` from the record).
+
+Failures never reach training: they are logged, reported as ``tier_degraded``
+events, and retried on a later pass after an exponential backoff; nothing
+committed is touched by a failed upload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import glob
+import logging
+import mmap
+import os
+import re
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+from hpresil.checkpoint.api import CommitRecord, Seal, slot_path
+from hpresil.checkpoint.durable import DurableWriter, RankUpload
+from hpresil.checkpoint.durable_layout import ArenaSlice, assign_owners, plan_rank_file
+from hpresil.checkpoint.durable_store import Buffer, DurableStore, open_store
+from hpresil.errors import ConfigError, HpresilError
+from hpresil.events.api import EventSink
+from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+
+__all__ = ["DrainConfig", "Drainer"]
+
+log = logging.getLogger(__name__)
+
+_SLOT_RE = re.compile(r"slot(\d+)\.json$")
+_RANK_RE = re.compile(r"rank(\d+)$")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class DrainConfig:
+    """Settings of the :class:`Drainer`.
+
+    Attributes:
+        scan_interval: how often ``tick()`` looks for new snapshots.
+        upload_timeout: bound on one upload attempt of one step.
+        backoff_initial: wait before the first retry after a failure.
+        backoff_max: the longest wait between retries (doubling from ``backoff_initial``).
+        storage_options: passed to :func:`~hpresil.checkpoint.durable_store.open_store`
+            (e.g. ``part_size``, ``concurrency`` for s3).
+    """
+
+    scan_interval: timedelta = timedelta(milliseconds=500)
+    upload_timeout: timedelta = timedelta(minutes=10)
+    backoff_initial: timedelta = timedelta(seconds=1)
+    backoff_max: timedelta = timedelta(seconds=60)
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.upload_timeout <= timedelta(0) or self.scan_interval <= timedelta(0):
+            raise ConfigError("scan_interval and upload_timeout must be > 0")
+        if not timedelta(0) < self.backoff_initial <= self.backoff_max:
+            raise ConfigError(
+                f"backoff_initial={self.backoff_initial} backoff_max={self.backoff_max}: "
+                "need 0 < backoff_initial <= backoff_max"
+            )
+
+
+@dataclasses.dataclass(slots=True)
+class _Snap:
+    record: CommitRecord
+    slot: int
+
+
+class _Pinned:
+    """A rank's slot arena held with ``LOCK_SH`` and mapped read-only."""
+
+    def __init__(self, shm_dir: str, snap: _Snap) -> None:
+        self.snap = snap
+        rank, slot = snap.record.rank, snap.slot
+        self.fd = os.open(slot_path(shm_dir, rank, slot, "bin"), os.O_RDONLY)
+        self.mm: mmap.mmap | None = None
+        self.seal: Seal | None = None
+        try:
+            for _ in range(20):  # the writer holds LOCK_EX only while it commits
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.005)
+            else:
+                raise BlockingIOError(f"slot {slot} of rank {rank} is being written")
+            current = _read_record(slot_path(shm_dir, rank, slot, "json"))
+            seal = _read_seal(slot_path(shm_dir, rank, slot, "seal.json"))
+            if current is None or current.commit_id != snap.record.commit_id:
+                raise BlockingIOError(f"slot {slot} of rank {rank} was replaced")
+            if seal is None or seal.commit_id != current.commit_id:
+                raise BlockingIOError(f"slot {slot} of rank {rank} lost its seal")
+            self.seal = seal
+            size = os.fstat(self.fd).st_size
+            need = max((e.offset + e.nbytes for e in current.entries if e.kind == "tensor"), default=0)
+            if size < need:
+                raise BlockingIOError(f"arena of rank {rank} slot {slot} is {size} bytes, record needs {need}")
+            if size:
+                # MAP_POPULATE: fault the (already resident) shm pages in one go, not one by one while uploading
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                self.mm = mmap.mmap(self.fd, size, flags=flags, prot=mmap.PROT_READ)
+        except BaseException:
+            self.release()
+            raise
+
+    def view(self, piece: ArenaSlice) -> memoryview:
+        assert self.mm is not None
+        return memoryview(self.mm)[piece.offset : piece.offset + piece.nbytes]
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a failed upload's traceback still holds a view; GC unmaps it
+                pass
+            self.mm = None
+
+
+def _read_record(path: str) -> CommitRecord | None:
+    try:
+        with open(path, "rb") as f:
+            return CommitRecord.from_json(f.read())
+    except (OSError, HpresilError):
+        return None
+
+
+def _read_seal(path: str) -> Seal | None:
+    try:
+        with open(path, "rb") as f:
+            return Seal.from_json(f.read())
+    except (OSError, HpresilError):
+        return None
+
+
+class Drainer:
+    """Copies sealed RAM snapshots marked ``durable`` to the durable tier.
+
+    Args:
+        shm_dir: the job's shared-memory directory (``$HPRESIL_SHM_DIR``); set
+            by :meth:`start` when run as a node service. A :class:`DrainConfig`
+            here is taken as ``config`` (the node runtime builds services as
+            ``cls(config)``).
+        events: where ``checkpoint_drained`` and ``tier_degraded`` go.
+        config: tuning; defaults are fine.
+    """
+
+    name = "drain"
+
+    def __init__(
+        self,
+        shm_dir: str | DrainConfig | None = None,
+        events: EventSink | None = None,
+        *,
+        config: DrainConfig | None = None,
+    ) -> None:
+        if isinstance(shm_dir, DrainConfig):
+            shm_dir, config = None, config or shm_dir
+        self.shm_dir = shm_dir
+        self.events = events
+        self.config = config or DrainConfig()
+        self._group: WorkerGroupInfo | None = None
+        self._stores: dict[str, DurableStore] = {}
+        self._done: dict[int, set[int]] = {}  # step -> local ranks uploaded (or found uploaded)
+        self._parsed: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self._failures = 0
+        self._retry_at = 0.0
+        self._next_scan = 0.0
+        self._drain_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ NodeService
+
+    def start(self, ctx: RuntimeContext) -> None:
+        """Adopts the runtime's shm directory and event sink; starts the worker thread."""
+        self.shm_dir = ctx.shm_dir
+        self.events = ctx.events
+        self._thread = threading.Thread(target=self._loop, name="hpresil-drain", daemon=True)
+        self._thread.start()
+
+    def on_workers_started(self, group: WorkerGroupInfo) -> None:
+        """Restricts draining to this group's local ranks and world size."""
+        self._group = group
+
+    def on_workers_stopped(self, group: WorkerGroupInfo) -> None:
+        """Nothing to do: snapshots stay in shared memory and keep draining."""
+
+    def tick(self) -> None:
+        """Hands a drain pass to the worker thread when one is due; never blocks."""
+        now = time.monotonic()
+        if now < self._next_scan or now < self._retry_at or not self._idle.is_set():
+            return
+        self._next_scan = now + self.config.scan_interval.total_seconds()
+        self._idle.clear()
+        self._wake.set()
+
+    def stop(self, timeout: timedelta) -> None:
+        """Finishes the pending upload and one last pass within ``timeout``, then stops."""
+        deadline = time.monotonic() + timeout.total_seconds()
+        if self._thread is None:
+            return
+        if self._idle.wait(max(0.0, deadline - time.monotonic())):
+            self._idle.clear()
+            self._retry_at = 0.0
+            self._wake.set()
+            self._idle.wait(max(0.0, deadline - time.monotonic()))
+        if not self._idle.is_set():
+            log.warning("durable drain still uploading at shutdown; abandoning it (the last committed checkpoint is intact)")
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                self._idle.set()
+                return
+            try:
+                self.drain_once()
+            except Exception:  # noqa: BLE001 - a bug here must not kill the runtime
+                log.exception("durable drain pass failed")
+            finally:
+                self._idle.set()
+
+    # ------------------------------------------------------------ one pass
+
+    def drain_once(self) -> bool:
+        """Uploads the newest pending durable snapshot of this node's ranks, now.
+
+        Returns:
+            True when something was uploaded or committed; False when there was
+            nothing to do or the attempt failed (reported, retried later).
+        """
+        with self._drain_lock:
+            step = None
+            try:
+                picked = self._pick()
+                if picked is None:
+                    return False
+                step, snaps = picked
+                return self._drain(step, snaps)
+            except Exception as exc:  # noqa: BLE001 - never raise into training
+                self._degraded(step, exc)
+                return False
+
+    def _scan(self) -> dict[int, list[_Snap]]:
+        assert self.shm_dir is not None, "Drainer needs shm_dir (or start(ctx))"
+        found: dict[int, list[_Snap]] = {}
+        for rdir in glob.glob(os.path.join(self.shm_dir, "ckpt", "rank*")):
+            m = _RANK_RE.search(rdir)
+            if not m:
+                continue
+            rank = int(m.group(1))
+            for path in glob.glob(os.path.join(rdir, "slot*.json")):
+                sm = _SLOT_RE.search(path)
+                if not sm:
+                    continue
+                rec = self._cached(path, _read_record)
+                if rec is None or not rec.durable or rec.rank != rank:
+                    continue
+                seal = self._cached(slot_path(self.shm_dir, rank, int(sm.group(1)), "seal.json"), _read_seal)
+                if seal is None or seal.commit_id != rec.commit_id:
+                    continue  # not sealed yet
+                found.setdefault(rank, []).append(_Snap(rec, int(sm.group(1))))
+        return found
+
+    def _cached(self, path: str, parse: Callable[[str], Any]) -> Any:
+        """Parses ``path`` again only when it changed: records of large models are
+        megabytes of JSON, and the runtime scans every ``scan_interval``."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._parsed.pop(path, None)
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._parsed.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        obj = parse(path)
+        self._parsed[path] = (key, obj)
+        return obj
+
+    def _pick(self) -> tuple[int, dict[int, _Snap]] | None:
+        found = self._scan()
+        if not found:
+            return None
+        group = self._group
+        if group is not None:
+            ranks = set(group.global_ranks)
+            world = group.world_size
+        else:
+            newest = max((s for snaps in found.values() for s in snaps), key=lambda s: (s.record.step, s.record.created))
+            world = newest.record.world_size
+            ranks = {r for r, snaps in found.items() if any(s.record.world_size == world for s in snaps)}
+        by_rank = {
+            r: {s.record.step: s for s in found.get(r, []) if s.record.world_size == world} for r in ranks
+        }
+        common = set.intersection(*(set(v) for v in by_rank.values())) if by_rank else set()
+        if not common:
+            return None
+        step = max(common)
+        if ranks <= self._done.get(step, set()):
+            return None
+        return step, {r: by_rank[r][step] for r in sorted(ranks) if r not in self._done.get(step, set())}
+
+    def _store(self, url: str) -> DurableStore:
+        store = self._stores.get(url)
+        if store is None:
+            store = open_store(url, **self.config.storage_options)
+            self._stores[url] = store
+        return store
+
+    def _drain(self, step: int, snaps: dict[int, _Snap]) -> bool:
+        first = snaps[min(snaps)].record
+        if not first.durable_url:
+            raise ConfigError(f"step {step}: snapshot is marked durable but has no durable_url; set CheckpointConfig.durable")
+        t0 = time.monotonic()
+        writer = DurableWriter(self._store(first.durable_url))
+        owners = assign_owners(first.entries, first.world_size)
+        pinned: list[_Pinned] = []
+        try:
+            for snap in snaps.values():
+                try:
+                    pinned.append(_Pinned(self.shm_dir or "", snap))
+                except (BlockingIOError, FileNotFoundError) as exc:
+                    log.debug("durable drain of step %d waits: %s", step, exc)
+                    return False
+            uploads = []
+            for pin in pinned:
+                assert pin.seal is not None
+                segments, rank_obj = plan_rank_file(pin.snap.record, pin.seal.checksums, owners)
+                bufs: list[Buffer] = [pin.view(s) if isinstance(s, ArenaSlice) else s for s in segments]
+                uploads.append(RankUpload(rank_obj, bufs))
+            nbytes, ranks = writer.upload(step, uploads, timeout=self.config.upload_timeout.total_seconds())
+            del uploads, bufs
+        finally:
+            for pin in pinned:
+                pin.release()
+        committed = writer.try_commit(step, first.world_size)
+        if committed:
+            writer.retain(first.keep)
+        self._done.setdefault(step, set()).update(snaps)
+        for old in [s for s in self._done if s < step]:
+            del self._done[old]
+        duration = time.monotonic() - t0
+        if self._failures:
+            log.info("durable tier %s recovered after %d failed attempts", first.durable_url, self._failures)
+        self._failures = 0
+        self._retry_at = 0.0
+        log.info(
+            "drained step %d ranks %s to %s: %.1f MB in %.2fs%s",
+            step, ranks, first.durable_url, nbytes / 1e6, duration, " (committed)" if committed else "",
+        )
+        if not ranks and not committed:
+            return False  # our ranks were uploaded earlier (e.g. before a restart); others are pending
+        self._emit(
+            "checkpoint_drained",
+            step=step,
+            tier="durable",
+            duration_s=round(duration, 4),
+            bytes=nbytes,
+            mb_per_s=round(nbytes / 1e6 / duration, 2) if duration > 0 else 0.0,
+            ranks=ranks,
+            committed=committed,
+        )
+        return True
+
+    def _degraded(self, step: int | None, exc: BaseException) -> None:
+        self._failures += 1
+        delay = min(
+            self.config.backoff_max.total_seconds(),
+            self.config.backoff_initial.total_seconds() * 2 ** (self._failures - 1),
+        )
+        self._retry_at = time.monotonic() + delay
+        for url in list(self._stores):  # reconnect (and re-probe) on the next attempt
+            self._stores.pop(url).close()
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("durable drain of step %s failed (attempt %d, retry in %.0fs): %s", step, self._failures, delay, error)
+        self._emit("tier_degraded", tier="durable", error=error, step=step, attempt=self._failures, retry_in_s=delay)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(event, **fields)

