@@ -55,6 +55,7 @@ def write_snapshot(
     shards: dict[str, tuple[list[int], list[int]]] | None = None,
     local: set[str] | None = None,
     run_id: str = "run",
+    timeline: str = "",
 ) -> CommitRecord:
     """Writes a committed, sealed RAM snapshot in the format of ``hpresil.checkpoint.api``.
 
@@ -88,7 +89,7 @@ def write_snapshot(
     rec = CommitRecord(
         version=1, commit_id=uuid.uuid4().hex, run_id=run_id, step=step, rank=rank, world_size=world_size,
         slot=slot, nbytes=pos, durable=durable_url is not None, durable_url=durable_url, keep=keep,
-        entries=entries, created=time.time(),
+        entries=entries, created=time.time(), timeline=timeline,
     )  # fmt: skip
     for suffix, text in (
         ("json", rec.to_json()),
@@ -274,6 +275,23 @@ def test_incomplete_step_is_invisible_until_last_rank(tmp_path: Any) -> None:
     assert Drainer(shm2, ev2).drain_once()
     assert ev2.named("checkpoint_drained")[0]["committed"]
     assert [r.step for r in DurableSource(url).steps()] == [5]
+
+
+def test_markers_of_a_crashed_attempt_never_mix_with_a_new_timeline(tmp_path: Any) -> None:
+    url = f"file://{tmp_path}/ckpt"
+    old, new = model_state(1), model_state(2)
+    # attempt A drained rank 1's step 5, then crashed; attempt B (restored earlier) reaches step 5 again
+    write_snapshot(str(tmp_path / "a1"), rank=1, step=5, world_size=2, tensors=old, durable_url=url, timeline="A")
+    assert Drainer(str(tmp_path / "a1"), Events()).drain_once()
+    write_snapshot(str(tmp_path / "b0"), rank=0, step=5, world_size=2, tensors=new, durable_url=url, timeline="B")
+    assert Drainer(str(tmp_path / "b0"), Events()).drain_once()
+    assert DurableSource(url).steps() == [], "rank 1's marker is from the abandoned timeline"
+    write_snapshot(str(tmp_path / "b1"), rank=1, step=5, world_size=2, tensors=new, durable_url=url, timeline="B")
+    assert Drainer(str(tmp_path / "b1"), Events()).drain_once()
+    src = DurableSource(url)
+    assert [r.step for r in src.steps()] == [5]
+    got = read_back(src, 5, 1)
+    assert torch.equal(got["model.w"], new["model.w"])
 
 
 def test_retention_keeps_newest_and_gcs_incomplete(tmp_path: Any) -> None:

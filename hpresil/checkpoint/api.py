@@ -194,6 +194,9 @@ class CommitRecord:
         keep: durable checkpoints to retain (``CheckpointConfig.keep``).
         entries: the layout.
         created: Unix time of the commit.
+        timeline: id the ranks agreed on at their last restore; a durable
+            checkpoint commits only from markers of one timeline, so markers
+            left by an attempt that crashed are never mixed with a newer one's.
     """
 
     version: int
@@ -209,6 +212,7 @@ class CommitRecord:
     keep: int
     entries: list[Entry]
     created: float
+    timeline: str = ""
 
     def to_json(self) -> str:
         """Serialises the record (see :meth:`from_json`)."""

@@ -69,6 +69,16 @@ def default_shm_dir() -> str:
 HANG_KEY = "hpresil_hang"
 
 
+def _agree_timeline() -> str:
+    """A random id all ranks share from this restore on (rank 0's, broadcast as raw bytes)."""
+    ident = torch.frombuffer(bytearray(os.urandom(16)), dtype=torch.uint8).clone()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(ident, src=0)
+    return bytes(ident.tolist()).hex()
+
+
 class _HangCalibration:
     """The hang watchdog's calibration (slowest step and checkpoint seen) as a
     stateful entry of every checkpoint."""
@@ -341,6 +351,10 @@ class Checkpointer:
         result = restore_state(self.state, sources, events=self.events)
         self.last_restore = result
         self.state[HANG_KEY].agree()
+        timeline = _agree_timeline()
+        for w in (self._ram, self._staging):
+            if w is not None:
+                w.timeline = timeline
         step = 0 if result is None else result.step
         # Newer snapshots belong to a timeline the job just abandoned: a later
         # restore must never mix them with the new one.

@@ -152,16 +152,21 @@ class DurableWriter:
         blobs = self.store.read_many([f"{sdir}/{w}" for w in wanted])
         recs: dict[int, dict[str, Any]] = {}
         run_id: str | None = None
+        timeline: str | None = None
         for r, w in enumerate(wanted):
             blob = blobs.get(f"{sdir}/{w}")
             if blob is None:
                 return False
             obj = json.loads(blob)
             run_id = obj.get("run_id") if run_id is None else run_id
-            if int(obj["world_size"]) != world_size or int(obj["step"]) != step or obj.get("run_id") != run_id:
+            timeline = obj.get("timeline", "") if timeline is None else timeline
+            if (int(obj["world_size"]) != world_size or int(obj["step"]) != step or obj.get("run_id") != run_id
+                    or obj.get("timeline", "") != timeline):
+                # A marker left by an attempt that crashed after this step is
+                # overwritten when its node drains the new attempt's snapshot.
                 log.warning(
-                    "step %d: marker of rank %d is from another run or world size (%s, %s); not committing",
-                    step, r, obj.get("run_id"), obj["world_size"],
+                    "step %d: marker of rank %d is from another run, timeline or world size (%s, %s, %s); "
+                    "not committing yet", step, r, obj.get("run_id"), obj.get("timeline"), obj["world_size"],
                 )
                 return False
             recs[r] = obj

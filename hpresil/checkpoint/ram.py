@@ -199,6 +199,8 @@ class RamWriter:
         self.shm_dir = shm_dir
         self.rank = rank
         self.run_id = run_id
+        #: set by the Checkpointer after each restore (see CommitRecord.timeline)
+        self.timeline = ""
         os.makedirs(rank_dir(shm_dir, rank), mode=0o700, exist_ok=True)
         self._slots = [_Slot(slot_path(shm_dir, rank, k, "bin")) for k in range(slots)]
         self._layout: Layout | None = None
@@ -379,6 +381,7 @@ class RamWriter:
                 "durable_url": durable_url,
                 "keep": keep,
                 "created": created,
+                "timeline": self.timeline,
             }
             parts = [layout.entries_json] if layout.entries_json else []
             parts += [json.dumps(e, separators=(",", ":")) for e in json_entries]
