@@ -37,6 +37,17 @@ def _steps(path: str) -> list[tuple[int, float]]:
         return [(int(a), float(b)) for a, b in (line.split() for line in f if line.strip())]
 
 
+def _kill_workers(marker: str) -> None:
+    """SIGKILLs every process whose command line mentions ``marker``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    os.kill(int(pid), 9)
+        except OSError:
+            pass
+
+
 def run(launcher: str, fault: str, hang_step: int, steps: int, cap: float) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as tmp:
         out, logs = os.path.join(tmp, "out"), os.path.join(tmp, "logs")
@@ -57,6 +68,7 @@ def run(launcher: str, fault: str, hang_step: int, steps: int, cap: float) -> di
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+            _kill_workers(out)  # elastic workers run in sessions of their own
             capped = True
         first = _steps(os.path.join(out, "rank1.attempt0"))
         hang_start = first[-1][1] if first else start

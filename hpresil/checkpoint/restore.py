@@ -2,7 +2,7 @@
 
 1. Each rank lists what its sources (tiers, fastest first) hold: ``(step,
    saved world size) → saving ranks``. The lists are exchanged with one
-   ``all_gather_object`` over the default group (metadata only; purely local
+   all-gather of JSON bytes over the default group (metadata only; purely local
    when ``torch.distributed`` is not initialised).
 2. Every rank computes the same choice: the newest step that *every* rank can
    load from *some* tier. At the same world size a rank needs its own saved
@@ -74,11 +74,27 @@ class _Comm:
         self.world = self.dist.get_world_size() if self.dist else 1
 
     def all_gather(self, obj: Any) -> list[Any]:
+        """Gathers a plain value from every rank as JSON bytes in tensors:
+        ``all_gather_object`` would unpickle bytes that come off the network."""
         if self.dist is None:
             return [obj]
-        out: list[Any] = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
+        import json
+
+        import torch
+
+        from hpresil.checkpoint.flatten import decode_json, encode_json
+
+        data = json.dumps(encode_json(obj), separators=(",", ":")).encode()
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        self.dist.all_gather(sizes, size)
+        longest = max(int(s.item()) for s in sizes)
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        if data:
+            mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
+        self.dist.all_gather(bufs, mine)
+        return [decode_json(json.loads(bytes(b[: int(n.item())].tolist()))) for b, n in zip(bufs, sizes)]
 
 
 def _availability(sources: Sequence[SnapshotSource]) -> Avail:

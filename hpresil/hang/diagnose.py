@@ -61,6 +61,7 @@ class RankDiag:
     cpu_rate: float | None
     in_collective: bool | None
     stacks_file: str | None = None
+    flight_recorder: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (published to the other nodes)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import faulthandler
+import json
 import logging
 import mmap
 import os
@@ -24,7 +25,8 @@ from typing import IO, Iterator
 from hpresil import _env
 from hpresil.hang.api import FLAG_FAULTHANDLER, RECORD, RECORD_SIZE
 
-__all__ = ["Heartbeat", "heartbeat", "phase", "section", "get", "record_path", "STACK_SIGNAL"]
+__all__ = ["Heartbeat", "heartbeat", "phase", "section", "get", "record_path", "dump_request_path", "fr_dump_path",
+           "STACK_SIGNAL"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,44 @@ _CODES = {"init": 0, "step": 1, "checkpoint": 2}
 def record_path(shm_dir: str, local_rank: int) -> str:
     """Where local rank ``local_rank`` writes its heartbeat record."""
     return os.path.join(shm_dir, "hb", f"local{local_rank}")
+
+
+def dump_request_path(record: str) -> str:
+    """The file whose appearance asks a worker for a flight-recorder dump."""
+    return record + ".dump"
+
+
+def fr_dump_path(log_dir: str, rank: int) -> str:
+    """Where rank ``rank`` writes its flight-recorder dump."""
+    return os.path.join(log_dir, "flight_recorder", f"rank{rank}.json")
+
+
+def _serve_dump_requests(request: str, out: str, interval: float = 0.25) -> None:
+    """Thread body: on request, writes torch's flight recorder (the last
+    collectives of every process group, gloo or NCCL) as JSON.
+
+    It needs the GIL, which a rank blocked inside a collective releases; a rank
+    spinning while holding the GIL yields its stacks (faulthandler) instead.
+    One ``stat`` every ``interval`` seconds, never per step.
+    """
+    while True:
+        time.sleep(interval)
+        if not os.path.exists(request):
+            continue
+        try:
+            from torch._C._distributed_c10d import _dump_fr_trace_json
+
+            data = _dump_fr_trace_json()
+        except Exception as exc:  # no flight recorder in this torch, or no process group yet
+            data = json.dumps({"error": f"flight recorder unavailable: {exc}"}).encode()
+        try:
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(out + ".tmp", out)
+            os.unlink(request)
+        except OSError as exc:
+            log.warning("cannot write flight-recorder dump %s: %s", out, exc)
 
 
 class Heartbeat:
@@ -200,8 +240,12 @@ def get() -> Heartbeat | None:
             rank = int(os.environ.get("RANK", "0"))
             log_dir = _env.get(_env.LOG_DIR)
             stacks = os.path.join(log_dir, "stacks", f"rank{rank}.txt") if log_dir else None
-            _instance = Heartbeat(record_path(shm_dir, local_rank), rank, stacks)
+            path = record_path(shm_dir, local_rank)
+            _instance = Heartbeat(path, rank, stacks)
             _instance_pid = os.getpid()
+            if log_dir:
+                threading.Thread(target=_serve_dump_requests, args=(dump_request_path(path), fr_dump_path(log_dir, rank)),
+                                 name="hpresil-fr-dump", daemon=True).start()
             atexit.register(_instance.exiting)
     return _instance
 

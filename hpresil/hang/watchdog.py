@@ -24,7 +24,7 @@ from hpresil.hang import probe
 from hpresil.hang.api import FLAG_FAULTHANDLER, Beat, HangConfig
 from hpresil.hang.config import hang_config_from_env
 from hpresil.hang.diagnose import RankDiag, find_suspects, in_collective
-from hpresil.hang.heartbeat import record_path
+from hpresil.hang.heartbeat import dump_request_path, fr_dump_path, record_path
 from hpresil.hang.straggler import StragglerDetector
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
 
@@ -56,6 +56,14 @@ def phase_timeout(beat: Beat | None, cfg: HangConfig, step_max: float, ckpt_max:
     if beat.phase == 4:
         return init, "exit"
     return (beat.phase_timeout or cfg.user_timeout.total_seconds()), beat.phase_label
+
+
+def _touch(path: str) -> None:
+    try:
+        with open(path, "w"):
+            pass
+    except OSError:
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -245,7 +253,10 @@ class Watchdog:
         t0 = time.monotonic()
         first, phase, timeout, waited = overdue[0]
         log.error("hang: rank %d in phase %s for %.1f s (timeout %.1f s); diagnosing", first.rank, phase, waited, timeout)
+        for r in ranks:  # ask every rank for its flight recorder first: it dumps while we take stacks
+            _touch(dump_request_path(r.path))
         diags = [self._diagnose(r) for r in ranks]
+        self._collect_flight_recorders(ranks, diags)
         diags += self._exchange(group, diags)
         suspects, reason = find_suspects(diags)
         detection = {
@@ -280,6 +291,21 @@ class Watchdog:
             in_collective=in_collective(text),
             stacks_file=stacks_file if text else None,
         )
+
+    def _collect_flight_recorders(self, ranks: list[_Rank], diags: list[RankDiag], timeout: float = 1.0) -> None:
+        assert self._ctx is not None
+        paths = {r.rank: fr_dump_path(self._ctx.log_dir, r.rank) for r in ranks}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(os.path.exists(p) for p in paths.values()):
+            time.sleep(0.05)
+        for d in diags:
+            if d.rank in paths and os.path.exists(paths[d.rank]):
+                d.flight_recorder = paths[d.rank]
+        for r in ranks:
+            try:
+                os.unlink(dump_request_path(r.path))
+            except OSError:
+                pass
 
     def _exchange(self, group: WorkerGroupInfo, mine: list[RankDiag]) -> list[RankDiag]:
         """Publishes this node's diagnostics and collects the other nodes' (best effort)."""

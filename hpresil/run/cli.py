@@ -24,7 +24,7 @@ from torch.distributed.run import config_from_args, get_args_parser, parse_min_m
 
 from hpresil.errors import ConfigError, NodeUnhealthyError
 from hpresil.hang.config import HANG_OPTIONS, hang_config
-from hpresil.run.env import apply_launcher_env
+from hpresil.runtime.env import apply_launcher_env
 from hpresil.runtime.api import RuntimeConfig
 
 __all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS"]

@@ -28,7 +28,7 @@ from torch.distributed.launcher.api import LaunchConfig
 
 from hpresil.errors import NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
-from hpresil.run.env import EnvChange
+from hpresil.runtime.env import EnvChange
 from hpresil.run.failure import explain_failure
 from hpresil.runtime.node import NodeRuntime
 

@@ -57,6 +57,7 @@ class NodeRuntime:
         self._lock = threading.Lock()
         self.group: WorkerGroupInfo | None = None
         self._failures: dict[tuple[str, str], int] = {}
+        self._worker_defaults: dict[str, str] = {}
 
     @property
     def context(self) -> RuntimeContext:
@@ -77,6 +78,11 @@ class NodeRuntime:
         """
         os.makedirs(self.log_dir, exist_ok=True)
         self.shm.create()
+        from hpresil.runtime.env import worker_defaults
+
+        self._worker_defaults, changes = worker_defaults(self.log_dir)
+        for change in changes:
+            log.info("worker env %s: unset -> %s (%s)", change.name, change.new, change.reason)
         self.events.emit(
             "runtime_start",
             run_id=self.run_id,
@@ -86,6 +92,9 @@ class NodeRuntime:
             log_dir=self.log_dir,
             services=[s.name for s in self.services],
         )
+        for change in changes:
+            self.events.emit("env_change", scope="workers", name=change.name, old=change.old, new=change.new,
+                             reason=change.reason)
         ctx = self.context
         for service in self.services:
             try:
@@ -100,6 +109,7 @@ class NodeRuntime:
     def worker_env(self, attempt: int) -> dict[str, str]:
         """Environment variables every worker gets (see :mod:`hpresil._env`)."""
         return {
+            **self._worker_defaults,
             _env.SHM_DIR: self.shm.path,
             _env.LOG_DIR: self.log_dir,
             _env.NODE_ID: self.node_id,
