@@ -29,3 +29,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def shm() -> Iterator[str]:
+    """A fresh directory on /dev/shm (the RAM tier's filesystem), removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-test-") as d:
+        yield d

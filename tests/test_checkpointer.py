@@ -24,25 +24,14 @@ from hpresil.checkpoint.ram_files import scan
 from hpresil.checkpoint.sealer import Sealer
 from hpresil.errors import CheckpointError, StateMismatchError
 from hpresil.testing import fail_at, maybe_inject, to_env
+from hpresil.testing import RecordingSink as ListSink
 
 _FORK = multiprocessing.get_context("fork")
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [f for e, f in self.events if e == name]
 
 
-@pytest.fixture
-def shm() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-test-") as d:
-        yield d
+
 
 
 def _ckpt(shm: str, state: dict[str, Any], **kw: Any) -> Checkpointer:

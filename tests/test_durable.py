@@ -20,25 +20,13 @@ from hpresil.checkpoint.durable import DurableSource, open_store
 from hpresil.checkpoint.durable_layout import assign_owners, data_file, step_dir, tensor_envelope
 from hpresil.checkpoint.integrity import checksum
 from hpresil.errors import ConfigError, IntegrityError, StorageError
+from hpresil.testing import RecordingSink as Events
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-class Events:
-    """An in-memory event sink."""
 
-    def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, Any]]] = []
-        self.lock = threading.Lock()
-
-    def emit(self, event: str, **fields: Any) -> None:
-        with self.lock:
-            self.items.append((event, fields))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [f for e, f in self.items if e == name]
 
 
 def write_snapshot(

@@ -26,20 +26,10 @@ from hpresil.health import (
 )
 from hpresil.health.api import DeviceReading
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.testing import RecordingSink as ListSink
 
 
-class ListSink:
-    """Event sink that keeps events in memory."""
 
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, event: str, **fields: Any) -> None:
-        json.dumps(fields)  # events must be JSON-serialisable
-        self.events.append((event, fields))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [f for e, f in self.events if e == name]
 
 
 class FakeClock:

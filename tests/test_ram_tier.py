@@ -24,25 +24,12 @@ from hpresil.checkpoint.ram_files import scan
 from hpresil.checkpoint.ram_source import RamSource, read_verified
 from hpresil.checkpoint.sealer import Sealer
 from hpresil.errors import IntegrityError
+from hpresil.testing import RecordingSink as ListSink
 
 
-class ListSink:
-    """Collects events."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [f for e, f in self.events if e == name]
 
 
-@pytest.fixture
-def shm() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-test-") as d:
-        yield d
+
 
 
 def _save(w: RamWriter, step: int, state: dict[str, Any]) -> int | None:
