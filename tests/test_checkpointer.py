@@ -8,11 +8,10 @@ import multiprocessing
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch

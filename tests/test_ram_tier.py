@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import tempfile
-import uuid
 from typing import Any, Iterator
 
 import pytest

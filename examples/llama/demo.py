@@ -75,7 +75,7 @@ def main() -> None:
     print("\ntimeline of the faulty run (events.jsonl):")
     timeline(os.path.join(faulty, "events.jsonl"))
 
-    print(f"\n[2/2] the same job without the fault (reference)")
+    print("\n[2/2] the same job without the fault (reference)")
     t_clean = launch(os.path.join(clean, "final.pt"), clean, shm_root, args.steps, [], quiet=True)
 
     a = torch.load(os.path.join(faulty, "final.pt"), weights_only=True)
