@@ -24,11 +24,25 @@ from hpresil.errors import (
 )
 
 from hpresil.hang.heartbeat import heartbeat, phase, section
-from hpresil.checkpoint import Checkpointer, RNGState
 
 __version__ = "0.1.0"
 
 _errorfile.install()
+
+# The checkpoint stack imports torch.distributed's tensor and checkpoint
+# packages (seconds of start-up); the launcher and scripts that only beat the
+# heartbeat should not pay for it, so it loads on first use.
+_LAZY = {"Checkpointer": "hpresil.checkpoint", "RNGState": "hpresil.checkpoint"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hpresil' has no attribute {name!r}")
 
 __all__ = [
     "__version__",

@@ -82,3 +82,33 @@ def test_script_without_heartbeats_still_gets_process_supervision(tmp_path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     hangs = [e for e in events(logs / "events.jsonl") if e["event"] == "hang_detected"]
     assert len(hangs) == 1 and hangs[0]["suspects"] == [0] and hangs[0]["reason"] == "stopped"
+
+
+def test_two_nodes_agree_on_the_suspect_through_the_rendezvous_store(tmp_path) -> None:
+    """Two agents (simulated nodes) with one worker each; rank 1 on node B is SIGSTOPped.
+    Each node sees only its own worker; the rendezvous store lets both name rank 1."""
+    import subprocess
+    import sys
+
+    from _launch import free_port
+
+    out = tmp_path / "out"
+    out.mkdir()
+    port = free_port()
+    env = base_env(tmp_path, **to_env([Fault(rank=1, step=8, action="stop")]))
+    procs = []
+    for node in ("A", "B"):
+        args = [sys.executable, "-m", "hpresil.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--node-id", node,
+                "--max-restarts", "1", "--log-dir", str(tmp_path / node), *FAST, script("hang_worker.py"), str(out), "20"]
+        procs.append(subprocess.Popen(args, env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=150)
+        assert p.returncode == 0, err[-3000:]
+    for node in ("A", "B"):
+        hangs = [e for e in events(tmp_path / node / "events.jsonl") if e["event"] == "hang_detected"]
+        assert len(hangs) == 1, (node, hangs)
+        assert hangs[0]["suspects"] == [1] and hangs[0]["reason"] == "stopped"
+        assert sorted(r["rank"] for r in hangs[0]["ranks"]) == [0, 1], "both nodes' views were exchanged"
+    assert (out / "done.rank0").exists() and (out / "done.rank1").exists()

@@ -6,6 +6,15 @@ number generators); the contract between the pieces is in
 """
 
 from hpresil.checkpoint.api import CheckpointConfig
-from hpresil.checkpoint.checkpointer import Checkpointer, RNGState
+
+
+def __getattr__(name: str) -> object:
+    # Loaded on first use: the node runtime imports the sealer and drainer from
+    # this package and must not pay for the Checkpointer's torch imports.
+    if name in ("Checkpointer", "RNGState"):
+        from hpresil.checkpoint import checkpointer
+
+        return getattr(checkpointer, name)
+    raise AttributeError(f"module 'hpresil.checkpoint' has no attribute {name!r}")
 
 __all__ = ["Checkpointer", "CheckpointConfig", "RNGState"]

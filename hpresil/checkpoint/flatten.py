@@ -23,6 +23,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import sys
+
 import torch
 
 from hpresil.errors import CheckpointError
@@ -45,12 +47,14 @@ __all__ = [
     "apply_loaded",
 ]
 
-try:  # DTensor is optional: absent from minimal torch builds
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - depends on the torch build
-    DTensor = None  # type: ignore[assignment,misc]
-    compute_local_shape_and_global_offset = None  # type: ignore[assignment]
+def _is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a DTensor, without importing torch.distributed.tensor
+    (seconds of start-up) when nothing created one: a DTensor can only exist if
+    its module was imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
 
 Path = tuple[Any, ...]
 
@@ -220,10 +224,12 @@ def flatten(state: Mapping[str, Any]) -> FlatState:
 
 
 def _tensor_leaf(key: str, path: Path, value: torch.Tensor, parent: Any, slot: Any) -> Leaf:
-    if DTensor is not None and isinstance(value, DTensor):
+    if _is_dtensor(value):
         if any(p.is_partial() for p in value.placements):
             raise CheckpointError(f"{key}: DTensor with a Partial placement; redistribute it to Shard/Replicate first")
         local = value.to_local().detach()
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
         shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
         if tuple(local.shape) != tuple(shape):
             raise CheckpointError(f"{key}: local shard shape {tuple(local.shape)} != DTensor layout {tuple(shape)}")
@@ -452,7 +458,7 @@ def _restored_in_place(module: torch.nn.Module, leaves: list[Leaf]) -> bool:
     loading (FSDP2's own hooks only re-shard, which in-place copies satisfy)."""
     ptrs = set()
     for t in [*module.parameters(), *module.buffers()]:
-        local = t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+        local = t.to_local() if _is_dtensor(t) else t
         ptrs.add(local.data_ptr())
     for leaf in leaves:
         if not leaf.is_tensor or (leaf.value.numel() and leaf.value.data_ptr() not in ptrs):

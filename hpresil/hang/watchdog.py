@@ -123,6 +123,7 @@ class Watchdog:
         self._stragglers = StragglerDetector(self.config.straggler_threshold, self.config.straggler_windows)
         self._windows: dict[int, dict[int, tuple[float | None, float]]] = {}
         self._store: object | None = None
+        self._others_max = (0.0, 0.0)  # slowest step and checkpoint the other nodes reported
         self._lock = threading.Lock()
         self.detections: list[dict] = []
 
@@ -137,6 +138,7 @@ class Watchdog:
             self._group = group
             self._windows.clear()
             self._store = None
+            self._others_max = (0.0, 0.0)
             self._ranks = [
                 _Rank(i, rank, pid, record_path(self._ctx.shm_dir, i))
                 for i, (rank, pid) in enumerate(zip(group.global_ranks, group.pids))
@@ -160,8 +162,9 @@ class Watchdog:
         for r in ranks:
             r.sample(now_mono)
         beats = [r.beat for r in ranks if r.beat is not None]
-        step_max = max((b.step_max for b in beats), default=0.0)
-        ckpt_max = max((b.ckpt_max for b in beats), default=0.0)
+        # calibration agreed across nodes: the slowest step any node has seen
+        step_max = max([b.step_max for b in beats] + [self._others_max[0]])
+        ckpt_max = max([b.ckpt_max for b in beats] + [self._others_max[1]])
         overdue: list[tuple[_Rank, str, float, float]] = []
         for r in ranks:
             if r.state in (None, "Z", "X"):
@@ -208,7 +211,8 @@ class Watchdog:
             if not local <= set(metrics):
                 continue
             del self._windows[window]
-            everyone = {**self._share_window(group, window, {k: v for k, v in metrics.items() if k in local}), **metrics}
+            everyone = {**self._share_window(group, window, {k: v for k, v in metrics.items() if k in local}, ranks),
+                        **metrics}
             use_busy = all(b is not None for b, _ in everyone.values())
             values = {k: (b if use_busy else c) for k, (b, c) in everyone.items()}
             for rep in self._stragglers.observe(window, values, "section" if use_busy else "cpu"):
@@ -222,25 +226,29 @@ class Watchdog:
         for window in [w for w in self._windows if w < max(self._windows, default=0) - 8]:
             del self._windows[window]  # a rank that stopped beating must not make this grow forever
 
-    def _share_window(self, group: WorkerGroupInfo, window: int,
-                      mine: dict[int, tuple[float | None, float]]) -> dict[int, tuple[float | None, float]]:
-        """Publishes this node's window metrics and returns the other nodes' that are there."""
-        if group.group_world_size <= 1 or not group.master_addr or not group.master_port:
-            return {}
+    def _share_window(self, group: WorkerGroupInfo, window: int, mine: dict[int, tuple[float | None, float]],
+                      ranks: list[_Rank]) -> dict[int, tuple[float | None, float]]:
+        """Publishes this node's window metrics and calibration; returns the other
+        nodes' metrics that are there, and folds their calibration into ours."""
         try:
-            if self._store is None:
-                from torch.distributed import TCPStore
-
-                self._store = TCPStore(group.master_addr, int(group.master_port), is_master=False,
-                                       timeout=timedelta(seconds=1), wait_for_workers=False)
-            store = self._store
-            prefix = f"hpresil/straggler/{group.attempt}/{window}/"
-            store.set(prefix + str(group.group_rank), json.dumps({str(k): v for k, v in mine.items()}))  # type: ignore[attr-defined]
+            found_store = self._job_store(group)
+            if found_store is None:
+                return {}
+            store, base = found_store
+            prefix = f"{base}straggler/{window}/"
+            beats = [r.beat for r in ranks if r.beat is not None]
+            calib = [max((b.step_max for b in beats), default=0.0), max((b.ckpt_max for b in beats), default=0.0)]
+            store.set(prefix + str(group.group_rank), json.dumps(  # type: ignore[attr-defined]
+                {"metrics": {str(k): v for k, v in mine.items()}, "calib": calib}))
             found: dict[int, tuple[float | None, float]] = {}
+            others = list(self._others_max)
             for node in range(group.group_world_size):
                 key = prefix + str(node)
                 if node != group.group_rank and store.check([key]):  # type: ignore[attr-defined]
-                    found.update({int(k): (v[0], v[1]) for k, v in json.loads(store.get(key)).items()})  # type: ignore[attr-defined]
+                    obj = json.loads(store.get(key))  # type: ignore[attr-defined]
+                    found.update({int(k): (v[0], v[1]) for k, v in obj["metrics"].items()})
+                    others = [max(a, float(b)) for a, b in zip(others, obj["calib"])]
+            self._others_max = (others[0], others[1])
             return found
         except Exception as exc:
             log.debug("straggler metrics not shared across nodes: %s", exc)
@@ -307,25 +315,42 @@ class Watchdog:
             except OSError:
                 pass
 
-    def _exchange(self, group: WorkerGroupInfo, mine: list[RankDiag]) -> list[RankDiag]:
-        """Publishes this node's diagnostics and collects the other nodes' (best effort)."""
-        if group.group_world_size <= 1 or not group.master_addr or not group.master_port:
-            return []
-        try:
+    def _job_store(self, group: WorkerGroupInfo) -> tuple[object, str] | None:
+        """The store shared by all nodes and a key prefix unique to this group.
+
+        Prefers the agents' rendezvous store (its keys are already private to the
+        rendezvous round, and it lives in the agents, not in a worker that may be
+        the hung one); falls back to the workers' store at MASTER_ADDR:PORT."""
+        if group.group_world_size <= 1:
+            return None
+        if group.store is not None:
+            return group.store, "hpresil/"
+        if not group.master_addr or not group.master_port:
+            return None
+        if self._store is None:
             from torch.distributed import TCPStore
 
-            store = TCPStore(group.master_addr, int(group.master_port), is_master=False,
-                             timeout=timedelta(seconds=2), wait_for_workers=False)
-            prefix = f"hpresil/hang/{group.attempt}/"
-            store.set(prefix + str(group.group_rank), json.dumps([d.to_json() for d in mine]))
+            self._store = TCPStore(group.master_addr, int(group.master_port), is_master=False,
+                                   timeout=timedelta(seconds=2), wait_for_workers=False)
+        return self._store, f"hpresil/{group.attempt}/"
+
+    def _exchange(self, group: WorkerGroupInfo, mine: list[RankDiag]) -> list[RankDiag]:
+        """Publishes this node's diagnostics and collects the other nodes' (best effort)."""
+        try:
+            found_store = self._job_store(group)
+            if found_store is None:
+                return []
+            store, base = found_store
+            prefix = base + "hang/"
+            store.set(prefix + str(group.group_rank), json.dumps([d.to_json() for d in mine]))  # type: ignore[attr-defined]
             others = [prefix + str(n) for n in range(group.group_world_size) if n != group.group_rank]
             deadline = time.monotonic() + self.config.gather_timeout.total_seconds()
-            while time.monotonic() < deadline and not store.check(others):
+            while time.monotonic() < deadline and not store.check(others):  # type: ignore[attr-defined]
                 time.sleep(0.05)
             found: list[RankDiag] = []
             for key in others:
-                if store.check([key]):
-                    found += [RankDiag.from_json(o) for o in json.loads(store.get(key))]
+                if store.check([key]):  # type: ignore[attr-defined]
+                    found += [RankDiag.from_json(o) for o in json.loads(store.get(key))]  # type: ignore[attr-defined]
             return found
         except Exception as exc:  # the store may be gone with the node that hosted it
             log.warning("could not exchange hang diagnostics with other nodes: %s", exc)

@@ -89,6 +89,7 @@ class HpresilAgent(LocalElasticAgent):
             master_addr=worker_group.master_addr,
             master_port=worker_group.master_port,
             started=time.time(),
+            store=worker_group.store,
         )
         self._group_info = info
         self._last_state = WorkerState.HEALTHY

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from hpresil.errors import ConfigError
 from hpresil.events.api import EventSink
@@ -76,6 +76,9 @@ class WorkerGroupInfo:
         master_addr: host of the store the workers use (the rendezvous store for c10d).
         master_port: its port.
         started: Unix time the group was started.
+        store: the agent's rendezvous store for this round (keys are private to
+            the round), for services that exchange data between nodes; it lives
+            in the agents, so it outlives hung or stopped workers.
     """
 
     attempt: int
@@ -87,6 +90,7 @@ class WorkerGroupInfo:
     master_addr: str | None = None
     master_port: int | None = None
     started: float = 0.0
+    store: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class NodeService(Protocol):
