@@ -85,9 +85,10 @@ def main() -> None:
           f"(the failure cost {t_faulty - t_clean:.1f} s)")
     print(f"final parameters of the crashed-and-resumed run vs the uninterrupted run: "
           f"{'BITWISE IDENTICAL' if same else 'DIFFERENT'} ({len(a)} tensors)")
-    if not args.keep:
-        import shutil
+    import shutil
 
+    shutil.rmtree(shm_root, ignore_errors=True)  # hpresil-run cleans its job dirs; this is the demo's parent
+    if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"run directory kept: {work}")

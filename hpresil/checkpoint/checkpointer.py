@@ -398,6 +398,12 @@ class Checkpointer:
                 kept under ``hpresil-run`` (its runtime removes them at job
                 end), removed otherwise, since nothing else would free them.
         """
+        # Waiting for the last durable upload can outlast the step timeout:
+        # tell the hang watchdog this is a phase of its own.
+        with phase("ckpt-close", timeout=self.config.upload_timeout + timedelta(minutes=1)):
+            self._close(keep_ram)
+
+    def _close(self, keep_ram: bool | None) -> None:
         try:
             self.wait(timedelta(seconds=30))
         finally:
@@ -412,6 +418,13 @@ class Checkpointer:
             keep = (not self.run_services) if keep_ram is None else keep_ram
             if self._ram is not None and not keep:
                 shutil.rmtree(rank_dir(self.shm_dir, self.rank), ignore_errors=True)
+                # and the per-job directories once the last rank of this node left them
+                for d in (os.path.dirname(rank_dir(self.shm_dir, self.rank)), self.shm_dir,
+                          os.path.dirname(self.shm_dir)):
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        break
             if self._staging_dir is not None:
                 shutil.rmtree(self._staging_dir, ignore_errors=True)
             self._ram = self._staging = None
