@@ -33,7 +33,8 @@ from hpresil.checkpoint.api import CommitRecord, Seal, slot_path
 from hpresil.checkpoint.durable import DurableWriter, RankUpload
 from hpresil.checkpoint.durable_layout import ArenaSlice, assign_owners, plan_rank_file
 from hpresil.checkpoint.durable_store import Buffer, DurableStore, open_store
-from hpresil.errors import ConfigError, HpresilError
+from hpresil.checkpoint.ram_files import read_record, read_seal
+from hpresil.errors import ConfigError
 from hpresil.events.api import EventSink
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
 
@@ -98,8 +99,8 @@ class _Pinned:
                     time.sleep(0.005)
             else:
                 raise BlockingIOError(f"slot {slot} of rank {rank} is being written")
-            current = _read_record(slot_path(shm_dir, rank, slot, "json"))
-            seal = _read_seal(slot_path(shm_dir, rank, slot, "seal.json"))
+            current = read_record(slot_path(shm_dir, rank, slot, "json"))
+            seal = _any_seal(slot_path(shm_dir, rank, slot, "seal.json"))
             if current is None or current.commit_id != snap.record.commit_id:
                 raise BlockingIOError(f"slot {slot} of rank {rank} was replaced")
             if seal is None or seal.commit_id != current.commit_id:
@@ -137,20 +138,9 @@ class _Pinned:
             self.mm = None
 
 
-def _read_record(path: str) -> CommitRecord | None:
-    try:
-        with open(path, "rb") as f:
-            return CommitRecord.from_json(f.read())
-    except (OSError, HpresilError):
-        return None
 
-
-def _read_seal(path: str) -> Seal | None:
-    try:
-        with open(path, "rb") as f:
-            return Seal.from_json(f.read())
-    except (OSError, HpresilError):
-        return None
+def _any_seal(path: str) -> Seal | None:
+    return read_seal(path, None)
 
 
 class Drainer:
@@ -281,10 +271,10 @@ class Drainer:
                 sm = _SLOT_RE.search(path)
                 if not sm:
                     continue
-                rec = self._cached(path, _read_record)
+                rec = self._cached(path, read_record)
                 if rec is None or not rec.durable or rec.rank != rank:
                     continue
-                seal = self._cached(slot_path(self.shm_dir, rank, int(sm.group(1)), "seal.json"), _read_seal)
+                seal = self._cached(slot_path(self.shm_dir, rank, int(sm.group(1)), "seal.json"), _any_seal)
                 if seal is None or seal.commit_id != rec.commit_id:
                     continue  # not sealed yet
                 found.setdefault(rank, []).append(_Snap(rec, int(sm.group(1))))
