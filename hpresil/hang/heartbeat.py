@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import signal
+import struct
 import threading
 import time
 from datetime import timedelta
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 STACK_SIGNAL = signal.SIGUSR1
 
 _CODES = {"init": 0, "step": 1, "checkpoint": 2}
+_SEQ = struct.Struct("<Q")  # the record's first field
 
 
 def record_path(shm_dir: str, local_rank: int) -> str:
@@ -136,8 +138,8 @@ class Heartbeat:
             log.warning("stack dumps on hang disabled: %s", exc)
 
     def _write(self) -> None:
-        self._seq += 1  # odd: write in progress
-        RECORD.pack_into(self._map, 0, self._seq, 0, 0.0, 0.0, 0, 0, 0.0, 0.0, 0.0, 0, 0, 0.0, 0.0, 0, 0.0, b"")
+        self._seq += 1  # odd: write in progress; readers retry until it is even again
+        _SEQ.pack_into(self._map, 0, self._seq)
         self._seq += 1
         RECORD.pack_into(
             self._map, 0, self._seq, self.step, self.t_beat, self.t_phase, self.phase, os.getpid(),
