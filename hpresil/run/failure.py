@@ -14,9 +14,21 @@ import time
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-__all__ = ["explain_failure", "traceback_from_stderr", "traceback_from_error_file"]
+__all__ = ["explain_failure", "pick_root_cause", "traceback_from_stderr", "traceback_from_error_file"]
 
 _MAX_LINES = 40
+
+#: What a rank prints when it failed *because* a peer died: its collective lost the
+#: connection. Such a rank is a consequence, not the root cause.
+_PEER_LOSS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote process exited or there was a network error",
+    "NCCL communicator was aborted",
+    "DistNetworkError",
+    "DistBackendError",
+)
 
 
 def traceback_from_stderr(path: str | None, max_lines: int = _MAX_LINES) -> str | None:
@@ -60,6 +72,33 @@ def _how(failure: ProcessFailure) -> str:
     return f"exited with code {failure.exitcode}"
 
 
+def _traceback(failure: ProcessFailure, stderr_path: str | None) -> str | None:
+    return traceback_from_error_file(failure) or traceback_from_stderr(stderr_path)
+
+
+def pick_root_cause(
+    exc: ChildFailedError, stderr_paths: dict[int, str] | None = None
+) -> tuple[int, ProcessFailure]:
+    """The failed rank most likely to have caused the others to fail.
+
+    torch orders failures by timestamp alone, at one-second granularity, so a
+    rank whose collective broke because its peer was SIGKILLed often ties with
+    (or precedes) the peer. Ranks whose traceback shows a lost peer connection
+    rank last; then the earliest; on a tie a signal death (unexplained by any
+    peer) comes before an exception.
+    """
+    paths = stderr_paths or {}
+
+    def key(rank: int) -> tuple[bool, float, bool, int]:
+        failure = exc.failures[rank]
+        tb = _traceback(failure, paths.get(rank)) or ""
+        secondary = any(marker in tb for marker in _PEER_LOSS)
+        return secondary, float(failure.timestamp or 0), failure.exitcode >= 0, rank
+
+    rank = min(exc.failures, key=key)
+    return rank, exc.failures[rank]
+
+
 def explain_failure(
     exc: ChildFailedError,
     max_restarts: int,
@@ -78,7 +117,7 @@ def explain_failure(
         A multi-line report naming the first failed rank, how it died, its
         traceback, and what to do.
     """
-    rank, failure = exc.get_first_failure()
+    rank, failure = pick_root_cause(exc, stderr_paths)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.timestamp)) if failure.timestamp else "?"
     lines = [
         "",
@@ -88,7 +127,7 @@ def explain_failure(
     others = sorted(r for r in exc.failures if r != rank)
     if others:
         lines.append(f"  also stopped: ranks {', '.join(map(str, others))} (failed too, or stopped by the agent)")
-    tb = traceback_from_error_file(failure) or traceback_from_stderr((stderr_paths or {}).get(rank))
+    tb = _traceback(failure, (stderr_paths or {}).get(rank))
     if tb:
         lines.append("  traceback of the root cause:")
         lines.extend("    " + line for line in tb.splitlines())
