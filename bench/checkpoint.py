@@ -14,7 +14,10 @@ before each timed call, so they contend for memory bandwidth as in training):
   until it returns) to a local directory.
 
 Times are medians over ``--iters`` of the slowest rank; ratios are to memcpy.
-Usage: ``python bench/checkpoint.py [--mib 512] [--ranks 2] [--iters 5] [--no-baselines]``.
+The RAM tier lives in ``--shm-root`` (default ``/dev/shm``); ``--huge-shm``
+mounts a temporary tmpfs with ``huge=within_size`` for it instead (needs
+root), the configuration the docs recommend for restore speed.
+Usage: ``python bench/checkpoint.py [--mib 512] [--ranks 2] [--iters 5] [--no-baselines] [--huge-shm]``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,7 +103,7 @@ def _worker(rank: int, args: argparse.Namespace, workdir: str, results: Any) -> 
 
         path = f"{workdir}/torch_save_rank{rank}.pt"
         out.update(
-            _timed({"memcpy (baselines run)": memcpy, "torch.save to /dev/shm": lambda: torch.save(state, path)}, args.baseline_iters)
+            _timed({"memcpy (baselines run)": memcpy, "torch.save to shm": lambda: torch.save(state, path)}, args.baseline_iters)
         )
         os.unlink(path)
         ddir = tempfile.mkdtemp(prefix="hpresil-bench-dcp-", dir=args.dcp_dir) if rank == 0 else ""
@@ -139,17 +143,36 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--dcp-dir", default=None, help="parent of the DCP directory (default: the temp dir)")
     p.add_argument("--no-baselines", action="store_true", help="skip torch.save and DCP")
+    p.add_argument("--shm-root", default="/dev/shm", help="tmpfs holding the RAM tier")
+    p.add_argument("--huge-shm", action="store_true", help="mount a temporary huge-page tmpfs as --shm-root (root)")
     args = p.parse_args()
-    workdir = tempfile.mkdtemp(prefix="hpresil-bench-", dir="/dev/shm")
+    mounted = None
+    if args.huge_shm:
+        mounted = tempfile.mkdtemp(prefix="hpresil-bench-huge-")
+        size_mib = args.mib * args.ranks * 5 + 1024  # 3 slots + torch.save files + slack
+        cmd = ["mount", "-t", "tmpfs", "-o", f"huge=within_size,size={size_mib}m", "tmpfs", mounted]
+        if subprocess.run(cmd).returncode != 0:
+            os.rmdir(mounted)
+            sys.exit("--huge-shm: mounting a tmpfs failed (needs root or CAP_SYS_ADMIN); mount one yourself "
+                     "(mount -t tmpfs -o huge=within_size,size=<N>g tmpfs <dir>) and pass --shm-root <dir>")
+        args.shm_root = mounted
+    from hpresil.runtime.shm import huge_page_mode
+
+    workdir = tempfile.mkdtemp(prefix="hpresil-bench-", dir=args.shm_root)
     try:
         with mp.Manager() as manager:
             results = manager.dict()
             mp.spawn(_worker, args=(args, workdir, results), nprocs=args.ranks, join=True)
             res = dict(results)
+        huge = huge_page_mode(workdir) or "not a tmpfs"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if mounted:
+            subprocess.run(["umount", mounted])
+            os.rmdir(mounted)
     # Each method is compared with the memcpy measured interleaved with it.
-    print(f"{args.mib} MiB/rank x {args.ranks} ranks, {args.tensors} tensors, median of {args.iters}, slowest rank")
+    print(f"{args.mib} MiB/rank x {args.ranks} ranks, {args.tensors} tensors, median of {args.iters}, slowest rank; "
+          f"RAM tier on {args.shm_root} (huge pages: {huge})")
     print(f"{'method':34s} {'seconds':>9s} {'x memcpy':>9s} {'GB/s':>7s}")
     for name, sec in res.items():
         base = res["memcpy (restore run)"] if "restore" in name else res["memcpy"]

@@ -271,3 +271,51 @@ def test_sealer_as_node_service_seals_all_ranks(shm: str) -> None:
     src = RamSource(shm)
     assert [(r.step, r.world_size, sorted(r.ranks)) for r in src.steps()] == [(7, 1, [0, 1])]
     src.close()
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_verified_reads_by_preadv_and_by_mapping(shm: str, mapped: bool) -> None:
+    """Both read paths (4 KiB-page tmpfs: preadv; huge-page tmpfs: mapping)
+    return the saved bytes and reject a flipped byte."""
+    state = {"a": torch.arange(3000, dtype=torch.float32), "b": torch.arange(77, dtype=torch.int16)}
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    _save(w, 5, state)
+    w.close()
+    assert Sealer(shm).flush()
+    src = RamSource(shm, mapped=mapped)
+    (ref,) = src.steps()
+    record = src.records(5)[0]
+    outs = [torch.empty(e.nbytes, dtype=torch.uint8) for e in record.entries]
+    src.read_many(5, [(0, e, out) for e, out in zip(record.entries, outs)])
+    assert bool(src._maps) == mapped
+    expected = {k: v.contiguous().view(torch.uint8).reshape(-1) for k, v in state.items()}
+    for e, out in zip(record.entries, outs):
+        assert torch.equal(out, expected[e.key.split(".")[-1]])
+    src.close()
+    info = scan(shm)[0]
+    with open(slot_path(shm, 0, info.slot, "bin"), "r+b") as f:
+        f.seek(record.entries[0].offset + 9)
+        byte = f.read(1)
+        f.seek(record.entries[0].offset + 9)
+        f.write(bytes([byte[0] ^ 0x10]))
+    src = RamSource(shm, mapped=mapped)
+    src.steps()
+    with pytest.raises(IntegrityError):
+        src.read(5, 0, record.entries[0], torch.empty(record.entries[0].nbytes, dtype=torch.uint8))
+    src.close()
+
+
+def test_huge_page_mode_reads_the_mount_table(tmp_path: Any) -> None:
+    from hpresil.runtime.shm import huge_page_mode
+
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 0:20 / / rw,relatime - ext4 /dev/vda rw\n"
+        "30 22 0:25 / /dev/shm rw,nosuid - tmpfs tmpfs rw,size=100k\n"
+        "31 30 0:26 / /dev/shm/huge\\040dir rw - tmpfs tmpfs rw,size=4g,huge=within_size\n"
+        "garbage line\n"
+    )
+    assert huge_page_mode("/dev/shm/job/node", str(table)) == "never"
+    assert huge_page_mode("/dev/shm/huge dir/job", str(table)) == "within_size"
+    assert huge_page_mode("/work/x", str(table)) == ""
+    assert huge_page_mode("/dev/shm/x", str(tmp_path / "missing")) == ""

@@ -1,10 +1,13 @@
 """The RAM tier as the restore path sees it (:class:`~.api.SnapshotSource`).
 
-Reads use ``preadv`` from the slot file straight into the destination rather
-than a mapping: a freshly restarted process would otherwise pay a page fault
-per 4 KiB page of the arena (measured here: ~0.7x the copy itself for
-512 MiB), while the kernel copies from the page cache without touching page
-tables. Each 4 MiB chunk is summed right after it lands, while it is still
+On a tmpfs with 4 KiB pages, reads use ``preadv`` from the slot file straight
+into the destination rather than a mapping: a freshly restarted process would
+otherwise pay a page fault per page of the arena (measured here: ~0.7x the
+copy itself for 512 MiB), while the kernel copies from the page cache without
+touching page tables. On a tmpfs with huge pages (``huge=always`` or
+``within_size``) mapping 512 MiB costs under a millisecond, so the slot is
+mapped and copied from directly (~1.0x memcpy, against ~1.5x for ``preadv``).
+Each 4 MiB chunk is summed right after it lands, while it is still
 in cache, so verifying costs a fraction of the copy; the chunks of all the
 entries read together are spread over a few threads (``preadv`` and torch's
 sum release the GIL).
@@ -19,6 +22,7 @@ there now.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -26,8 +30,9 @@ from typing import Any, Sequence
 import torch
 
 from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, TierName, slot_path
-from hpresil.checkpoint.ram_files import SlotInfo, lock_shared, read_record, scan
+from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read_record, scan
 from hpresil.errors import IntegrityError, StorageError
+from hpresil.runtime.shm import huge_page_mode
 
 __all__ = ["RamSource", "read_batch", "read_verified", "CHUNK"]
 
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 #: best here); a multiple of 8 so that word sums can be added up.
 CHUNK = 4 << 20
 _MASK = (1 << 64) - 1
+#: Below this many bytes a batch is read serially: handing chunks to threads costs more than it saves.
+_PARALLEL_MIN = 16 << 20
 
 
 def _sum_words(words: torch.Tensor) -> int:
@@ -51,6 +58,7 @@ def _sum_words(words: torch.Tensor) -> int:
 def read_batch(
     items: Sequence[tuple[int, int, torch.Tensor, str | None, str]],
     pool: ThreadPoolExecutor | None = None,
+    maps: dict[int, torch.Tensor] | None = None,
 ) -> None:
     """Reads many entries, spreading their chunks over ``pool``'s threads.
 
@@ -58,6 +66,8 @@ def read_batch(
         items: ``(fd, file offset, out, expected checksum or None, key)``;
             ``out`` is a contiguous ``uint8`` CPU tensor of the entry's length.
         pool: threads (serial when ``None``).
+        maps: a ``uint8`` view of the whole file per descriptor, copied from
+            instead of ``preadv`` (huge-page tmpfs).
 
     Raises:
         StorageError: a file is shorter than its entry.
@@ -76,6 +86,12 @@ def read_batch(
         n = out.numel()
         hi = min(lo + CHUNK, n)
         got = 0
+        mapped = maps.get(fd) if maps else None
+        if mapped is not None:
+            if mapped.numel() < offset + hi:
+                raise StorageError(f"snapshot file ends at {mapped.numel()}, entry needs {offset + n}")
+            out[lo:hi].copy_(mapped[offset + lo : offset + hi])
+            got = hi - lo
         while lo + got < hi:
             r = os.preadv(fd, [views[idx][lo + got : hi]], offset + lo + got)
             if r <= 0:
@@ -86,7 +102,8 @@ def read_batch(
             return 0
         return _sum_words(out[lo : min(hi, whole)])
 
-    sums = pool.map(chunk, tasks) if pool is not None and len(tasks) > 1 else map(chunk, tasks)
+    parallel = pool is not None and len(tasks) > 1 and sum(out.numel() for _, _, out, _, _ in items) >= _PARALLEL_MIN
+    sums = pool.map(chunk, tasks) if parallel else map(chunk, tasks)
     totals = [0] * len(items)
     for (idx, _), s in zip(tasks, sums):
         totals[idx] += s
@@ -124,16 +141,28 @@ class RamSource:
         verify: offer only sealed snapshots and check checksums on read.
         lock_timeout: seconds to wait for a writer to release a slot.
         threads: reader threads (default: up to 4, bounded by the CPU count).
+        mapped: copy from a mapping of the slot instead of ``preadv`` (default:
+            when ``shm_dir`` is on a tmpfs with huge pages).
     """
 
     tier: TierName = "ram"
 
-    def __init__(self, shm_dir: str, *, verify: bool = True, lock_timeout: float = 10.0, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        shm_dir: str,
+        *,
+        verify: bool = True,
+        lock_timeout: float = 10.0,
+        threads: int | None = None,
+        mapped: bool | None = None,
+    ) -> None:
         self.shm_dir = shm_dir
         self.verify = verify
         self.lock_timeout = lock_timeout
         self._threads = threads or max(1, min(4, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
+        self._huge = huge_page_mode(shm_dir) in ("always", "within_size") if mapped is None else mapped
+        self._maps: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}  # fd -> mapping (huge-page tmpfs)
         self._infos: dict[int, dict[int, SlotInfo]] = {}  # step -> rank -> newest slot
         self._open: dict[tuple[int, int], int] = {}  # (rank, slot) -> locked fd
         self._cache: dict[str, Any] = {}
@@ -209,7 +238,7 @@ class RamSource:
             batch.append((fd, entry.offset, out, expected, f"rank {rank} step {step} {entry.key}"))
         if self._pool is None and self._threads > 1:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="hpresil-read")
-        read_batch(batch, self._pool)
+        read_batch(batch, self._pool, {fd: view for fd, (_, view) in self._maps.items()})
 
     def _locked(self, info: SlotInfo) -> int:
         key = (info.rank, info.slot)
@@ -228,14 +257,22 @@ class RamSource:
         if current is None or current.commit_id != info.record.commit_id:
             os.close(fd)
             raise StorageError(f"RAM snapshot {path} (step {info.record.step}) was overwritten since it was listed")
-        if os.fstat(fd).st_size < info.record.nbytes:
+        size = os.fstat(fd).st_size
+        if size < info.record.nbytes:
             os.close(fd)
             raise IntegrityError(f"RAM snapshot {path} is shorter than its record's {info.record.nbytes} bytes")
+        if self._huge and size:
+            try:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+                self._maps[fd] = (mm, frombuffer(mm))
+            except OSError as exc:  # fall back to preadv
+                log.info("cannot map %s (%s); reading it with preadv", path, exc)
         self._open[key] = fd
         return fd
 
     def close(self) -> None:
         """Releases the slot locks and reader threads."""
+        self._maps.clear()  # dropping the views and mappings unmaps them
         for fd in self._open.values():
             os.close(fd)  # closing the last descriptor drops the flock
         self._open.clear()
