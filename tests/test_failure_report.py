@@ -47,3 +47,11 @@ def test_earliest_real_error_wins(tmp_path) -> None:
     failures = {0: _failure(tmp_path, 0, 1, 105), 1: _failure(tmp_path, 1, 1, 103)}
     rank, _ = pick_root_cause(ChildFailedError("train.py", failures), {r: str(p) for r, p in stderr.items()})
     assert rank == 1
+
+
+def test_rank_stopped_by_the_agent_is_not_the_root_cause(tmp_path) -> None:
+    stderr1 = tmp_path / "stderr1.log"
+    stderr1.write_text("Traceback (most recent call last):\nValueError: distinctive\n")
+    failures = {0: _failure(tmp_path, 0, -signal.SIGTERM, 100), 1: _failure(tmp_path, 1, 1, 100)}
+    rank, _ = pick_root_cause(ChildFailedError("train.py", failures), {1: str(stderr1)})
+    assert rank == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -84,15 +85,18 @@ def pick_root_cause(
     torch orders failures by timestamp alone, at one-second granularity, so a
     rank whose collective broke because its peer was SIGKILLed often ties with
     (or precedes) the peer. Ranks whose traceback shows a lost peer connection
-    rank last; then the earliest; on a tie a signal death (unexplained by any
-    peer) comes before an exception.
+    rank last, as do ranks stopped with SIGTERM/SIGINT (how the agent stops
+    the rest of the group); then the earliest; on a tie a signal death
+    (SIGKILL, SIGSEGV, ...: unexplained by any peer) comes before an exception.
     """
     paths = stderr_paths or {}
 
     def key(rank: int) -> tuple[bool, float, bool, int]:
         failure = exc.failures[rank]
         tb = _traceback(failure, paths.get(rank)) or ""
-        secondary = any(marker in tb for marker in _PEER_LOSS)
+        # SIGTERM/SIGINT is how the agent (or a scheduler) stops the rest of a group.
+        stopped = failure.exitcode in (-signal.SIGTERM, -signal.SIGINT)
+        secondary = stopped or any(marker in tb for marker in _PEER_LOSS)
         return secondary, float(failure.timestamp or 0), failure.exitcode >= 0, rank
 
     rank = min(exc.failures, key=key)
