@@ -11,13 +11,18 @@ before each timed call, so they contend for memory bandwidth as in training):
 * ``hpresil restore``: ``Checkpointer.restore`` from RAM, checksums verified,
   including the collective agreement on the step;
 * ``torch.save`` to ``/dev/shm``; ``dcp.save`` and ``dcp.async_save`` (time
-  until it returns) to a local directory.
+  until it returns) to a local directory;
+* with ``--deepspeed STAGE`` (needs ``pip install -e '.[deepspeed]'``): a
+  DeepSpeed ZeRO engine holding about ``--mib`` MiB of checkpointed state per
+  rank, saved by ``DeepSpeedCheckpointer.save`` and by DeepSpeed's own
+  ``engine.save_checkpoint`` to a local directory, against a memcpy of the
+  same tensors.
 
 Times are medians over ``--iters`` of the slowest rank; ratios are to memcpy.
 The RAM tier lives in ``--shm-root`` (default ``/dev/shm``); ``--huge-shm``
 mounts a temporary tmpfs with ``huge=within_size`` for it instead (needs
 root), the configuration the docs recommend for restore speed.
-Usage: ``python bench/checkpoint.py [--mib 512] [--ranks 2] [--iters 5] [--no-baselines] [--huge-shm]``.
+Usage: ``python bench/checkpoint.py [--mib 512] [--ranks 2] [--iters 5] [--no-baselines] [--huge-shm] [--deepspeed 2]``.
 """
 
 from __future__ import annotations
@@ -127,10 +132,88 @@ def _worker(rank: int, args: argparse.Namespace, workdir: str, results: Any) -> 
         dist.barrier()
         if rank == 0:
             shutil.rmtree(ddir, ignore_errors=True)
+    if args.deepspeed is not None:
+        out.update(_deepspeed_rows(rank, args, workdir))
     if rank == 0:
         results.update(out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _deepspeed_rows(rank: int, args: argparse.Namespace, workdir: str) -> dict[str, float]:
+    """DeepSpeed's ``save_checkpoint`` vs hpresil's save of the same ZeRO engine."""
+    import importlib
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks), LOCAL_WORLD_SIZE=str(args.ranks))
+    import deepspeed
+
+    from hpresil.checkpoint.flatten import flatten
+    from hpresil.integrations.deepspeed import DeepSpeedCheckpointer
+
+    # No JIT-compiled shm all-reduce kernel (minutes of C++ build); gloo is already up.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    stage, width = args.deepspeed, 1024
+    # Checkpointed bytes per parameter and rank: fp32 master + 2 Adam moments
+    # (partitioned), plus the replicated module weights below ZeRO-3.
+    per_param = 12 / args.ranks + (4 if stage < 3 else 0)
+    layers = max(1, round(args.mib * 2**20 / per_param / width**2))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage, "reduce_bucket_size": 10**7},
+              "steps_per_print": 10**9}
+    if stage < 3:
+        config["zero_optimization"]["allgather_bucket_size"] = 10**7
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+    engine.backward(engine(torch.randn(1, width)).sum())
+    engine.step()  # creates the Adam moments
+    ckpt = DeepSpeedCheckpointer(engine, shm_dir=f"{workdir}/shm-ds", durable_every=0, run_services=True)
+    src = [leaf.value for leaf in flatten(ckpt.state).leaves if leaf.is_tensor]
+    dst = [torch.empty_like(t) for t in src]
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+    def memcpy() -> None:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+    step = 0
+
+    def save() -> None:
+        nonlocal step
+        step += 1
+        ckpt.save(step)
+
+    for _ in range(3):
+        save()
+        ckpt.wait()
+    ddir = tempfile.mkdtemp(prefix="hpresil-bench-ds-", dir=args.dcp_dir) if rank == 0 else ""
+    obj = [ddir]
+    dist.broadcast_object_list(obj)
+    ddir = obj[0]
+    tags = iter(range(10**6))
+
+    def clear_ds() -> None:
+        dist.barrier()
+        if rank == 0:
+            for name in os.listdir(ddir):
+                shutil.rmtree(os.path.join(ddir, name), ignore_errors=True)
+
+    out = _timed(
+        {
+            "memcpy (deepspeed run)": memcpy,
+            f"DeepSpeedCheckpointer.save ZeRO-{stage}": save,
+            f"engine.save_checkpoint ZeRO-{stage}": lambda: engine.save_checkpoint(ddir, tag=f"t{next(tags)}"),
+        },
+        args.baseline_iters,
+        between={f"DeepSpeedCheckpointer.save ZeRO-{stage}": ckpt.wait, f"engine.save_checkpoint ZeRO-{stage}": clear_ds},
+    )
+    ckpt.close()
+    if rank == 0:
+        shutil.rmtree(ddir, ignore_errors=True)
+    nbytes = torch.tensor([sum(t.numel() * t.element_size() for t in src)], dtype=torch.float64)
+    dist.all_reduce(nbytes, op=dist.ReduceOp.MAX)
+    out["_deepspeed_bytes"] = float(nbytes)
+    return out
 
 
 def main() -> None:
@@ -145,6 +228,8 @@ def main() -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip torch.save and DCP")
     p.add_argument("--shm-root", default="/dev/shm", help="tmpfs holding the RAM tier")
     p.add_argument("--huge-shm", action="store_true", help="mount a temporary huge-page tmpfs as --shm-root (root)")
+    p.add_argument("--deepspeed", type=int, choices=(1, 2, 3), default=None, metavar="STAGE",
+                   help="also compare with DeepSpeed's save_checkpoint for a ZeRO-STAGE engine (needs deepspeed)")
     args = p.parse_args()
     mounted = None
     if args.huge_shm:
@@ -174,7 +259,11 @@ def main() -> None:
     print(f"{args.mib} MiB/rank x {args.ranks} ranks, {args.tensors} tensors, median of {args.iters}, slowest rank; "
           f"RAM tier on {args.shm_root} (huge pages: {huge})")
     print(f"{'method':34s} {'seconds':>9s} {'x memcpy':>9s} {'GB/s':>7s}")
+    ds_bytes = res.pop("_deepspeed_bytes", None)
     for name, sec in res.items():
+        if "deepspeed" in name.lower() or "ZeRO-" in name:  # its own state size and memcpy
+            print(f"{name:34s} {sec:9.4f} {sec / res['memcpy (deepspeed run)']:9.2f} {ds_bytes / sec / 1e9:7.2f}")
+            continue
         base = res["memcpy (restore run)"] if "restore" in name else res["memcpy"]
         if "torch.save" in name or "dcp" in name:
             base = res["memcpy (baselines run)"]

@@ -15,10 +15,13 @@ __all__ = [
     "StorageError",
     "IntegrityError",
     "StateMismatchError",
+    "ReshardError",
     "NoCheckpointError",
     "HealthError",
     "HealthUnavailableError",
     "NodeUnhealthyError",
+    "TopologyError",
+    "LayoutError",
 ]
 
 
@@ -54,6 +57,11 @@ class StateMismatchError(CheckpointError):
     """The saved state does not match the state being restored into."""
 
 
+class ReshardError(StateMismatchError):
+    """The snapshot was saved at another world size and this state cannot be
+    resharded (DeepSpeed ZeRO partitions); the message names both sizes and the fix."""
+
+
 class NoCheckpointError(CheckpointError):
     """No tier holds a checkpoint that every rank can load."""
 
@@ -76,3 +84,12 @@ class NodeUnhealthyError(HealthError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TopologyError(HpresilError):
+    """The node's NVLink topology could not be read or is inconsistent across nodes."""
+
+
+class LayoutError(ConfigError):
+    """Parallelism degrees do not fit the world size, nodes or NVLink domains; the
+    message gives the formula that failed and the sizes that would fit."""

@@ -14,15 +14,22 @@ instead of replicating with DDP. To kill a worker mid-run, set a fault plan::
 
     HPRESIL_FAULTS='[{"rank": 1, "step": 20, "action": "kill"}]' hpresil-run ...
 
-The run is deterministic: the batch of step ``s`` on rank ``r`` is a pure
-function of ``(seed, s, r, world_size)``, so the same seed and world size give
-bitwise-identical final parameters, and a run resumed at step ``s`` sees exactly
-the data an uninterrupted run would have seen.
+The run is deterministic: sample ``i`` of the synthetic dataset is a pure
+function of ``(seed, i)`` and the sample order comes from
+:class:`hpresil.elastic.ElasticSampler`, whose global position is saved with
+every checkpoint. The same seed and world size give bitwise-identical final
+parameters, and a resumed run sees exactly the data an uninterrupted run would
+have seen. Elastic (``hpresil-run --nnodes MIN:MAX``): after a rescale the
+global batch stays ``--global-batch`` (default: ``--batch-size`` x the first
+world size, kept in the checkpoint) through gradient accumulation, with
+micro-batches of at most ``--batch-size``, and the data order continues
+without repeating or skipping a sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import math
@@ -45,6 +52,7 @@ except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import hpresil
     from hpresil.testing import maybe_inject
+from hpresil.elastic import BatchPlan, ElasticSampler, plan_batch  # noqa: E402
 
 # Successors per token in the synthetic Markov chain: the best achievable loss
 # is ln(4) ~= 1.386, far below the ln(vocab) a fresh model starts at.
@@ -56,7 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="total optimizer steps")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the data")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per forward pass (the micro-batch)")
+    p.add_argument("--global-batch", type=int, default=0, help="sequences per optimizer step over all ranks, kept "
+                   "across rescales by gradient accumulation (default: --batch-size x the first world size)")
+    p.add_argument("--dataset-size", type=int, default=1 << 16, help="sequences in the synthetic dataset (an epoch)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
@@ -103,6 +114,35 @@ def make_batch(
     for t in range(seq_len):
         tokens[:, t + 1] = table[tokens[:, t], choices[:, t]]
     return tokens[:, :-1], tokens[:, 1:]
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:sample:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def make_samples(table: torch.Tensor, *, seed: int, ids: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, ``(len(ids), seq_len)`` each: sample ``i``
+    of the dataset is a pure function of ``(seed, i)``."""
+    starts, choices = [], []
+    for i in ids:
+        gen = torch.Generator().manual_seed(sample_seed(seed, i))
+        starts.append(torch.randint(table.shape[0], (1,), generator=gen))
+        choices.append(torch.randint(BRANCHING, (seq_len,), generator=gen))
+    tokens = torch.empty(len(ids), seq_len + 1, dtype=torch.long)
+    tokens[:, 0] = torch.cat(starts)
+    picks = torch.stack(choices)
+    for t in range(seq_len):
+        tokens[:, t + 1] = table[tokens[:, t], picks[:, t]]
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def grad_sync(train_model: nn.Module, fsdp: bool, sync: bool) -> contextlib.AbstractContextManager:
+    """Skips the gradient all-reduce of a micro-batch that is not the step's last."""
+    if fsdp:
+        train_model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else train_model.no_sync()  # type: ignore[operator]
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
@@ -155,40 +195,45 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
 
     # `model` is the unwrapped module (FSDP2 shards in place): its state_dict
     # keys are the same under DDP and FSDP, which keeps checkpoints portable.
-    state = {"model": model, "optim": optim}
+    # The sampler's global position travels with the checkpoint: after a
+    # rescale the data order continues exactly where it stopped.
+    sampler = ElasticSampler(args.dataset_size, global_batch=args.global_batch or args.batch_size * world_size,
+                             seed=args.seed)
+    state = {"model": model, "optim": optim, "data": sampler}
     start_step = 0
     ckpt = None
     if not args.no_checkpoint:  # hpresil: these lines and ckpt.save() below are the whole integration
         ckpt = hpresil.Checkpointer(state=state, durable=args.durable, every=args.ckpt_every,
                                     durable_every=args.durable_every)
         start_step = ckpt.restore()  # 0 when no tier holds a checkpoint yet
+    if not args.global_batch and sampler.restored_global_batch:
+        sampler.global_batch = sampler.restored_global_batch  # the first run's, whatever the world size now
+    plan: BatchPlan = plan_batch(sampler.global_batch, world_size, max_micro_batch=args.batch_size)
 
     if rank == 0:
         print(
             f"llama {args.preset}: {n_params / 1e6:.2f}M params, world size {world_size}, "
-            f"{'FSDP2' if args.fsdp else 'DDP'}, steps {start_step}..{args.steps}",
+            f"{'FSDP2' if args.fsdp else 'DDP'}, steps {start_step}..{args.steps}, global batch "
+            f"{plan.global_batch} = {plan.micro_batch} x {world_size} x {plan.accum_steps} accumulation steps",
             flush=True,
         )
     t_start = t_log = time.perf_counter()
     last_logged = start_step - 1
     for step in range(start_step, args.steps):
         maybe_inject(step)
-        inputs, targets = make_batch(
-            table,
-            seed=args.seed,
-            step=step,
-            rank=rank,
-            world_size=world_size,
-            batch_size=args.batch_size,
-            seq_len=margs.max_seq_len,
-        )
         lr = lr_at(step, peak=args.lr, warmup=args.warmup, total=args.steps)
         for group in optim.param_groups:
             group["lr"] = lr
-        logits = train_model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros(())
+        micro_batches = plan.split(sampler.next_batch(rank, world_size))
+        for (_, last), ids in zip(plan.micro_steps(), micro_batches):
+            inputs, targets = make_samples(table, seed=args.seed, ids=ids, seq_len=margs.max_seq_len)
+            with grad_sync(train_model, args.fsdp, last or plan.accum_steps == 1):
+                logits = train_model(inputs)
+                micro_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) * plan.loss_scale
+                micro_loss.backward()
+            loss += micro_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         if ckpt is not None:

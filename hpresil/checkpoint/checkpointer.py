@@ -268,11 +268,43 @@ class Checkpointer:
         with phase("checkpoint"):
             return self._save(step)
 
-    def _save(self, step: int) -> bool:
+    def should_stop(self, step: int) -> bool:
+        """Whether the job is being stopped (SIGTERM); if so, snapshots ``step``
+        for every tier, durable included, before returning ``True``.
+
+        Call it on every rank after ``save(step)``; on ``True`` leave the loop
+        and call :meth:`close`, which waits for the upload (under ``hpresil-run``
+        the node runtime uploads it within ``--grace-period``). The first call
+        installs a SIGTERM handler that only records the request (unless the
+        program has its own); every call all-reduces one flag on a CPU group, so
+        all ranks stop at the same step. See :mod:`hpresil.checkpoint.stop`.
+        """
+        from hpresil.checkpoint import stop
+
+        stop.install_handler()
+        if not stop.agree(stop.requested()):
+            return False
+        log.warning("rank %d: stop requested (SIGTERM); final snapshot of step %d", self.rank, step)
+        heartbeat(step)
+        with phase("checkpoint"):
+            self._save(step, final=True)
+        for w in (self._ram, self._staging):
+            if w is not None:
+                w.wait()
+        if not self.run_services and self._ram is not None:  # the node runtime seals it; the drain needs the seal
+            from hpresil.checkpoint.ram_files import scan
+
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and not any(
+                    i.record.step == step and i.seal is not None for i in scan(self.shm_dir, [self.rank])):
+                time.sleep(0.02)
+        return True
+
+    def _save(self, step: int, final: bool = False) -> bool:
         self._start()
         t0 = time.perf_counter()
         flat = fl.flatten(self.state)
-        durable = self.durable_url is not None and step % self.config.durable_every == 0
+        durable = self.durable_url is not None and (final or step % self.config.durable_every == 0)
         writer = self._ram
         if writer is None:
             if not durable or self._staging is None:
@@ -285,7 +317,7 @@ class Checkpointer:
             )
         except StorageError as exc:
             self._degrade(exc)
-            return self._save(step) if self._staging is not None and durable else False
+            return self._save(step, final) if self._staging is not None and durable else False
         if nbytes is None:
             return False
         blocking = time.perf_counter() - t0
@@ -331,7 +363,7 @@ class Checkpointer:
     # -- restoring -------------------------------------------------------
     def restore(self) -> int:
         """Restores the state in place from the newest snapshot every rank can
-        load (RAM, then durable) and returns its step; 0 when there is none.
+        load (RAM, then peer replicas, then durable) and returns its step; 0 when there is none.
 
         Collective: every rank must call it.
 
@@ -344,6 +376,12 @@ class Checkpointer:
             if w is not None:
                 w.wait()
         sources: list[SnapshotSource] = [RamSource(self.shm_dir, verify=self.config.verify_on_restore)]
+        if _env.get(_env.SHM_DIR) is not None:
+            # Under hpresil-run every rank has a node runtime with a peer
+            # server: the same condition on every rank (the tier is pooled collectively).
+            from hpresil.peer.source import PeerSource
+
+            sources.append(PeerSource(self.shm_dir, rank=self.rank, world_size=self.world_size))
         if self._store is not None:
             from hpresil.checkpoint.durable import DurableSource
 

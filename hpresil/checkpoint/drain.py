@@ -312,12 +312,31 @@ class Drainer:
             r: {s.record.step: s for s in found.get(r, []) if s.record.world_size == world} for r in ranks
         }
         common = set.intersection(*(set(v) for v in by_rank.values())) if by_rank else set()
-        if not common:
+        floor = max(self._done, default=-1)  # never go back behind a step already drained
+        todo = sorted((s for s in common if s >= floor and not ranks <= self._done.get(s, set())), reverse=True)
+        if not todo:
             return None
-        step = max(common)
-        if ranks <= self._done.get(step, set()):
-            return None
+        step = todo[0]
+        if len(todo) > 1 and (group is None or len(ranks) < world):
+            step = self._prefer_started(todo, ranks, by_rank)
         return step, {r: by_rank[r][step] for r in sorted(ranks) if r not in self._done.get(step, set())}
+
+    def _prefer_started(self, todo: list[int], ranks: set[int], by_rank: dict[int, dict[int, _Snap]]) -> int:
+        """Among pending steps (newest first), one that another node already
+        started uploading, else the newest. Each node's drainer picks on its
+        own; without this, nodes that fall behind a fast save cadence upload
+        different steps and no step ever has every rank."""
+        for step in todo:
+            url = by_rank[min(ranks)][step].record.durable_url
+            if not url:
+                continue
+            try:
+                if DurableWriter(self._store(url)).started_elsewhere(step, ranks):
+                    return step
+            except Exception as exc:  # noqa: BLE001 - a preference only; the upload reports failures
+                log.debug("cannot list durable step %d: %s", step, exc)
+                break
+        return todo[0]
 
     def _store(self, url: str) -> DurableStore:
         store = self._stores.get(url)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
@@ -89,6 +89,15 @@ class DurableWriter:
     def is_committed(self, step: int) -> bool:
         """True when ``step``'s manifest exists (it is never rewritten)."""
         return "manifest.json" in self.store.list_dir(f"{step_dir(step)}/{META_DIR}")
+
+    def started_elsewhere(self, step: int, mine: Iterable[int]) -> bool:
+        """True when ``step`` is not committed and a rank outside ``mine`` (another
+        node) has already uploaded its marker: finishing it commits soonest."""
+        names = set(self.store.list_dir(f"{step_dir(step)}/{META_DIR}"))
+        if "manifest.json" in names:
+            return False
+        own = {rank_json(r).rsplit("/", 1)[-1] for r in mine}
+        return any(n.startswith("rank") and n.endswith(".json") and n not in own for n in names)
 
     def upload(self, step: int, uploads: Sequence[RankUpload], *, timeout: float | None = None) -> tuple[int, list[int]]:
         """Uploads ranks' data files, then their markers (phase 1 and 2).

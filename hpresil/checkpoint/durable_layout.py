@@ -205,8 +205,10 @@ def assign_owners(entries: Iterable[Entry], world_size: int) -> dict[str, int]:
     Returns:
         ``key -> owner rank`` for replicated entries.
     """
+    # Plain values weigh by their key, not their value: per-rank values (the
+    # hang calibration) have rank-dependent JSON sizes, and owners must not.
     items = sorted(
-        ((e.nbytes if e.kind == "tensor" else _json_size(e.value), e.key) for e in entries if e.replicated),
+        ((e.nbytes if e.kind == "tensor" else len(e.key), e.key) for e in entries if e.replicated),
         key=lambda it: (-it[0], it[1]),
     )
     heap = [(0, r) for r in range(max(1, world_size))]

@@ -7,9 +7,12 @@
 2. Every rank computes the same choice: the newest step that *every* rank can
    load from *some* tier. At the same world size a rank needs its own saved
    rank; at another world size it needs a tier holding every saved rank (the
-   RAM tier of a single node, or the durable tier). Each rank then reads from
-   its fastest tier that qualifies, so ranks on a replaced node read durable
-   storage while the others read RAM.
+   RAM tier of a single node, the peer tier, or the durable tier). Each rank
+   then reads from its fastest tier that qualifies, so ranks on a replaced
+   node read peer replicas (else durable storage) while the others read RAM.
+   A source with ``share()``/``pool()`` (the peer tier) is pooled first: what
+   each node can serve is known only there, so one all-gather tells every
+   rank what all nodes hold.
 3. Reads are verified by the source. A failure (checksum, missing file) makes
    the rank try its next tier for that step; if none works, the failure is
    shared and everyone chooses again without it. ``integrity_failed`` is
@@ -97,6 +100,27 @@ class _Comm:
         return [decode_json(json.loads(bytes(b[: int(n.item())].tolist()))) for b, n in zip(bufs, sizes)]
 
 
+def _pool_shared(sources: Sequence[SnapshotSource], comm: _Comm) -> None:
+    """Tiers whose availability is pooled across ranks (the peer tier: what a
+    node holds is known on that node only) share it in one all-gather."""
+    shared = [s for s in sources if callable(getattr(s, "pool", None))]
+    if not shared:
+        return
+    mine = []
+    for source in shared:
+        try:
+            mine.append(source.share())  # type: ignore[attr-defined]
+        except Exception as exc:  # one rank raising here would leave the others in the collective
+            log.warning("%s tier cannot share what it holds: %s", source.tier, exc)
+            mine.append(None)
+    gathered = comm.all_gather(mine)
+    for i, source in enumerate(shared):
+        try:
+            source.pool([g[i] for g in gathered])  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.warning("%s tier unavailable for restore: %s", source.tier, exc)
+
+
 def _availability(sources: Sequence[SnapshotSource]) -> Avail:
     avail: Avail = {}
     for t, source in enumerate(sources):
@@ -159,6 +183,7 @@ def restore_state(
     events = events or NullEventLog()
     comm = _Comm()
     t0 = time.perf_counter()
+    _pool_shared(sources, comm)
     avail = _availability(sources)
     try:
         for _ in range(_MAX_ROUNDS):

@@ -42,6 +42,13 @@ EVENT_NAMES = frozenset(
         "service_failed",
         "rescale",
         "step",
+        "progress",
+        "metrics_started",
+        "topology",
+        "checkpoint_replicated",
+        "peer_refused",
+        "net_env",
+        "env_warning",
     }
 )
 

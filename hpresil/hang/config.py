@@ -6,6 +6,7 @@ import os
 from datetime import timedelta
 from typing import Any, Mapping
 
+from hpresil._parse import parse_bool
 from hpresil.errors import ConfigError
 from hpresil.hang.api import HangConfig
 
@@ -30,12 +31,7 @@ HANG_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
 
 def _value(field: str, raw: str, source: str) -> Any:
     if field == "enabled":
-        low = raw.strip().lower()
-        if low in ("on", "1", "true", "yes"):
-            return True
-        if low in ("off", "0", "false", "no"):
-            return False
-        raise ConfigError(f"{source}={raw!r}: use on or off")
+        return parse_bool(raw, source, fix="use on or off")
     try:
         number = float(raw)
     except ValueError:

@@ -22,12 +22,15 @@ from typing import Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
+from hpresil._parse import parse_bool
 from hpresil.errors import ConfigError, NodeUnhealthyError
 from hpresil.hang.config import HANG_OPTIONS, hang_config
+from hpresil.peer.api import PEER_OPTIONS
+from hpresil.netenv.api import Plan
 from hpresil.runtime.env import apply_launcher_env
 from hpresil.runtime.api import RuntimeConfig
 
-__all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS"]
+__all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS", "SUBCOMMANDS", "run_subcommand"]
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,42 @@ HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
      "Where events.jsonl and hpresil's diagnostics go (default: --log-dir when given, "
      "else <tmp>/hpresil-logs/<run-id>/<node-id>)."),
     *((flag, env_var, "str", None, help_text) for flag, env_var, _, help_text in HANG_OPTIONS),
+    *((flag, env_var, "str", None, help_text) for flag, env_var, help_text in PEER_OPTIONS),
+    ("--metrics-port", "HPRESIL_METRICS_PORT", "str", None,
+     "Serve Prometheus metrics of this node on this port (0: a free port, logged); off by default. "
+     "Needs prometheus-client: pip install 'hpresil[metrics]'."),
+    ("--grace-period", "HPRESIL_GRACE_PERIOD", "str", "30",
+     "Seconds left to pending durable uploads after SIGTERM/SIGINT stopped the workers (the workers "
+     "themselves get --shutdown-timeout to take their final snapshot)."),
+    ("--topology", "HPRESIL_TOPOLOGY", "choice:auto,off", "auto",
+     "auto: find each node's NVLink domain (NVML fabric info, HPRESIL_TOPOLOGY_DOMAIN, Kubernetes "
+     "labels, Slurm blocks) and give the nodes of a domain contiguous global ranks; off: torchrun's order."),
+    ("--net-env", "HPRESIL_NET_ENV", "str", "auto",
+     "off | auto | a family preset (p4d, p4de, p5, p5e, p5en, p6-b200, p6-b300, p6e-gb200, trn1, trn2): "
+     "set the EFA/NCCL/libfabric variables the detected stack needs, never overriding yours, and warn about "
+     "harmful ones; `hpresil-run doctor` explains the result. IMDSv2 lookup only with HPRESIL_NET_ENV_IMDS=1."),
     ("--tracebacks", "HPRESIL_TRACEBACKS", "choice:auto,off", "auto",
      "auto: when neither --redirects nor --tee is given, also copy each worker's stderr to "
      "the log dir so a failure report can show the failing rank's traceback; off: torchrun's behaviour."),
 )
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+#: Subcommands dispatched before torch's parser, ``hpresil-run NAME ARGS...``: name ->
+#: "module:function"; the function takes ARGS and returns an exit status. (A training
+#: script with one of these names must be given as a path, e.g. ``./report``.)
+SUBCOMMANDS: dict[str, str] = {
+    "report": "hpresil.report.cli:main",
+    "doctor": "hpresil.doctor:main",
+}
+
+
+def run_subcommand(argv: Sequence[str]) -> int | None:
+    """Runs ``argv[0]`` when it names a subcommand; ``None`` when it does not."""
+    if not argv or argv[0] not in SUBCOMMANDS:
+        return None
+    import importlib
+
+    module, function = SUBCOMMANDS[argv[0]].split(":")
+    return int(getattr(importlib.import_module(module), function)(list(argv[1:])) or 0)
 
 
 def _env_default(env_var: str, kind: str, default: object) -> object:
@@ -59,12 +91,7 @@ def _env_default(env_var: str, kind: str, default: object) -> object:
     if raw is None:
         return default
     if kind == "bool":
-        value = raw.strip().lower()
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise ConfigError(f"{env_var}={raw!r} is not a boolean; set it to 1 or 0")
+        return parse_bool(raw, env_var)
     if kind.startswith("choice:"):
         choices = kind.split(":", 1)[1].split(",")
         if raw not in choices:
@@ -151,6 +178,26 @@ def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
                          service_interval=timedelta(milliseconds=50))
 
 
+def _seconds(args: argparse.Namespace, flag: str, minimum: float) -> float | None:
+    raw = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum or (flag == "--metrics-port" and (value != int(value) or value > 65535)):
+        raise ConfigError(f"{flag} {raw!r}: takes a number >= {minimum:g}" + (" and <= 65535" if flag == "--metrics-port" else ""))
+    return value
+
+
+def _net_env_plan(args: argparse.Namespace) -> Plan:
+    from hpresil.netenv import NetEnvConfig, make_plan
+
+    imds = parse_bool(os.environ.get("HPRESIL_NET_ENV_IMDS", "0"), "HPRESIL_NET_ENV_IMDS")
+    return make_plan(NetEnvConfig(mode=args.net_env, imds=imds))
+
+
 def _job_log_dir(args: argparse.Namespace, run_id: str, node_id: str) -> str:
     import tempfile
 
@@ -187,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _apply_traceback_capture(args)
     validate(args)
+    port = _seconds(args, "--metrics-port", 0)
+    grace = timedelta(seconds=_seconds(args, "--grace-period", 0) or 0)
     resolve_rendezvous(args)
     config, cmd, cmd_args = config_from_args(args)
     runtime_config = _runtime_config(args)
@@ -194,13 +243,45 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from hpresil.run.launch import launch_agent
     from hpresil.runtime.node import NodeRuntime
+    from hpresil.netenv.service import NetEnvReport
     from hpresil.runtime.services import default_services
 
-    env_changes = apply_launcher_env()
+    net_plan = _net_env_plan(args)
+    env_changes = apply_launcher_env(plan=net_plan)
     node_id = runtime_config.node_id or socket.gethostname()
     log_dir = _job_log_dir(args, str(config.run_id), node_id)
-    runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=default_services({"hpresil.hang.watchdog": hang}))
-    launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes)
+    configs: dict[str, object] = {"hpresil.hang.watchdog": hang}
+    from hpresil.peer.api import config_from_options
+
+    configs["hpresil.peer.replicator"] = config_from_options(args.replicas, args.peer_host, args.peer_port)
+    from hpresil.topology.api import TopologyConfig
+
+    configs["hpresil.topology.service"] = TopologyConfig(mode=args.topology)
+    if port is not None:
+        from hpresil.metrics.api import MetricsConfig
+
+        configs["hpresil.metrics.exporter"] = MetricsConfig(port=int(port))
+    runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=[*default_services(configs), NetEnvReport(net_plan)])
+    launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace)
+
+
+def _handle_stop_signals() -> None:
+    """Turns stop signals into torch's ``SignalException`` from the start, not
+    only once the workers run: as a container's PID 1, a signal without a
+    handler is ignored, so a SIGTERM during rendezvous would be lost."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def _raise(signum: int, frame: object) -> None:
+        sig = signal.Signals(signum)
+        raise SignalException(f"Process {os.getpid()} got signal: {sig}", sigval=sig)
+
+    names = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    for name in names.split(","):
+        sig = getattr(signal, name.strip(), None)
+        if isinstance(sig, signal.Signals):
+            signal.signal(sig, _raise)
 
 
 def console_main() -> None:
@@ -209,8 +290,19 @@ def console_main() -> None:
         level=os.environ.get("LOGLEVEL", "INFO").upper(),
         format="[hpresil-run] %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    code = run_subcommand(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    _handle_stop_signals()
     try:
         main()
+    except SignalException as exc:
+        # A scheduler's stop (SIGTERM) ends the job like a killed process would
+        # (128 + signal), after the graceful shutdown, without a traceback.
+        print(f"hpresil-run: stopped by {exc.sigval.name}", file=sys.stderr)
+        sys.exit(128 + int(exc.sigval))
     except NodeUnhealthyError as exc:
         print(f"hpresil-run: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

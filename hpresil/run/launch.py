@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import uuid
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 import torch.distributed.elastic.rendezvous.registry as rdzv_registry
@@ -26,6 +27,8 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.launcher.api import LaunchConfig
 
+from hpresil.elastic.api import ElasticConfig
+from hpresil.elastic.membership import lost_after_from_rdzv, tuned_rdzv_configs
 from hpresil.errors import NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
 from hpresil.runtime.env import EnvChange
@@ -82,6 +85,7 @@ def launch_agent(
     args: list[Any],
     runtime: NodeRuntime,
     env_changes: Sequence[EnvChange] = (),
+    grace_period: timedelta = timedelta(seconds=30),
 ) -> dict[int, Any]:
     """Runs the worker group to completion under an :class:`HpresilAgent`.
 
@@ -91,6 +95,8 @@ def launch_agent(
         args: arguments of the entrypoint.
         runtime: the node runtime; started here, stopped when the job ends.
         env_changes: environment changes made by the launcher, reported as events.
+        grace_period: after a stop signal, how long the runtime's services may
+            finish pending work (durable uploads of the final snapshots).
 
     Returns:
         The workers' return values by global rank (function entrypoints only).
@@ -102,6 +108,11 @@ def launch_agent(
         config.run_id = str(uuid.uuid4().int)
         log.warning("no --rdzv-id given; generated run id %s", config.run_id)
 
+    # Fast rescale: torch's keep-alive and last-call defaults cost ~45 s per
+    # membership change; user-set --rdzv-conf values always win.
+    config.rdzv_configs, tuned = tuned_rdzv_configs(config.rdzv_backend, config.rdzv_configs)
+    for key, value, reason in tuned:
+        log.info("rdzv-conf %s: unset -> %s (%s)", key, value, reason)
     params = RendezvousParameters(
         backend=config.rdzv_backend,
         endpoint=config.rdzv_endpoint,
@@ -131,6 +142,7 @@ def launch_agent(
     agent = HpresilAgent(
         spec=spec,
         runtime=runtime,
+        elastic=ElasticConfig(lost_after=lost_after_from_rdzv(config.rdzv_configs)),
         logs_specs=config.logs_specs,
         start_method=config.start_method,
         log_line_prefix_template=config.log_line_prefix_template,
@@ -149,6 +161,7 @@ def launch_agent(
     )
 
     shutdown_rdzv = True
+    stop_timeout = timedelta(seconds=60)
     succeeded = False
     runtime.start()
     for change in env_changes:
@@ -180,9 +193,11 @@ def launch_agent(
         # every node instead of letting the others continue.
         if isinstance(exc, (SignalException, NodeUnhealthyError)):
             shutdown_rdzv = False
+        if isinstance(exc, SignalException):
+            stop_timeout = grace_period
         events.record(agent.get_event_failed(), config.event_log_handler)
         raise
     finally:
         if shutdown_rdzv:
             spec.rdzv_handler.shutdown()
-        runtime.stop(succeeded=succeeded)
+        runtime.stop(succeeded=succeeded, timeout=stop_timeout)

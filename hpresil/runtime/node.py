@@ -127,6 +127,29 @@ class NodeRuntime:
         """Tells every service that the local worker group stopped."""
         self._each("on_workers_stopped", group)
 
+    def settle(self, timeout: timedelta) -> None:
+        """Lets services finish work on the snapshots the stopped workers left:
+        ``flush(timeout)`` (sealing), then ``drain_once()`` until nothing is left
+        (durable uploads and commits), within ``timeout`` in all. The agent calls
+        it between stopping the workers for growth and re-joining, so the larger
+        group resumes from the newest snapshot flagged for the durable tier."""
+        deadline = time.monotonic() + timeout.total_seconds()
+        with self._lock:
+            services = list(self._started)
+        for hook in ("flush", "drain_once"):
+            for service in services:
+                fn = getattr(service, hook, None)
+                if not callable(fn):
+                    continue
+                try:
+                    if hook == "flush":
+                        fn(timedelta(seconds=max(0.0, deadline - time.monotonic())))
+                    else:
+                        while fn() and time.monotonic() < deadline:
+                            pass
+                except Exception:
+                    log.exception("service %s failed to settle", service.name)
+
     def leave_verdict(self) -> object | None:
         """The first verdict a service gives that this node must leave the job
         (e.g. a fatal GPU finding), or ``None``. A verdict has ``message``,
@@ -167,7 +190,9 @@ class NodeRuntime:
         if self._thread is not None:
             self._thread.join(timeout=5)
         deadline = time.monotonic() + timeout.total_seconds()
-        for service in reversed(self._started):
+        # Start order is pipeline order: the sealer seals the last snapshot
+        # before the replicator and the drainer make their final passes.
+        for service in list(self._started):
             left = max(0.0, deadline - time.monotonic())
             try:
                 service.stop(timedelta(seconds=left))

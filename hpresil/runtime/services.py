@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 
 #: (module, class) of each default service, in start order.
 DEFAULT_SERVICES: tuple[tuple[str, str], ...] = (
+    ("hpresil.topology.service", "TopologyService"),
     ("hpresil.health.service", "HealthService"),
     ("hpresil.checkpoint.sealer", "Sealer"),
+    ("hpresil.peer.replicator", "Replicator"),  # peer server + replication of sealed snapshots
     ("hpresil.checkpoint.drain", "Drainer"),
     ("hpresil.hang.watchdog", "Watchdog"),
+    ("hpresil.report.progress", "ProgressService"),
+    ("hpresil.metrics.exporter", "MetricsExporter"),  # idle unless --metrics-port
 )
 
 

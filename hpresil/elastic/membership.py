@@ -1,0 +1,229 @@
+"""Detecting lost nodes: liveness counters in the rendezvous store.
+
+Each agent bumps its own counter in the round's rendezvous store every
+``refresh_interval`` and reads the others'. A peer whose counter has not moved
+for ``lost_after`` — measured on the *observer's* monotonic clock, so no clock
+synchronisation is assumed — is lost. The decision logic
+(:class:`LivenessTracker`, :func:`restart_cause`, :func:`tuned_rdzv_configs`)
+is pure and unit-tested; :class:`Liveness` runs it on a thread against a real
+``torch.distributed.Store``.
+
+Why not wait for the collective: the survivors' workers may sit in a gloo or
+NCCL collective with the dead node until its timeout (30 min for gloo by
+default), and torch's agent only re-rendezvouses on a failure or a *waiting*
+node, never on a dead one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Mapping
+
+from hpresil.elastic.api import ALIVE_KEY, DONE_KEY, DYNAMIC_BACKENDS, RDZV_TUNED_DEFAULTS, ElasticConfig, MembershipView
+
+__all__ = ["LivenessTracker", "Liveness", "restart_cause", "tuned_rdzv_configs", "lost_after_from_rdzv"]
+
+log = logging.getLogger(__name__)
+
+
+class LivenessTracker:
+    """Pure bookkeeping: which peers' counters stopped moving.
+
+    Args:
+        group_rank: this node (never lost to itself).
+        group_world_size: nodes in the round.
+        lost_after: seconds without progress after which a peer is lost.
+        now: the time of creation (a peer that never writes is lost
+            ``lost_after`` after this).
+    """
+
+    def __init__(self, group_rank: int, group_world_size: int, lost_after: float, now: float) -> None:
+        self.group_rank = group_rank
+        self.group_world_size = group_world_size
+        self.lost_after = lost_after
+        self._last: dict[int, tuple[int, float]] = {r: (-1, now) for r in self.peers}
+        self.done: set[int] = set()
+        self.lost: set[int] = set()
+
+    @property
+    def peers(self) -> list[int]:
+        """The other group ranks."""
+        return [r for r in range(self.group_world_size) if r != self.group_rank]
+
+    def observe(self, now: float, counters: Mapping[int, int], done: Iterable[int] = ()) -> frozenset[int]:
+        """Records the counters read at ``now``; returns the peers lost so far.
+
+        A lost peer stays lost for the round, even if its counter moves again
+        (a partitioned node that comes back must re-join through the rendezvous).
+        """
+        self.done.update(r for r in done if r != self.group_rank)
+        for peer in self.peers:
+            if peer in self.done or peer in self.lost:
+                continue
+            value = int(counters.get(peer, -1))
+            last_value, since = self._last[peer]
+            if value != last_value:
+                self._last[peer] = (value, now)
+            elif now - since >= self.lost_after:
+                self.lost.add(peer)
+        return frozenset(self.lost)
+
+
+def restart_cause(failed: bool, lost: Iterable[int], waiting: int) -> tuple[str, str]:
+    """Why the worker group restarts: ``(cause, reason)``.
+
+    ``cause`` is ``membership`` (does not consume ``--max-restarts``) or
+    ``failure`` (does). A local failure while a peer is lost is the loss's
+    consequence (its collectives broke), so it counts as membership.
+
+    Args:
+        failed: the local workers failed or are unhealthy.
+        lost: peers declared lost.
+        waiting: nodes waiting in the rendezvous to join.
+    """
+    if any(True for _ in lost):
+        return "membership", "node_lost"
+    if failed:
+        return "failure", "worker_failed"
+    if waiting > 0:
+        return "membership", "node_joined"
+    return "membership", "requested"
+
+
+def tuned_rdzv_configs(backend: str, configs: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """``configs`` with :data:`~hpresil.elastic.api.RDZV_TUNED_DEFAULTS` added
+    where the user set nothing (dynamic backends only).
+
+    Returns:
+        The new configs and the ``(key, value, reason)`` added.
+    """
+    out = dict(configs)
+    added: list[tuple[str, str, str]] = []
+    if backend not in DYNAMIC_BACKENDS:
+        return out, added
+    for key, value, reason in RDZV_TUNED_DEFAULTS:
+        if key not in out:
+            out[key] = value
+            added.append((key, value, reason))
+    return out, added
+
+
+def lost_after_from_rdzv(configs: Mapping[str, Any]) -> timedelta:
+    """torch's own definition of a dead node: ``keep_alive_interval x keep_alive_max_attempt``
+    (torch's defaults 5 s and 3 when unset)."""
+    interval = int(configs.get("keep_alive_interval", 5))
+    attempts = int(configs.get("keep_alive_max_attempt", 3))
+    return timedelta(seconds=max(1, interval * attempts))
+
+
+class Liveness:
+    """An agent's liveness thread for one rendezvous round.
+
+    Args:
+        store: the round's rendezvous store (keys are private to the round).
+        group_rank: this node's rank among nodes.
+        group_world_size: nodes in the round.
+        config: intervals.
+        on_lost: called once (from the thread) when the first peers are lost.
+        clock: monotonic clock (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        group_rank: int,
+        group_world_size: int,
+        config: ElasticConfig,
+        on_lost: Callable[[frozenset[int]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.tracker = LivenessTracker(group_rank, group_world_size, config.lost_after.total_seconds(), clock())
+        self._on_lost = on_lost
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._store_ok = True
+        self._finished = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Liveness":
+        """Writes the first beat and starts the thread (no-op for a single node)."""
+        if self.tracker.group_world_size <= 1:
+            return self
+        self.beat()
+        self._thread = threading.Thread(target=self._loop, name="hpresil-liveness", daemon=True)
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        """Bumps this node's counter and reads the peers' (one store round trip each)."""
+        tr = self.tracker
+        try:
+            if not self._finished:
+                self.store.add(ALIVE_KEY.format(group_rank=tr.group_rank), 1)
+            counters, done = {}, []
+            for peer in tr.peers:
+                if peer in tr.lost or peer in tr.done:
+                    continue
+                # add(key, 0) reads a counter without blocking on a missing key.
+                if self.store.add(DONE_KEY.format(group_rank=peer), 0):
+                    done.append(peer)
+                counters[peer] = self.store.add(ALIVE_KEY.format(group_rank=peer), 0)
+            self._store_ok = True
+        except Exception as exc:  # the store host is gone or unreachable: no verdict on peers
+            if self._store_ok:
+                log.warning("liveness: rendezvous store unreachable (%s); not judging peers", exc)
+            self._store_ok = False
+            return
+        before = set(tr.lost)
+        lost = tr.observe(self.clock(), counters, done)
+        if lost - before:
+            log.warning("liveness: node(s) %s stopped refreshing for %.1fs: declared lost",
+                        sorted(lost - before), tr.lost_after)
+            with self._changed:
+                self._changed.notify_all()
+            if self._on_lost is not None:
+                self._on_lost(lost)
+
+    def finish(self) -> None:
+        """Marks this node's workers done, so peers never take its silence for a loss."""
+        self._finished = True
+        try:
+            self.store.add(DONE_KEY.format(group_rank=self.tracker.group_rank), 1)
+        except Exception as exc:
+            log.debug("liveness: cannot mark done: %s", exc)
+
+    def view(self) -> MembershipView:
+        """A snapshot of what this agent knows."""
+        tr = self.tracker
+        return MembershipView(group_rank=tr.group_rank, group_world_size=tr.group_world_size,
+                              lost=frozenset(tr.lost), done=frozenset(tr.done), store_ok=self._store_ok)
+
+    def wait_for_loss(self, timeout: float, give_up: Callable[[], bool] = lambda: False) -> frozenset[int]:
+        """Waits up to ``timeout`` s for a peer to be declared lost; returns the lost
+        peers (empty when none). ``give_up()`` ends the wait early (checked each refresh)."""
+        deadline = self.clock() + timeout
+        step = self.config.refresh_interval.total_seconds()
+        while self._thread is not None and not self.tracker.lost and self.clock() < deadline:
+            if give_up():
+                break
+            with self._changed:
+                self._changed.wait(min(step, max(0.0, deadline - self.clock())))
+        return frozenset(self.tracker.lost)
+
+    def _loop(self) -> None:
+        interval = self.config.refresh_interval.total_seconds()
+        while not self._stop.wait(interval):
+            self.beat()
+
+    def stop(self) -> None:
+        """Stops the thread (the counters stay in the round's store)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

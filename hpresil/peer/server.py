@@ -1,0 +1,243 @@
+"""The peer server: receives replicas and serves snapshots to restoring ranks.
+
+One thread per connection, at most ``max_connections`` at once (more are
+closed on accept). Every connection starts with the HMAC handshake under a
+short timeout and tiny frame limits; a client that sends garbage, truncates a
+frame, exceeds a limit or does not know the job secret is logged, reported as
+a ``peer_refused`` event and disconnected, and the server goes on serving the
+next client. Nothing received is ever unpickled: headers are JSON, payloads
+are bytes that land in a replica slot and are checked against the seal.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from hpresil.checkpoint.api import CommitRecord, Seal
+from hpresil.errors import HpresilError, StorageError
+from hpresil.events import NullEventLog
+from hpresil.events.api import EventSink
+from hpresil.peer import wire
+from hpresil.peer.api import AuthError, FrameError, ReplicatorConfig
+from hpresil.peer.replicas import Incoming, ReplicaStore, validate
+
+__all__ = ["PeerServer"]
+
+log = logging.getLogger(__name__)
+
+
+class PeerServer:
+    """Serves one node's replicas and RAM snapshots over TCP.
+
+    Args:
+        shm_dir: the job's shared-memory directory on this node.
+        secret: returns the job secret, or ``None`` while it is not known
+            (connections are then refused as not ready).
+        config: limits and timeouts (``host``/``port`` are where it binds).
+        events: where ``peer_refused`` and ``replica_received`` go.
+        node: this node's id (for logs).
+    """
+
+    def __init__(
+        self,
+        shm_dir: str,
+        secret: Callable[[], bytes | None],
+        config: ReplicatorConfig | None = None,
+        events: EventSink | None = None,
+        node: str = "",
+    ) -> None:
+        self.config = config or ReplicatorConfig()
+        self.secret = secret
+        self.events: EventSink = events or NullEventLog()
+        self.node = node
+        self.store = ReplicaStore(shm_dir, self.config.slots, self.config.max_snapshot_bytes)
+        self._sock: socket.socket | None = None
+        self._slots = threading.BoundedSemaphore(self.config.max_connections)
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._refusals: list[float] = []
+        #: connections refused so far (tests and metrics)
+        self.refused = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` it listens on (host as bound)."""
+        assert self._sock is not None, "start() first"
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    def start(self) -> tuple[str, int]:
+        """Binds, listens and starts accepting; returns the bound address.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        sock = socket.create_server((self.config.host or "", self.config.port), backlog=128, reuse_port=False)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="hpresil-peer-server", daemon=True)
+        self._thread.start()
+        log.info("peer server of %s listening on %s:%d", self.node, *self.address)
+        return self.address
+
+    def stop(self) -> None:
+        """Stops accepting and closes every connection."""
+        self._stopping = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        with self._lock:
+            for conn in list(self._conns):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.store.close()
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                time.sleep(0.05)  # EMFILE and the like: do not spin
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._refuse(addr, "too many connections")
+                conn.close()
+                continue
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn, addr), name="hpresil-peer-conn", daemon=True).start()
+
+    def _refuse(self, addr: Any, reason: str, node: str | None = None) -> None:
+        remote = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        log.warning("peer server %s refused %s%s: %s", self.node, remote, f" ({node})" if node else "", reason)
+        now = time.monotonic()
+        # At most 20 events a minute: a scanner or a flood must not fill the event log.
+        self._refusals = [t for t in self._refusals if now - t < 60] + [now]
+        if len(self._refusals) <= 20:
+            self.events.emit("peer_refused", remote=remote, peer=node, reason=reason[:300])
+        self.refused += 1
+
+    def _serve(self, conn: socket.socket, addr: Any) -> None:
+        node = None
+        try:
+            conn.settimeout(self.config.connect_timeout.total_seconds())
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                node = wire.server_handshake(conn, self.secret())
+            except AuthError as exc:
+                self._refuse(addr, str(exc))
+                return
+            except (FrameError, OSError, ValueError) as exc:
+                self._refuse(addr, f"bad handshake: {exc}")
+                return
+            conn.settimeout(self.config.io_timeout.total_seconds())
+            while not self._stopping:
+                header, plen = wire.read_frame(conn, self.config.max_header_bytes, self.config.max_snapshot_bytes)
+                op = header["op"]
+                if op == "eof":
+                    return
+                if plen and op != "data":
+                    raise FrameError(f"unexpected payload of {plen} bytes with {op!r}")
+                handler = getattr(self, f"_op_{op}", None)
+                if handler is None:
+                    wire.send_frame(conn, {"op": "error", "error": f"unknown op {op!r}"})
+                    continue
+                handler(conn, header)
+        except (FrameError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._refuse(addr, f"bad frame: {exc}", node)
+        except (OSError, HpresilError) as exc:
+            log.info("peer connection from %s (%s) ended: %s", addr, node, exc)
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("peer connection from %s (%s) failed", addr, node)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+            self._slots.release()
+
+    # -- requests --------------------------------------------------------
+    def _op_list(self, conn: socket.socket, header: dict[str, Any]) -> None:
+        snaps = [
+            [i.rank, i.record.step, i.record.world_size, i.record.commit_id, i.record.created, i.record.timeline]
+            for _, i in self.store.snapshots()
+        ]
+        wire.send_frame(conn, {"op": "list", "snapshots": snaps})
+
+    def _op_get(self, conn: socket.socket, header: dict[str, Any]) -> None:
+        records, seals = [], []
+        for rank, commit_id in header["items"]:
+            try:
+                record, seal = self.store.load(int(rank), str(commit_id))
+            except StorageError:
+                record = seal = None
+            records.append(record)
+            seals.append(seal)
+        wire.send_frame(conn, {"op": "get", "records": records, "seals": seals})
+
+    def _op_read(self, conn: socket.socket, header: dict[str, Any]) -> None:
+        rank, commit_id = int(header["rank"]), str(header["commit_id"])
+        ranges = [(int(o), int(n)) for o, n in header["ranges"]]
+        try:
+            with self.store.pinned(rank, commit_id) as (fd, size):
+                bad = [(o, n) for o, n in ranges if o < 0 or n < 0 or o + n > size]
+                if bad:
+                    raise StorageError(f"ranges {bad[:3]} lie outside the {size}-byte snapshot")
+                wire.send_frame(conn, {"op": "read"}, payload_len=sum(n for _, n in ranges))
+                for offset, n in ranges:
+                    wire.send_file(conn, fd, offset, n)
+        except StorageError as exc:
+            wire.send_frame(conn, {"op": "error", "error": str(exc)})
+
+    def _op_put(self, conn: socket.socket, header: dict[str, Any]) -> None:
+        try:
+            record = CommitRecord.from_json(header["record"])
+            seal = Seal.from_json(header["seal"])
+            reason = validate(header.get("rank"), record, seal, header.get("nbytes"), self.config.max_snapshot_bytes)
+            if reason is None and header["nbytes"] != max(
+                (e.offset + e.nbytes for e in record.entries if e.kind == "tensor"), default=0
+            ):
+                reason = "nbytes differs from the record's arena"
+        except (StorageError, TypeError, AttributeError, KeyError, ValueError) as exc:
+            reason = f"malformed put: {exc}"
+        if reason is not None:
+            log.warning("peer server %s rejected a replica: %s", self.node, reason)
+            wire.send_frame(conn, {"op": "put", "accept": False, "reason": reason})
+            return
+        got = self.store.begin(record, seal)
+        if not isinstance(got, Incoming):
+            wire.send_frame(conn, {"op": "put", "accept": False, "reason": got})
+            return
+        t0 = time.perf_counter()
+        try:
+            wire.send_frame(conn, {"op": "put", "accept": True})
+            data, plen = wire.read_frame(conn, self.config.max_header_bytes, self.config.max_snapshot_bytes)
+            if data["op"] != "data" or plen != got.nbytes:
+                raise FrameError(f"expected {got.nbytes} bytes of data, got {data['op']!r} with {plen}")
+            bad = got.receive(conn)
+            if bad is None:
+                got.commit()
+        finally:
+            got.release()
+        duration = time.perf_counter() - t0
+        if bad is not None:
+            log.error("replica of rank %d step %d failed verification: %s", record.rank, record.step, bad)
+            self.events.emit("integrity_failed", step=record.step, rank=record.rank, tier="peer", error=bad)
+            wire.send_frame(conn, {"op": "put_done", "ok": False, "error": bad})
+            return
+        log.debug("received replica of rank %d step %d (%d bytes in %.3fs)", record.rank, record.step, got.nbytes, duration)
+        wire.send_frame(conn, {"op": "put_done", "ok": True})

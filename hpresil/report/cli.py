@@ -1,0 +1,105 @@
+"""``hpresil-run report LOG_DIR``: goodput, time lost per cause, checkpoint statistics.
+
+Prints a text summary (or JSON with ``--json``) and, with ``--png FILE``,
+draws the timeline (needs matplotlib: ``pip install 'hpresil[report]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from hpresil.errors import ConfigError
+from hpresil.report.api import CAUSES, GoodputReport
+from hpresil.report.goodput import build_report
+
+__all__ = ["main", "format_report", "build_parser"]
+
+_LABELS = {
+    "lost_work": "lost work (recomputed steps)",
+    "checkpoint": "checkpoint blocking",
+    "restore": "restore",
+    "restart": "restart (failure -> new group)",
+    "rescale": "rescale (membership change)",
+    "hang_detection": "hang detection",
+    "init": "init (start-up, rendezvous)",
+    "shutdown": "shutdown (after the last step)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``report`` subcommand's parser."""
+    p = argparse.ArgumentParser(prog="hpresil-run report", description=__doc__.split("\n\n")[0])
+    p.add_argument("log_dir", help="the job's log directory (holds each node's events.jsonl), or one events.jsonl")
+    p.add_argument("--png", metavar="FILE", help="write a timeline picture (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--run-id", help="the run to report when the directory holds several (default: the newest)")
+    return p
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def format_report(report: GoodputReport) -> str:
+    """The text summary."""
+    wall = report.wall_s
+    lines = [
+        f"hpresil report: {report.log_dir} ({len(report.nodes)} node(s), {len(report.epochs)} worker-group start(s), "
+        f"final step {report.final_step})",
+        f"  wall time      {wall:10.2f} s",
+        f"  goodput        {100 * report.goodput:9.1f} %   (productive step time {report.productive_s:.2f} s)",
+        "  time lost per cause:",
+    ]
+    for cause in CAUSES:
+        s = report.seconds(cause)
+        pct = 100 * s / wall if wall > 0 else 0.0
+        lines.append(f"    {_LABELS[cause]:32s} {s:10.2f} s {pct:6.1f} %")
+    restarts = ", ".join(f"{c} {n}" for c, n in sorted(report.restarts.items())) or "none"
+    lines.append(f"  restarts: {restarts}; hang detections: {report.hang_detections}; stragglers: {report.stragglers}")
+    if report.tiers:
+        lines.append("  checkpoints per tier:")
+        lines.append(f"    {'tier':8s} {'saves':>6s} {'steps':>6s} {'block mean':>11s} {'block max':>10s} {'per save':>10s}"
+                     f" {'restores':>8s} {'restore max':>11s} {'uploads':>7s} {'MB/s':>7s} {'lag max':>8s} {'degraded':>8s}")
+        for name in sorted(report.tiers):
+            t = report.tiers[name]
+            lines.append(
+                f"    {name:8s} {t.saves:6d} {t.steps:6d} {t.blocking_s_mean:10.4f}s {t.blocking_s_max:9.4f}s "
+                f"{_mb(t.bytes_per_save):>10s} {t.restores:8d} {t.restore_s_max:10.3f}s {t.uploads:7d} "
+                f"{t.upload_mb_per_s:7.1f} {t.upload_lag_s_max:7.2f}s {t.degraded + t.integrity_failures:8d}"
+            )
+    for ep in report.epochs:
+        restored = f"restored step {ep.base_step} from {ep.restore_tier}" if ep.restore_tier else "no restore"
+        lines.append(f"  start {ep.index}: +{ep.start - report.start:.2f} s, world size {ep.world_size}, {restored}, "
+                     f"reached step {ep.max_step}, ended by {ep.fault or 'stop'}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the subcommand; returns the exit status (2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = build_report(args.log_dir, args.run_id)
+        png = None
+        if args.png:
+            from hpresil.report.timeline import draw_timeline
+
+            png = draw_timeline(report, args.png)
+    except ConfigError as exc:
+        print(f"hpresil-run report: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        obj = report.to_json_obj()
+        obj["png"] = png
+        print(json.dumps(obj, indent=2))
+    else:
+        print(format_report(report))
+        if png:
+            print(f"  timeline: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
