@@ -65,6 +65,23 @@ def _value_matches(facts: Facts, value: str | None) -> bool:
     return bool(ifname_selects(value, facts.interfaces))
 
 
+def _torch_reads_fr_name() -> bool:
+    """torch >= 2.7 reads ``TORCH_FR_BUFFER_SIZE`` and warns in every process
+    that the old ``TORCH_NCCL_TRACE_BUFFER_SIZE`` name is deprecated."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    version = getattr(torch, "__version__", None) if torch is not None else None
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version("torch")
+        except Exception:  # noqa: BLE001 - no torch metadata: assume a current release
+            return True
+    return version_tuple(str(version).split("+")[0]) >= (2, 7)
+
+
 #: Named conditions over (facts, environment, rule).
 FLAGS: dict[str, Callable[[Facts, Mapping[str, str], Rule], bool]] = {
     "plugin_tunes": _plugin_tunes,
@@ -72,6 +89,7 @@ FLAGS: dict[str, Callable[[Facts, Mapping[str, str], Rule], bool]] = {
     "efa": lambda f, e, r: len(f.efa_devices) > 0,
     "efa_short": lambda f, e, r: f.efa_expected is not None and len(f.efa_devices) < f.efa_expected,
     "imex_missing": lambda f, e, r: not f.imex_channels,
+    "torch_reads_fr_name": lambda f, e, r: _torch_reads_fr_name(),
     "value_matches_interface": lambda f, e, r: _value_matches(f, r.value),
     "user_value_matches_interface": lambda f, e, r: _value_matches(f, e.get(r.variable or "")),
 }

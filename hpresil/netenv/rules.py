@@ -113,7 +113,8 @@ RULES: tuple[Rule, ...] = (
          reason="keep the last 2000 collectives per process group so a hang dump shows which collective each rank "
                 "is in (torch flight recorder; gloo and NCCL)"),
     Rule(id="fr-buffer-nccl", variable="TORCH_NCCL_TRACE_BUFFER_SIZE", action="set", value="2000", scope="workers",
-         source=_S["torch_fr"], reason="the same for torch releases that read only the NCCL name"),
+         when=("!torch_reads_fr_name",), source=_S["torch_fr"],
+         reason="the same for torch releases before 2.7, which read only the NCCL name (2.7+ warns it is deprecated)"),
     Rule(id="fr-dump-on-timeout", variable="TORCH_NCCL_DUMP_ON_TIMEOUT", action="set", value="1", scope="workers",
          source=_S["torch_nccl_env"],
          reason="NCCL's watchdog dumps the flight recorder when a collective times out"),
