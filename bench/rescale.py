@@ -10,9 +10,16 @@ its defaults (keep-alive 5 s x 3, last call 30 s) and ``--max-restarts 3``;
 each wait is capped (``--cap``), a capped wait prints as ``>cap``.
 
     python bench/rescale.py [--cap 120] [--only hpresil|torchrun]
+    python bench/rescale.py --goodput 300
 
-The goodput line is an estimate for a 5-minute run with one loss and one join:
-1 - (loss latency + join latency + recomputed steps x step time) / 300 s.
+``--goodput SECONDS`` measures goodput instead (hpresil-run only): the same
+three nodes train for SECONDS of wall time, one node is SIGKILLed at 1/3 of it
+and a replacement node starts at 2/3; then every agent is stopped through the
+workers' stop file and ``hpresil.report`` computes goodput (productive step time
+/ wall time, first ``runtime_start`` to last ``runtime_stop``, start-up and
+shutdown included) from all nodes' events.jsonl. It prints the report, the
+goodput against the >= 90% target, and the goodput of the steady part (wall time
+less start-up and shutdown, which a 5-minute run weighs far more than a real one).
 """
 
 from __future__ import annotations
@@ -24,11 +31,15 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from elastic_nodes import Node, listening, read_records, wait_for  # noqa: E402
+
+if TYPE_CHECKING:
+    from hpresil.report import GoodputReport
 
 
 def _free_port() -> int:
@@ -39,8 +50,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _first_step(out: str, world: int, after: float) -> dict | None:
-    for r in read_records(out):
+def _first_step(out: str | list[dict], world: int, after: float) -> dict | None:
+    for r in read_records(out) if isinstance(out, str) else out:
         if r["kind"] == "step" and r["world"] == world and r["t"] > after:
             return r
     return None
@@ -99,12 +110,82 @@ def scenario(launcher: str, cap: float, step_sleep: float) -> dict[str, float | 
         shutil.rmtree(root, ignore_errors=True)
 
 
+def summary(report: "GoodputReport", records: list[dict], t_kill: float, t_join: float, target: float = 0.90) -> str:
+    """The goodput lines: measured goodput vs ``target``, the rescale latencies,
+    and goodput without the job's one-off first start-up and final shutdown."""
+    loss, join = _first_step(records, 2, t_kill), _first_step(records, 3, t_join)
+    first_init = sum(s.duration for s in report.segments if s.kind == "init" and s.epoch <= 0)
+    rest = report.wall_s - first_init - report.seconds("shutdown")
+    return "\n".join([
+        f"\nworld sizes per worker-group start: {[w for _, w in report.world_sizes]}; "
+        f"restarts: {dict(report.restarts)}",
+        f"loss -> first step at 2: {loss['t'] - t_kill:.1f} s; join -> first step at 3: {join['t'] - t_join:.1f} s"
+        if loss and join else "a rescale never reached a step",
+        f"goodput, {report.wall_s:.0f} s run with one node lost and one joining: {100 * report.goodput:.1f}% "
+        f"(target >= {100 * target:.0f}%: {'met' if report.goodput >= target else 'NOT met'})",
+        f"goodput without the job's first start-up ({first_init:.1f} s) and final shutdown "
+        f"({report.seconds('shutdown'):.1f} s): {100 * report.productive_s / rest:.1f}%",
+    ])
+
+
+def goodput(duration: float, step_sleep: float, keep: bool = False, target: float = 0.90) -> None:
+    """Runs 3 nodes for ``duration`` s (loss at 1/3, join at 2/3) and prints the measured goodput."""
+    from hpresil.report import build_report
+    from hpresil.report.cli import format_report
+
+    root = tempfile.mkdtemp(prefix="hpresil-goodput-")
+    out = os.path.join(root, "out")
+    os.makedirs(out)
+    port = _free_port()
+    agent = ["--nnodes", "2:3", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "goodput", "--monitor-interval", "0.1", "--max-restarts", "0"]
+    worker = ["--out", out, "--steps", "10000000", "--durable", f"file://{out}/durable", "--step-sleep", str(step_sleep)]
+    env = {"HPRESIL_SHM_ROOT": os.path.join(root, "shm")}
+    nodes: list[Node] = []
+    try:
+        t0 = time.monotonic()
+        for i in range(3):
+            nodes.append(Node(root, f"node{i}", agent, worker, env=env))
+            if i == 0:
+                wait_for(lambda: listening(port), 60, "the store", nodes)
+        time.sleep(max(0.0, t0 + duration / 3 - time.monotonic()))
+        t_kill = time.time()
+        nodes[2].kill()
+        print(f"{time.monotonic() - t0:6.1f} s: node2 SIGKILLed", flush=True)
+        time.sleep(max(0.0, t0 + 2 * duration / 3 - time.monotonic()))
+        t_join = time.time()
+        nodes.append(Node(root, "node3", agent, worker, env=env))
+        print(f"{time.monotonic() - t0:6.1f} s: node3 started", flush=True)
+        time.sleep(max(0.0, t0 + duration - time.monotonic()))
+        open(os.path.join(out, "stop"), "w").close()
+        print(f"{time.monotonic() - t0:6.1f} s: stop requested", flush=True)
+        for n in (nodes[0], nodes[1], nodes[3]):
+            if n.wait(120) != 0:
+                raise SystemExit(f"{n.node_id} failed:\n{n.tail()}")
+        report = build_report(root)
+    finally:
+        for n in nodes:
+            n.close()
+    print(format_report(report))
+    print(summary(report, read_records(out), t_kill, t_join, target))
+    if keep:
+        print(f"logs kept: hpresil-run report {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cap", type=float, default=120.0, help="longest wait for each transition (s)")
     p.add_argument("--step-sleep", type=float, default=0.05, help="extra time per training step (s)")
     p.add_argument("--only", choices=["hpresil", "torchrun"], default=None)
+    p.add_argument("--goodput", type=float, metavar="SECONDS", default=None,
+                   help="measure goodput of a SECONDS-long run with one loss and one join (e.g. 300)")
+    p.add_argument("--keep-logs", action="store_true", help="with --goodput: keep the nodes' log directories")
     args = p.parse_args()
+    if args.goodput is not None:
+        goodput(args.goodput, args.step_sleep, keep=args.keep_logs)
+        return
     results = {}
     for launcher in ("hpresil", "torchrun"):
         if args.only in (None, launcher):
@@ -123,10 +204,6 @@ def main() -> None:
             if h[key]:
                 tv = t[key] if t[key] is not None else args.cap
                 print(f"{label}: torchrun / hpresil = {'>' if t[key] is None else ''}{tv / h[key]:.1f}x")
-    if h and h["loss_s"] and h["join_s"]:
-        step_s = args.step_sleep + 0.02
-        lost = h["loss_s"] + h["join_s"] + (h["rollback_steps"] or 0) * step_s
-        print(f"hpresil goodput estimate, 5-minute run with one loss and one join: {100 * (1 - lost / 300):.1f}%")
 
 
 if __name__ == "__main__":

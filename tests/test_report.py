@@ -155,3 +155,25 @@ def test_report_subcommand_json_and_png(recorded_run, tmp_path, monkeypatch, cap
     obj = json.loads(capsys.readouterr().out)
     assert obj["png"] == str(png) and 0 < obj["goodput"] < 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peer_exits_before_the_node_loss_verdict_count_as_rescale() -> None:
+    """Survivors' workers exit on broken connections a moment before their agent
+    declares the node lost: the epoch ends at the exit, its cause is membership."""
+    evs = [
+        _ev(0, "runtime_start", "a", run_id="r"),
+        _ev(1, "workers_start", "a", world_size=3),
+        _ev(3, "progress", "a", step=10, t_step=3.0, step_time_s=0.2),
+        _ev(4, "worker_exit", "a", rank=0, exitcode=1),
+        _ev(6, "workers_restart", "a", cause="membership", reason="node_lost"),
+        _ev(7, "workers_start", "a", world_size=2),
+        _ev(8, "checkpoint_restored", "a", step=10, tier="durable", duration_s=0.5),
+        _ev(9, "progress", "a", step=15, t_step=9.0),
+        _ev(10, "runtime_stop", "a"),
+    ]
+    r = analyse(evs)
+    assert [e.fault for e in r.epochs] == ["membership", None]
+    assert r.epochs[0].fault_ts == 4
+    assert r.restarts == {"membership": 1}
+    assert r.seconds("restart") == 0 and r.seconds("rescale") > 0
+    assert sum(r.seconds(k) for k in KINDS) == pytest.approx(r.wall_s)

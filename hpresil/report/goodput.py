@@ -100,7 +100,14 @@ def _epochs(events: list[dict[str, Any]], end: float) -> list[Epoch]:
             continue
         # A fault counts only from a node that already started this epoch's
         # workers: a late report of the previous round must not end this one.
-        if cur is None or cur.fault_ts is not None or node not in started:
+        if cur is None or node not in started:
+            continue
+        if cur.fault_ts is not None:
+            # The first fault keeps its time, but the agent's restart decides the
+            # cause: workers of a node's peers exit (broken connections) a moment
+            # before the agents declare that node lost.
+            if name == "workers_restart" and e.get("cause") == "membership" and cur.fault == "exit":
+                cur.fault = "membership"
             continue
         if name in _FAULTS:
             cur.fault, cur.fault_ts = _FAULTS[name], e["ts"]
