@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv chaos bench clean
+.PHONY: demo test venv bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,16 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Every benchmark prints ratios against a baseline measured in the same run (docs/benchmarks.md).
 bench: venv
 	$(PY) bench/launcher_overhead.py
 	$(PY) bench/checkpoint.py
+	$(PY) bench/s3_drain.py
+	$(PY) bench/replication.py
+	$(PY) bench/hang.py
+	$(PY) bench/rescale.py
+	$(PY) bench/health_overhead.py
+	$(PY) bench/mesh_layout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
