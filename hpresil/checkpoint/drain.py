@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import glob
+import importlib
 import logging
 import mmap
 import os
@@ -182,6 +183,7 @@ class Drainer:
         self._idle.set()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._warm = False
 
     # ------------------------------------------------------------ NodeService
 
@@ -272,6 +274,8 @@ class Drainer:
                 if not sm:
                     continue
                 rec = self._cached(path, read_record)
+                if rec is not None and rec.durable_url and not self._warm:
+                    self._warm_up()
                 if rec is None or not rec.durable or rec.rank != rank:
                     continue
                 seal = self._cached(slot_path(self.shm_dir, rank, int(sm.group(1)), "seal.json"), _any_seal)
@@ -279,6 +283,18 @@ class Drainer:
                     continue  # not sealed yet
                 found.setdefault(rank, []).append(_Snap(rec, int(sm.group(1))))
         return found
+
+    def _warm_up(self) -> None:
+        """Imports DCP's metadata classes at the first snapshot of a job with a
+        durable tier, on this (drain) thread. The import takes seconds of
+        GIL-holding work in the agent's process: done lazily at the first durable
+        commit it can stall a worker restart that happens at the same moment."""
+        self._warm = True
+        t0 = time.monotonic()
+        for module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
+            importlib.import_module(module)
+
+        log.debug("durable drain: DCP metadata classes imported in %.2fs", time.monotonic() - t0)
 
     def _cached(self, path: str, parse: Callable[[str], Any]) -> Any:
         """Parses ``path`` again only when it changed: records of large models are
