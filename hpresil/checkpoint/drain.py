@@ -19,22 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import glob
 import importlib
 import logging
 import mmap
 import os
-import re
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 from hpresil.checkpoint.api import CommitRecord, Seal, slot_path
 from hpresil.checkpoint.durable import DurableWriter, RankUpload
 from hpresil.checkpoint.durable_layout import ArenaSlice, assign_owners, plan_rank_file
 from hpresil.checkpoint.durable_store import Buffer, DurableStore, open_store
-from hpresil.checkpoint.ram_files import read_record, read_seal
+from hpresil.checkpoint.ram_files import ScanCache, SlotInfo, lock_shared, read_record, read_seal, scan
 from hpresil.errors import ConfigError
 from hpresil.events.api import EventSink
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
@@ -42,10 +40,6 @@ from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
 __all__ = ["DrainConfig", "Drainer"]
 
 log = logging.getLogger(__name__)
-
-_SLOT_RE = re.compile(r"slot(\d+)\.json$")
-_RANK_RE = re.compile(r"rank(\d+)$")
-
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class DrainConfig:
@@ -76,37 +70,25 @@ class DrainConfig:
             )
 
 
-@dataclasses.dataclass(slots=True)
-class _Snap:
-    record: CommitRecord
-    slot: int
-
-
 class _Pinned:
-    """A rank's slot arena held with ``LOCK_SH`` and mapped read-only."""
+    """A rank's slot arena held with ``LOCK_SH`` and mapped read-only, with its
+    full record (entries) and seal (checksums) read under the lock."""
 
-    def __init__(self, shm_dir: str, snap: _Snap) -> None:
-        self.snap = snap
-        rank, slot = snap.record.rank, snap.slot
+    def __init__(self, shm_dir: str, snap: SlotInfo) -> None:
+        rank, slot = snap.rank, snap.slot
         self.fd = os.open(slot_path(shm_dir, rank, slot, "bin"), os.O_RDONLY)
         self.mm: mmap.mmap | None = None
-        self.seal: Seal | None = None
         try:
-            for _ in range(20):  # the writer holds LOCK_EX only while it commits
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    time.sleep(0.005)
-            else:
+            if not lock_shared(self.fd, 0.1):  # the writer holds LOCK_EX only while it commits
                 raise BlockingIOError(f"slot {slot} of rank {rank} is being written")
             current = read_record(slot_path(shm_dir, rank, slot, "json"))
-            seal = _any_seal(slot_path(shm_dir, rank, slot, "seal.json"))
+            seal = read_seal(slot_path(shm_dir, rank, slot, "seal.json"), None)
             if current is None or current.commit_id != snap.record.commit_id:
                 raise BlockingIOError(f"slot {slot} of rank {rank} was replaced")
             if seal is None or seal.commit_id != current.commit_id:
                 raise BlockingIOError(f"slot {slot} of rank {rank} lost its seal")
-            self.seal = seal
+            self.record: CommitRecord = current
+            self.seal: Seal = seal
             size = os.fstat(self.fd).st_size
             need = max((e.offset + e.nbytes for e in current.entries if e.kind == "tensor"), default=0)
             if size < need:
@@ -140,10 +122,6 @@ class _Pinned:
 
 
 
-def _any_seal(path: str) -> Seal | None:
-    return read_seal(path, None)
-
-
 class Drainer:
     """Copies sealed RAM snapshots marked ``durable`` to the durable tier.
 
@@ -173,7 +151,7 @@ class Drainer:
         self._group: WorkerGroupInfo | None = None
         self._stores: dict[str, DurableStore] = {}
         self._done: dict[int, set[int]] = {}  # step -> local ranks uploaded (or found uploaded)
-        self._parsed: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self._parsed: ScanCache = {}
         self._failures = 0
         self._retry_at = 0.0
         self._next_scan = 0.0
@@ -261,27 +239,15 @@ class Drainer:
                 self._degraded(step, exc)
                 return False
 
-    def _scan(self) -> dict[int, list[_Snap]]:
+    def _scan(self) -> dict[int, list[SlotInfo]]:
+        """Sealed snapshots flagged for the durable tier, by rank (headers only)."""
         assert self.shm_dir is not None, "Drainer needs shm_dir (or start(ctx))"
-        found: dict[int, list[_Snap]] = {}
-        for rdir in glob.glob(os.path.join(self.shm_dir, "ckpt", "rank*")):
-            m = _RANK_RE.search(rdir)
-            if not m:
-                continue
-            rank = int(m.group(1))
-            for path in glob.glob(os.path.join(rdir, "slot*.json")):
-                sm = _SLOT_RE.search(path)
-                if not sm:
-                    continue
-                rec = self._cached(path, read_record)
-                if rec is not None and rec.durable_url and not self._warm:
-                    self._warm_up()
-                if rec is None or not rec.durable or rec.rank != rank:
-                    continue
-                seal = self._cached(slot_path(self.shm_dir, rank, int(sm.group(1)), "seal.json"), _any_seal)
-                if seal is None or seal.commit_id != rec.commit_id:
-                    continue  # not sealed yet
-                found.setdefault(rank, []).append(_Snap(rec, int(sm.group(1))))
+        found: dict[int, list[SlotInfo]] = {}
+        for info in scan(self.shm_dir, cache=self._parsed):
+            if info.record.durable_url and not self._warm:
+                self._warm_up()
+            if info.record.durable and info.seal is not None:
+                found.setdefault(info.rank, []).append(info)
         return found
 
     def _warm_up(self) -> None:
@@ -296,23 +262,7 @@ class Drainer:
 
         log.debug("durable drain: DCP metadata classes imported in %.2fs", time.monotonic() - t0)
 
-    def _cached(self, path: str, parse: Callable[[str], Any]) -> Any:
-        """Parses ``path`` again only when it changed: records of large models are
-        megabytes of JSON, and the runtime scans every ``scan_interval``."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            self._parsed.pop(path, None)
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        hit = self._parsed.get(path)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        obj = parse(path)
-        self._parsed[path] = (key, obj)
-        return obj
-
-    def _pick(self) -> tuple[int, dict[int, _Snap]] | None:
+    def _pick(self) -> tuple[int, dict[int, SlotInfo]] | None:
         found = self._scan()
         if not found:
             return None
@@ -337,7 +287,7 @@ class Drainer:
             step = self._prefer_started(todo, ranks, by_rank)
         return step, {r: by_rank[r][step] for r in sorted(ranks) if r not in self._done.get(step, set())}
 
-    def _prefer_started(self, todo: list[int], ranks: set[int], by_rank: dict[int, dict[int, _Snap]]) -> int:
+    def _prefer_started(self, todo: list[int], ranks: set[int], by_rank: dict[int, dict[int, SlotInfo]]) -> int:
         """Among pending steps (newest first), one that another node already
         started uploading, else the newest. Each node's drainer picks on its
         own; without this, nodes that fall behind a fast save cadence upload
@@ -361,13 +311,12 @@ class Drainer:
             self._stores[url] = store
         return store
 
-    def _drain(self, step: int, snaps: dict[int, _Snap]) -> bool:
+    def _drain(self, step: int, snaps: dict[int, SlotInfo]) -> bool:
         first = snaps[min(snaps)].record
         if not first.durable_url:
             raise ConfigError(f"step {step}: snapshot is marked durable but has no durable_url; set CheckpointConfig.durable")
         t0 = time.monotonic()
         writer = DurableWriter(self._store(first.durable_url))
-        owners = assign_owners(first.entries, first.world_size)
         pinned: list[_Pinned] = []
         try:
             for snap in snaps.values():
@@ -376,10 +325,11 @@ class Drainer:
                 except (BlockingIOError, FileNotFoundError) as exc:
                     log.debug("durable drain of step %d waits: %s", step, exc)
                     return False
+            # Every node derives the same owners from the layout (the scan read headers only).
+            owners = assign_owners(min(pinned, key=lambda p: p.record.rank).record.entries, first.world_size)
             uploads = []
             for pin in pinned:
-                assert pin.seal is not None
-                segments, rank_obj = plan_rank_file(pin.snap.record, pin.seal.checksums, owners)
+                segments, rank_obj = plan_rank_file(pin.record, pin.seal.checksums, owners)
                 bufs: list[Buffer] = [pin.view(s) if isinstance(s, ArenaSlice) else s for s in segments]
                 uploads.append(RankUpload(rank_obj, bufs))
             nbytes, ranks = writer.upload(step, uploads, timeout=self.config.upload_timeout.total_seconds())
