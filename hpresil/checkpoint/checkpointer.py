@@ -198,6 +198,7 @@ class Checkpointer:
         self.rank, self.world_size = 0, 1
         self._ram: RamWriter | None = None
         self._staging: RamWriter | None = None
+        self._last_snapshot: tuple[int, bool] | None = None  # (step, durable) of the newest snapshot taken
         self._staging_dir: str | None = None
         self._services: list[tuple[Sealer, Any]] = []  # (sealer, drainer or None) per directory
         self.last_restore: RestoreResult | None = None
@@ -286,8 +287,9 @@ class Checkpointer:
             return False
         log.warning("rank %d: stop requested (SIGTERM); final snapshot of step %d", self.rank, step)
         heartbeat(step)
-        with phase("checkpoint"):
-            self._save(step, final=True)
+        if self._last_snapshot != (step, self.durable_url is not None):  # save(step) may have taken it already
+            with phase("checkpoint"):
+                self._save(step, final=True)
         for w in (self._ram, self._staging):
             if w is not None:
                 w.wait()
@@ -320,6 +322,7 @@ class Checkpointer:
             return self._save(step, final) if self._staging is not None and durable else False
         if nbytes is None:
             return False
+        self._last_snapshot = (step, durable)
         blocking = time.perf_counter() - t0
         if writer is self._ram:
             tier = "ram"

@@ -62,6 +62,14 @@ HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
      "off | auto | a family preset (p4d, p4de, p5, p5e, p5en, p6-b200, p6-b300, p6e-gb200, trn1, trn2): "
      "set the EFA/NCCL/libfabric variables the detected stack needs, never overriding yours, and warn about "
      "harmful ones; `hpresil-run doctor` explains the result. IMDSv2 lookup only with HPRESIL_NET_ENV_IMDS=1."),
+    ("--warm-start", "HPRESIL_WARM_START", "choice:auto,off", "auto",
+     "auto: fork the workers of every attempt from a fork server that imported torch (and --preload) "
+     "once, so a restart does not pay the interpreter and torch imports again; the script still runs "
+     "as __main__ with its arguments, environment and exit status. off: a fresh `python -u` per worker "
+     "like torchrun (also what --no-python and --run-path get); choose off when a worker reads stdin."),
+    ("--preload", "HPRESIL_PRELOAD", "str", None,
+     "Comma-separated modules the warm-start fork server imports besides torch, torch.distributed and "
+     "hpresil's checkpointing (e.g. transformers,numpy): imports every worker would otherwise repeat."),
     ("--tracebacks", "HPRESIL_TRACEBACKS", "choice:auto,off", "auto",
      "auto: when neither --redirects nor --tee is given, also copy each worker's stderr to "
      "the log dir so a failure report can show the failing rank's traceback; off: torchrun's behaviour."),
@@ -171,6 +179,10 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--monitor-interval {args.monitor_interval}: takes a number of seconds > 0")
     if args.no_python and args.module:
         raise ConfigError("--no-python and -m/--module conflict: drop --no-python to run a module with -m")
+    if getattr(args, "preload", None):
+        from hpresil.run.warm import preload_modules
+
+        preload_modules(args.preload)
 
 
 def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -248,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     net_plan = _net_env_plan(args)
     env_changes = apply_launcher_env(plan=net_plan)
+    from hpresil.run.warm import preload_modules, warm_entrypoint
+
+    warm = warm_entrypoint(args, args.warm_start, preload_modules(args.preload))
+    if warm is not None:  # the fork server imports torch while the node runtime starts and rendezvous runs
+        cmd, cmd_args = warm
+        config.start_method = "forkserver"
     node_id = runtime_config.node_id or socket.gethostname()
     log_dir = _job_log_dir(args, str(config.run_id), node_id)
     configs: dict[str, object] = {"hpresil.hang.watchdog": hang}

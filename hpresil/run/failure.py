@@ -15,7 +15,7 @@ import time
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-__all__ = ["explain_failure", "pick_root_cause", "traceback_from_stderr", "traceback_from_error_file"]
+__all__ = ["explain_failure", "is_peer_loss", "pick_root_cause", "traceback_from_stderr", "traceback_from_error_file"]
 
 _MAX_LINES = 40
 
@@ -30,6 +30,12 @@ _PEER_LOSS = (
     "DistNetworkError",
     "DistBackendError",
 )
+
+
+def is_peer_loss(text: str) -> bool:
+    """Whether an error text says a collective lost its peer (a consequence of
+    another rank's failure, not a root cause)."""
+    return any(marker in text for marker in _PEER_LOSS)
 
 
 def traceback_from_stderr(path: str | None, max_lines: int = _MAX_LINES) -> str | None:
@@ -96,7 +102,7 @@ def pick_root_cause(
         tb = _traceback(failure, paths.get(rank)) or ""
         # SIGTERM/SIGINT is how the agent (or a scheduler) stops the rest of a group.
         stopped = failure.exitcode in (-signal.SIGTERM, -signal.SIGINT)
-        secondary = stopped or any(marker in tb for marker in _PEER_LOSS)
+        secondary = stopped or is_peer_loss(tb)
         return secondary, float(failure.timestamp or 0), failure.exitcode >= 0, rank
 
     rank = min(exc.failures, key=key)
