@@ -52,8 +52,12 @@ log = logging.getLogger(__name__)
 
 #: Imported once by the fork server: torch and the parts of torch.distributed
 #: that training scripts and hpresil's checkpointing import (seconds each).
+#: ``torch._dynamo``: every optimizer's first ``add_param_group`` imports it
+#: (with sympy), which alone takes seconds in a fresh process.
 DEFAULT_PRELOAD: tuple[str, ...] = (
     "torch",
+    "torch._dynamo",
+    "torch.optim",
     "torch.distributed",
     "torch.nn.parallel",
     "torch.distributed.tensor",
