@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test chaos venv bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The chaos fault matrix of issue 11: real faults in real hpresil-run jobs (a few minutes;
+# `-m ci` is the fast subset). Mounting the tiny filesystems of two cases needs root.
+chaos: venv
+	$(PY) -m pytest -q -m chaos $(PYTEST_ARGS)
+
 # Every benchmark prints ratios against a baseline measured in the same run (docs/benchmarks.md).
 bench: venv
 	$(PY) bench/launcher_overhead.py
@@ -32,6 +37,7 @@ bench: venv
 	$(PY) bench/replication.py
 	$(PY) bench/hang.py
 	$(PY) bench/rescale.py
+	$(PY) bench/goodput.py
 	$(PY) bench/health_overhead.py
 	$(PY) bench/mesh_layout.py
 

@@ -25,11 +25,13 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Node:
-    """One simulated node: an agent process (own session) and its workers."""
+    """One simulated node: an agent process (own session) and its workers (``script``,
+    tests/scripts/elastic_worker.py unless given)."""
 
     def __init__(self, root: str, node_id: str, agent_args: list[str], worker_args: list[str],
-                 launcher: str = "hpresil", env: dict[str, str] | None = None) -> None:
+                 launcher: str = "hpresil", env: dict[str, str] | None = None, script: str = WORKER) -> None:
         self.node_id = node_id
+        self.script = script
         self.dir = os.path.join(root, node_id)
         os.makedirs(self.dir, exist_ok=True)
         if launcher == "hpresil":
@@ -37,7 +39,7 @@ class Node:
                    os.path.join(self.dir, "shm"), "--log-dir", os.path.join(self.dir, "logs")]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run"]
-        self.cmd = [*cmd, *agent_args, WORKER, *worker_args]
+        self.cmd = [*cmd, *agent_args, script, *worker_args]
         self.log = open(os.path.join(self.dir, "agent.log"), "w")
         self.proc = subprocess.Popen(self.cmd, env=_env({**(env or {}), "HPRESIL_NODE_ID": node_id}),
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True)
@@ -53,22 +55,52 @@ class Node:
         except FileNotFoundError:
             return []
 
-    def _pids(self) -> list[int]:
-        # The agent's session (workers get their own sessions from torch).
-        out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,args="], capture_output=True, text=True).stdout
-        pids = [self.proc.pid]
+    @staticmethod
+    def _ps() -> list[tuple[int, int, str, str]]:
+        """``(pid, ppid, state, args)`` of every process."""
+        out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,stat=,args="], capture_output=True, text=True).stdout
+        rows = []
         for line in out.splitlines():
-            parts = line.split(None, 2)
-            if len(parts) == 3 and WORKER in parts[2]:
-                pid = int(parts[0])
-                try:
-                    with open(f"/proc/{pid}/environ", "rb") as f:
-                        env = f.read().split(b"\0")
-                except OSError:
-                    continue
-                if f"HPRESIL_NODE_ID={self.node_id}".encode() in env and pid != self.proc.pid:
-                    pids.append(pid)
+            parts = line.split(None, 3)
+            if len(parts) >= 3:
+                rows.append((int(parts[0]), int(parts[1]), parts[2], parts[3] if len(parts) == 4 else ""))
+        return rows
+
+    def _pids(self) -> list[int]:
+        # The agent and its descendants (workers get their own sessions from torch; with
+        # hpresil-run's warm start they are children of a fork server and run under its
+        # command line), plus workers of this node whose agent already died.
+        procs = self._ps()
+        children: dict[int, list[int]] = {}
+        for pid, ppid, _, _ in procs:
+            children.setdefault(ppid, []).append(pid)
+        pids, todo = [self.proc.pid], [self.proc.pid]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                pids.append(child)
+                todo.append(child)
+        for pid, _, _, args in procs:
+            if pid in pids or self.script not in args:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if f"HPRESIL_NODE_ID={self.node_id}".encode() in env:
+                pids.append(pid)
         return pids
+
+    def worker_pids(self) -> list[int]:
+        """The node's live workers: those of hpresil-run's newest ``workers_start`` event,
+        else (torchrun) the processes running the script."""
+        state = {pid: (stat, args) for pid, _, stat, args in self._ps()}
+        mine = set(self._pids()[1:])
+        live = [p for p in mine if p in state and not state[p][0].startswith("Z")]
+        starts = [e for e in self.events() if e.get("event") == "workers_start"]
+        if starts:
+            return [p for p in starts[-1].get("pids", []) if p in live]
+        return sorted(p for p in live if self.script in state[p][1])
 
     def signal(self, sig: int) -> None:
         """Sends ``sig`` to the agent and all its workers at once (a node dying or freezing)."""

@@ -177,3 +177,17 @@ def test_peer_exits_before_the_node_loss_verdict_count_as_rescale() -> None:
     assert r.restarts == {"membership": 1}
     assert r.seconds("restart") == 0 and r.seconds("rescale") > 0
     assert sum(r.seconds(k) for k in KINDS) == pytest.approx(r.wall_s)
+
+
+def test_job_ending_while_a_new_group_starts_keeps_the_earlier_progress() -> None:
+    # The budget ends after a node joined and the group restarted, before the
+    # new group restored or stepped: that attempt must not erase the earlier steps.
+    evs = _two_epochs()[:-2] + [
+        _ev(14, "workers_restart", cause="membership", reason="node_joined"),
+        _ev(15, "workers_start", world_size=3, attempt=2),
+        _ev(16, "runtime_stop", succeeded=False),
+    ]
+    r = analyse(evs)
+    _contiguous(r)
+    assert r.final_step == 30
+    assert r.seconds("productive") == pytest.approx(6.0)  # nothing of epochs 0-1 is called lost because of epoch 2

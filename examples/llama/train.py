@@ -9,6 +9,14 @@ or with plain torchrun, or as a single process (world size 1)::
     torchrun --standalone --nproc-per-node 2 examples/llama/train.py --steps 50
     python examples/llama/train.py --steps 50 --preset tiny
 
+Baseline without hpresil (what ``torchrun --max-restarts`` users have)::
+
+    torchrun ... examples/llama/train.py --dcp s3://bucket/run --dcp-every 50 --pg-timeout 60
+
+saves with plain ``torch.distributed.checkpoint`` every 50 steps and resumes
+from the newest complete checkpoint (``dcp_baseline.py``). ``--step-log FILE``
+makes rank 0 append one JSON line per completed step (bench/goodput.py).
+
 Add ``--fsdp`` to shard with FSDP2 (``fully_shard`` per block, then the root)
 instead of replicating with DDP. To kill a worker mid-run, set a fault plan::
 
@@ -32,10 +40,12 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import json
 import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -78,13 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "default $HPRESIL_DURABLE, else the job's log dir")
     p.add_argument("--ckpt-every", type=int, default=1, help="RAM snapshot every N steps")
     p.add_argument("--durable-every", type=int, default=20, help="drain to the durable tier every N steps (0: never)")
+    p.add_argument("--dcp", default=None, metavar="URL", help="baseline without hpresil: plain dcp.save/dcp.load to URL "
+                   "(s3://bucket/prefix, file:///dir) every --dcp-every steps, resume from the newest; implies --no-checkpoint")
+    p.add_argument("--dcp-every", type=int, default=50, help="with --dcp: save every N steps")
+    p.add_argument("--step-log", type=Path, default=None, help="rank 0 appends a JSON line per completed step (step, "
+                   "time, world size, save blocking) and per start (restored step, restore time)")
+    p.add_argument("--pg-timeout", type=float, default=None, metavar="SECONDS",
+                   help="collective timeout (default: torch's, 30 min for gloo)")
     return p.parse_args(argv)
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout: float | None = None) -> tuple[int, int]:
     """Joins the torchrun job, or forms a one-process group when run directly."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=None if timeout is None else timedelta(seconds=timeout))
     else:
         # A real (size-1) group keeps one code path for DDP, FSDP and logging.
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -173,6 +190,17 @@ def full_state_dict(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+class StepLog:
+    """Appends one JSON line per record to ``path`` (``None``: does nothing); ``t`` is Unix time."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.fd = None if path is None else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, **fields: object) -> None:
+        if self.fd is not None:  # one write per line: O_APPEND keeps lines whole across processes
+            os.write(self.fd, (json.dumps({"t": time.time(), **fields}) + "\n").encode())
+
+
 def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
     """Builds the model and runs steps ``start_step..args.steps`` in the joined process group."""
     margs: ModelArgs = ModelArgs.preset(args.preset)
@@ -201,14 +229,22 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
                              seed=args.seed)
     state = {"model": model, "optim": optim, "data": sampler}
     start_step = 0
-    ckpt = None
-    if not args.no_checkpoint:  # hpresil: these lines and ckpt.save() below are the whole integration
+    ckpt = baseline = None
+    t_restore = time.perf_counter()
+    if args.dcp:  # the baseline without hpresil: plain DCP to durable storage
+        from dcp_baseline import DcpCheckpoint
+
+        baseline = DcpCheckpoint(args.dcp, model=model, optim=optim, sampler=sampler, every=args.dcp_every)
+        start_step = baseline.restore()
+    elif not args.no_checkpoint:  # hpresil: these lines and ckpt.save() below are the whole integration
         ckpt = hpresil.Checkpointer(state=state, durable=args.durable, every=args.ckpt_every,
                                     durable_every=args.durable_every)
         start_step = ckpt.restore()  # 0 when no tier holds a checkpoint yet
     if not args.global_batch and sampler.restored_global_batch:
         sampler.global_batch = sampler.restored_global_batch  # the first run's, whatever the world size now
     plan: BatchPlan = plan_batch(sampler.global_batch, world_size, max_micro_batch=args.batch_size)
+    step_log = StepLog(args.step_log if rank == 0 else None)
+    step_log.write(event="start", step=start_step, world=world_size, restore_s=time.perf_counter() - t_restore)
 
     if rank == 0:
         print(
@@ -236,8 +272,12 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
             loss += micro_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
+        t_save = time.perf_counter()
         if ckpt is not None:
             ckpt.save(step + 1)  # after the step, so a restore resumes at the next one
+        elif baseline is not None:
+            baseline.save(step + 1)
+        step_log.write(step=step + 1, world=world_size, save_s=time.perf_counter() - t_save)
 
         if step % args.log_every == 0 or step == args.steps - 1:
             # Every rank takes this branch (it depends on the step only), so the
@@ -270,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     # size must give bitwise-identical weights.
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(args.pg_timeout)
     train(args, rank, world_size)
     # DDP's reducer must be gone before the process group is destroyed: the
     # reducer's destructor holds the GIL, and if it drops the group's last

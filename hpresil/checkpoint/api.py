@@ -29,9 +29,11 @@ Use :meth:`CommitRecord.to_json` / :meth:`CommitRecord.from_json` to write
 and parse it, and :func:`slot_path` for the file names.
 
 The seal (:class:`Seal`, JSON) holds one ``sum64`` checksum per tensor entry
-(:mod:`hpresil.checkpoint.integrity`) and the ``commit_id`` of the record it
-was computed for; a seal whose ``commit_id`` differs from the slot's current
-record is stale and ignored. Only sealed snapshots are trusted when
+(:mod:`hpresil.checkpoint.integrity`), the ``commit_id`` of the record it
+was computed for and the record's :func:`record_digest` (so a changed layout
+or plain value in the record fails verification like a changed tensor byte);
+a seal whose ``commit_id`` differs from the slot's current record is stale
+and ignored. Only sealed snapshots are trusted when
 ``CheckpointConfig.verify_on_restore`` is set: a commit proves the copy
 finished, a seal lets a reader prove the bytes did not change since.
 """
@@ -39,6 +41,7 @@ finished, a seal lets a reader prove the bytes did not change since.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from datetime import timedelta
@@ -61,6 +64,7 @@ __all__ = [
     "FORMAT_VERSION",
     "rank_dir",
     "slot_path",
+    "record_digest",
 ]
 
 TierName = Literal["ram", "peer", "durable"]
@@ -225,17 +229,93 @@ class CommitRecord:
         """Parses a record written by :meth:`to_json`.
 
         Raises:
-            IntegrityError: the text is not a record of :data:`FORMAT_VERSION`.
+            IntegrityError: the text is not a record of :data:`FORMAT_VERSION`
+                (malformed JSON, a missing field or a field of the wrong type).
         """
         try:
             obj = json.loads(text)
             if obj.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {obj.get('version')!r}, expected {FORMAT_VERSION}")
+            check_record_fields(obj)
             obj["entries"] = [Entry.from_json_obj(e) for e in obj["entries"]]
             names = cls.__dataclass_fields__  # type: ignore[attr-defined]
             return cls(**{k: v for k, v in obj.items() if k in names})
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise IntegrityError(f"malformed commit record: {exc}") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dims(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(d) and d >= 0 for d in value)
+
+
+#: Header fields of a commit record and the check each value must pass.
+_RECORD_FIELDS: dict[str, Any] = {
+    "commit_id": lambda v: isinstance(v, str),
+    "run_id": lambda v: isinstance(v, str),
+    "step": lambda v: _is_int(v) and v >= 0,
+    "rank": lambda v: _is_int(v) and v >= 0,
+    "world_size": lambda v: _is_int(v) and v >= 1,
+    "slot": lambda v: _is_int(v) and v >= 0,
+    "nbytes": lambda v: _is_int(v) and v >= 0,
+    "durable": lambda v: isinstance(v, bool),
+    "durable_url": lambda v: v is None or isinstance(v, str),
+    "keep": _is_int,
+    "created": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v,
+    "timeline": lambda v: isinstance(v, str),
+}
+
+
+def check_record_fields(obj: Any, *, header_only: bool = False) -> None:
+    """Checks the types of a commit record's JSON object (its header, and unless
+    ``header_only`` its entries), so a damaged record is refused where it is
+    parsed rather than failing deep inside a restore.
+
+    Raises:
+        ValueError: a field is missing or has the wrong type or range.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    for name, ok in _RECORD_FIELDS.items():
+        if name == "timeline" and name not in obj:
+            continue  # written since the timeline was introduced
+        if name not in obj or not ok(obj[name]):
+            raise ValueError(f"field {name!r} is missing or malformed ({obj.get(name)!r})")
+    if header_only:
+        return
+    entries = obj.get("entries")
+    if not isinstance(entries, list):
+        raise ValueError("entries is not a list")
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("key"), str) or e.get("kind") not in ("tensor", "json"):
+            raise ValueError(f"malformed entry {str(e)[:80]}")
+        path = e.get("path")
+        if path is not None and not (isinstance(path, list) and all(isinstance(p, str) or _is_int(p) for p in path)):
+            raise ValueError(f"entry {e['key']!r}: malformed path")
+        if e["kind"] != "tensor":
+            continue
+        shape = e.get("shape")
+        gshape, goff = e.get("global_shape"), e.get("global_offset")
+        if not (isinstance(e.get("dtype"), str) and _dims(shape) and _dims(gshape) and _dims(goff)
+                and len(shape) == len(gshape) == len(goff)
+                and all(o + n <= g for o, n, g in zip(goff, shape, gshape))
+                and _is_int(e.get("offset")) and e["offset"] >= 0 and _is_int(e.get("nbytes")) and e["nbytes"] >= 0
+                and isinstance(e.get("replicated", True), bool)):
+            raise ValueError(f"tensor entry {e['key']!r}: malformed dtype, shape, offsets or size")
+
+
+def record_digest(record: CommitRecord) -> str:
+    """``sha256:<hex>`` of ``record``'s canonical JSON without ``slot`` (a
+    replica of the same commit lives in another slot). The sealer stores it in
+    the seal; readers compare it before trusting a record's layout and plain
+    values, which the per-entry checksums do not cover."""
+    obj = {f: getattr(record, f) for f in record.__dataclass_fields__ if f not in ("entries", "slot")}  # type: ignore[attr-defined]
+    obj["entries"] = [e.to_json_obj() for e in record.entries]
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -249,6 +329,8 @@ class Seal:
         rank: the record's rank.
         checksums: ``sum64`` checksum per tensor entry key.
         sealed: Unix time the seal was written.
+        record: :func:`record_digest` of the record (empty in seals written
+            without it: the record is then not verified).
     """
 
     version: int
@@ -257,6 +339,7 @@ class Seal:
     rank: int
     checksums: dict[str, str]
     sealed: float
+    record: str = ""
 
     def to_json(self) -> str:
         """Serialises the seal (see :meth:`from_json`)."""
@@ -267,14 +350,21 @@ class Seal:
         """Parses a seal written by :meth:`to_json`.
 
         Raises:
-            IntegrityError: the text is not a seal of :data:`FORMAT_VERSION`.
+            IntegrityError: the text is not a seal of :data:`FORMAT_VERSION`
+                (malformed JSON, or a field of the wrong type).
         """
         try:
             obj = json.loads(text)
             if obj.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {obj.get('version')!r}, expected {FORMAT_VERSION}")
-            return cls(**obj)
-        except (ValueError, TypeError, AttributeError) as exc:
+            seal = cls(**obj)
+            sums = seal.checksums
+            if not (isinstance(seal.commit_id, str) and _is_int(seal.step) and _is_int(seal.rank)
+                    and isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
+                    and isinstance(seal.sealed, (int, float)) and isinstance(seal.record, str)):
+                raise ValueError("a field has the wrong type")
+            return seal
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(f"malformed seal: {exc}") from exc
 
 

@@ -157,7 +157,8 @@ class Checkpointer:
 
     Raises:
         ConfigError: an invalid setting or durable URL.
-        StorageError: the durable store cannot be reached.
+        StorageError: the durable store cannot be reached at the first start
+            (after a restart the worker goes on from RAM and peers: ``tier_degraded``).
     """
 
     def __init__(
@@ -190,10 +191,22 @@ class Checkpointer:
         self.run_id = _env.get(_env.RUN_ID) or _env.get("TORCHELASTIC_RUN_ID") or os.path.basename(os.path.dirname(self.shm_dir))
         self.durable_url = self._durable_url()
         self._store: Any = None
+        self._durable_down: str | None = None  # why a restarted worker could not open the durable store
         if self.durable_url is not None:
-            self._store = _open_durable(self.durable_url)
-            if self._store is None:
-                self.durable_url = None
+            try:
+                self._store = _open_durable(self.durable_url)
+            except StorageError as exc:
+                if _restart_count() == 0:
+                    raise
+                # The first attempt opened it: an outage, not a misconfiguration. Failing
+                # here would turn it into a crash loop that uses up --max-restarts; the
+                # snapshots stay flagged for the durable tier, whose drainer retries.
+                self._durable_down = str(exc)
+                log.warning("durable tier unreachable after a restart (%s); restoring from RAM or peers", exc)
+                self.events.emit("tier_degraded", tier="durable", error=str(exc), fallback="ram")
+            else:
+                if self._store is None:
+                    self.durable_url = None
         self._started = False
         self.rank, self.world_size = 0, 1
         self._ram: RamWriter | None = None
@@ -373,6 +386,8 @@ class Checkpointer:
         Raises:
             StateMismatchError: the snapshot does not fit the state (names the keys).
             CheckpointError: restoring failed on some rank.
+            StorageError: nothing to restore in RAM or peers while the durable
+                store is unreachable (after a restart).
         """
         self._start()
         for w in (self._ram, self._staging):
@@ -390,6 +405,10 @@ class Checkpointer:
 
             sources.append(DurableSource(self._store))
         result = restore_state(self.state, sources, events=self.events)
+        if result is None and self._durable_down is not None:
+            # The durable tier may hold what RAM and peers lack: never start over without asking it.
+            raise StorageError(f"no RAM or peer snapshot to restore and the durable tier is unreachable "
+                               f"({self._durable_down}); not starting from scratch")
         self.last_restore = result
         self.state[HANG_KEY].agree()
         timeline = _agree_timeline()
@@ -486,6 +505,12 @@ def _rank_dirs(shm_dir: str) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(n[4:]) for n in names if n.startswith("rank") and n[4:].isdigit()]
+
+
+def _restart_count() -> int:
+    """How many times the launcher restarted this worker group (0: the first start)."""
+    raw = os.environ.get("TORCHELASTIC_RESTART_COUNT") or _env.get(_env.ATTEMPT) or "0"
+    return int(raw) if raw.isdigit() else 0
 
 
 def _open_durable(url: str) -> Any:

@@ -28,12 +28,12 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from hpresil.checkpoint.api import CommitRecord, Seal, slot_path
+from hpresil.checkpoint.api import CommitRecord, Seal, record_digest, slot_path
 from hpresil.checkpoint.durable import DurableWriter, RankUpload
 from hpresil.checkpoint.durable_layout import ArenaSlice, assign_owners, plan_rank_file
 from hpresil.checkpoint.durable_store import Buffer, DurableStore, open_store
 from hpresil.checkpoint.ram_files import ScanCache, SlotInfo, lock_shared, read_record, read_seal, scan
-from hpresil.errors import ConfigError
+from hpresil.errors import ConfigError, IntegrityError
 from hpresil.events.api import EventSink
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
 
@@ -87,6 +87,9 @@ class _Pinned:
                 raise BlockingIOError(f"slot {slot} of rank {rank} was replaced")
             if seal is None or seal.commit_id != current.commit_id:
                 raise BlockingIOError(f"slot {slot} of rank {rank} lost its seal")
+            if seal.record and seal.record != record_digest(current):
+                raise IntegrityError(f"commit record of rank {rank} step {current.step} changed since it was sealed; "
+                                     "not copying it to the durable tier")
             self.record: CommitRecord = current
             self.seal: Seal = seal
             size = os.fstat(self.fd).st_size
@@ -316,7 +319,6 @@ class Drainer:
         if not first.durable_url:
             raise ConfigError(f"step {step}: snapshot is marked durable but has no durable_url; set CheckpointConfig.durable")
         t0 = time.monotonic()
-        writer = DurableWriter(self._store(first.durable_url))
         pinned: list[_Pinned] = []
         try:
             for snap in snaps.values():
@@ -325,6 +327,9 @@ class Drainer:
                 except (BlockingIOError, FileNotFoundError) as exc:
                     log.debug("durable drain of step %d waits: %s", step, exc)
                     return False
+            # The store named by the full record, checked against its seal (the scan read headers only).
+            first = min(pinned, key=lambda p: p.record.rank).record
+            writer = DurableWriter(self._store(first.durable_url or ""))
             # Every node derives the same owners from the layout (the scan read headers only).
             owners = assign_owners(min(pinned, key=lambda p: p.record.rank).record.entries, first.world_size)
             uploads = []

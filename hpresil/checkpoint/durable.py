@@ -21,6 +21,7 @@ are garbage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -180,8 +181,9 @@ class DurableWriter:
                 return False
             recs[r] = obj
         self._check_owners(step, recs)
+        digests = {r: _digest(blobs[f"{sdir}/{w}"]) for r, w in enumerate(wanted)}  # type: ignore[arg-type]
         self.store.write_bytes(f"{sdir}/.metadata", build_dcp_metadata(recs, run_id=run_id or "", step=step))
-        self.store.write_bytes(f"{sdir}/{manifest_json()}", build_manifest(recs, world_size=world_size))
+        self.store.write_bytes(f"{sdir}/{manifest_json()}", build_manifest(recs, world_size=world_size, digests=digests))
         log.info("durable step %d committed in %s (%d ranks)", step, self.store.url, world_size)
         return True
 
@@ -228,6 +230,10 @@ class DurableWriter:
         if doomed or stale:
             log.info("durable retention (keep=%d): deleted steps %s, incomplete %s", keep, doomed, stale)
         return sorted(doomed + stale)
+
+
+def _digest(blob: bytes) -> str:
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _committed(store: DurableStore) -> list[tuple[int, dict[str, Any]]]:
@@ -300,11 +306,14 @@ class DurableSource:
             blob = blobs.get(p)
             if blob is None:
                 raise StorageError(f"durable step {step}: {p} is missing from {self.store.url}")
+            sealed = manifest["ranks"][str(r)].get("sha256")
+            if sealed is not None and sealed != _digest(blob):
+                raise IntegrityError(f"durable step {step}: {p} changed since the step was committed")
             try:
                 obj = json.loads(blob)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise IntegrityError(f"durable step {step}: {p} is not JSON") from exc
-            if obj.get("commit_id") != manifest["ranks"][str(r)]["commit_id"]:
+            if not isinstance(obj, dict) or obj.get("commit_id") != manifest["ranks"][str(r)]["commit_id"]:
                 raise IntegrityError(f"durable step {step}: {p} does not match the manifest's commit of rank {r}")
             objs[r] = obj
         with self._lock:
@@ -345,16 +354,25 @@ class DurableSource:
         """
         if entry.kind != "tensor":
             raise CheckpointError(f"entry {entry.key!r} is a JSON value: take it from records(), not read()")
-        e = self._locate(step, rank, entry.key)
-        if int(e["nbytes"]) != out.numel() * out.element_size() or int(e["nbytes"]) != entry.nbytes:
+        try:
+            e = self._locate(step, rank, entry.key)
+            nbytes, loc = int(e["nbytes"]), e["loc"]
+            fname, data_offset = loc["file"], int(loc["data_offset"])
+            if not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or data_offset < 0:
+                raise ValueError(f"bad location {loc!r}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"durable step {step} rank {rank}: malformed location of {entry.key!r}: {exc}") from exc
+        if nbytes != out.numel() * out.element_size() or nbytes != entry.nbytes:
             raise IntegrityError(
-                f"durable step {step} rank {rank} entry {entry.key!r}: {e['nbytes']} bytes stored, "
+                f"durable step {step} rank {rank} entry {entry.key!r}: {nbytes} bytes stored, "
                 f"{entry.nbytes} expected, out holds {out.numel() * out.element_size()}"
             )
-        loc = e["loc"]
         if out.numel():
             raw = out.reshape(-1) if out.dtype == torch.uint8 else out.reshape(-1).view(torch.uint8)
-            self.store.read_into(f"{step_dir(step)}/{loc['file']}", int(loc["data_offset"]), memoryview(raw.numpy()).cast("B"))
+            try:
+                self.store.read_into(f"{step_dir(step)}/{fname}", data_offset, memoryview(raw.numpy()).cast("B"))
+            except FileNotFoundError as exc:
+                raise StorageError(f"durable step {step}: data file {fname} is missing from {self.store.url}") from exc
         got = checksum(out)
         if got != e.get("checksum"):
             if self.events is not None:

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Union
 
 import torch
 
-from hpresil.checkpoint.api import FORMAT_VERSION, CommitRecord, Entry
+from hpresil.checkpoint.api import FORMAT_VERSION, CommitRecord, Entry, check_record_fields
 from hpresil.errors import CheckpointError, IntegrityError
 
 __all__ = [
@@ -124,11 +124,12 @@ def record_from_obj(obj: Any) -> CommitRecord:
         IntegrityError: required fields are missing or malformed.
     """
     try:
+        check_record_fields(obj)
         rec_names = {f.name for f in dataclasses.fields(CommitRecord)}
         entries = [Entry.from_json_obj(e) for e in obj["entries"]]
         fields = {k: v for k, v in obj.items() if k in rec_names and k != "entries"}
         return CommitRecord(entries=entries, **fields)
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise IntegrityError(f"malformed commit record: {exc}") from exc
 
 
@@ -361,8 +362,14 @@ def build_dcp_metadata(rank_records: dict[int, dict[str, Any]], *, run_id: str, 
     return pickle.dumps(metadata, protocol=4)
 
 
-def build_manifest(rank_records: dict[int, dict[str, Any]], *, world_size: int) -> bytes:
-    """The commit marker's bytes (deterministic in the rank records)."""
+def build_manifest(rank_records: dict[int, dict[str, Any]], *, world_size: int,
+                   digests: dict[int, str] | None = None) -> bytes:
+    """The commit marker's bytes (deterministic in the rank records).
+
+    Args:
+        digests: ``sha256:<hex>`` of each rank's ``rank<R>.json`` as committed;
+            readers refuse a rank record that changed since.
+    """
     any_rec = rank_records[min(rank_records)]
     obj = {
         "format": "hpresil-durable",
@@ -375,7 +382,8 @@ def build_manifest(rank_records: dict[int, dict[str, Any]], *, world_size: int) 
         "total_bytes": sum(r["file_bytes"] for r in rank_records.values()),
         "metadata": ".metadata",
         "ranks": {
-            str(r): {"commit_id": rec["commit_id"], "file": rec["file"], "bytes": rec["file_bytes"]}
+            str(r): {"commit_id": rec["commit_id"], "file": rec["file"], "bytes": rec["file_bytes"],
+                     **({"sha256": digests[r]} if digests and r in digests else {})}
             for r, rec in sorted(rank_records.items())
         },
     }
@@ -397,9 +405,14 @@ def parse_manifest(data: bytes, step: int) -> dict[str, Any]:
         if int(obj["step"]) != step:
             raise ValueError(f"manifest says step {obj['step']}")
         world = int(obj["world_size"])
-        if sorted(int(r) for r in obj["ranks"]) != list(range(world)):
+        ranks = sorted(int(r) for r in obj["ranks"])
+        if len(ranks) != world or ranks != list(range(world)):  # the length first: world may be huge
             raise ValueError(f"ranks {sorted(obj['ranks'])} do not cover world_size {world}")
-    except (ValueError, KeyError, TypeError) as exc:
+        for r, info in obj["ranks"].items():
+            if not isinstance(info, dict) or not isinstance(info.get("commit_id"), str) or (
+                    not isinstance(info.get("sha256", ""), str)):
+                raise ValueError(f"rank {r}: malformed entry {str(info)[:80]}")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise IntegrityError(f"manifest of step {step} is malformed: {exc}") from exc
     return obj
 

@@ -10,11 +10,15 @@ unchanged. A save copies each tensor with ``copy_`` into a cached view of its
 serialised once per layout). No checksum is computed here: the sealer does
 that after the commit, off the training thread.
 
-Slot choice (double buffering): never the newest commit, preferably not the
-newest sealed one either (the newest *verified* snapshot survives a crash
-while a newer one is still unsealed), otherwise the oldest; a slot locked by
-a reader (sealer, drainer) is skipped. A crash mid-copy leaves that slot
-without a record, so it is never trusted, and every other slot is untouched.
+Slot choice (double buffering): never the newest commit; preferably not the
+newest snapshot flagged for the durable tier, until a newer one is flagged (the
+sealer and the drainer reach it after newer snapshots under load, and it must
+not be overwritten before they do: else ``durable_every`` is silently skipped);
+then preferably not the newest sealed one (the newest *verified* snapshot
+survives a crash while a newer one is still unsealed); otherwise the oldest.
+With 3 slots that leaves two alternating slots and the durable one. A slot
+locked by a reader (sealer, drainer) is skipped. A crash mid-copy leaves that
+slot without a record, so it is never trusted, and every other slot is untouched.
 
 CUDA tensors are copied device→host into the arena registered as pinned
 memory, with ``non_blocking=True`` on a side stream that first waits for the
@@ -211,9 +215,13 @@ class RamWriter:
         self._unusable: set[int] = set()  # slots that could not be allocated
         # slot -> (step, created, commit_id) of its current record
         self._commits: dict[int, tuple[int, float, str]] = {}
+        # slot -> commit_id of a commit flagged for the durable tier
+        self._durable: dict[int, str] = {}
         for info in scan(shm_dir, [rank]):
             if info.slot < slots:
                 self._commits[info.slot] = (info.record.step, info.record.created, info.record.commit_id)
+                if info.record.durable:
+                    self._durable[info.slot] = info.record.commit_id
 
     # -- slot choice -----------------------------------------------------
     def _newest(self, slots: Sequence[int]) -> int | None:
@@ -231,10 +239,13 @@ class RamWriter:
     def _pick_and_lock(self) -> int | None:
         usable = [k for k in range(len(self._slots)) if k not in self._unusable]
         newest = self._newest(usable)
+        newest_durable = self._newest([k for k in usable if k in self._durable
+                                       and self._durable[k] == self._commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
         newest_sealed = self._newest([k for k in candidates if self._sealed(k)])
-        # Empty slots first, then oldest commit first; the newest sealed one last.
-        candidates.sort(key=lambda k: (k == newest_sealed, k in self._commits, self._commits.get(k, (0, 0.0))[:2]))
+        # Empty slots first, then oldest commit first; the newest sealed one, then the newest durable one last.
+        candidates.sort(key=lambda k: (k == newest_durable, k == newest_sealed, k in self._commits,
+                                       self._commits.get(k, (0, 0.0))[:2]))
         for k in candidates:
             try:
                 fcntl.flock(self._slots[k].fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -391,6 +402,8 @@ class RamWriter:
             except OSError as exc:
                 raise StorageError(f"cannot write commit record of {slot.path}: {exc}") from exc
             self._commits[k] = (step, created, commit_id)
+            if durable:
+                self._durable[k] = commit_id
         finally:
             fcntl.flock(slot.fd, fcntl.LOCK_UN)
         if on_commit is not None:
@@ -432,6 +445,7 @@ class RamWriter:
             except OSError:
                 pass
         self._commits.clear()
+        self._durable.clear()
         self._layout = None
 
     def close(self) -> None:

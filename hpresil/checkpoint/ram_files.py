@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hpresil.checkpoint.api import FORMAT_VERSION, CommitRecord, Seal, slot_path
+from hpresil.checkpoint.api import FORMAT_VERSION, CommitRecord, Seal, check_record_fields, slot_path
 from hpresil.errors import IntegrityError, StorageError
 
 __all__ = [
@@ -72,7 +72,7 @@ def _parse_head(data: bytes, tail_key: bytes) -> dict[str, Any] | None:
         return None
     try:
         obj = json.loads(data[:cut] + b"}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -89,6 +89,10 @@ def read_record(path: str, *, header_only: bool = False) -> CommitRecord | None:
         if header_only:
             head = _parse_head(data, b"entries")
             if head is not None and head.get("version") == FORMAT_VERSION:
+                try:
+                    check_record_fields(head, header_only=True)
+                except ValueError as exc:
+                    raise IntegrityError(f"malformed commit record: {exc}") from exc
                 names = CommitRecord.__dataclass_fields__  # type: ignore[attr-defined]
                 return CommitRecord(**{k: v for k, v in head.items() if k in names}, entries=[])
         return CommitRecord.from_json(data)

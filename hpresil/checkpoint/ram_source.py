@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, TierName, slot_path
+from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, TierName, record_digest, slot_path
 from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read_record, scan
 from hpresil.errors import IntegrityError, StorageError
 from hpresil.runtime.shm import huge_page_mode
@@ -196,6 +196,7 @@ class RamSource:
 
         Raises:
             StorageError: a snapshot was replaced since :meth:`steps`.
+            IntegrityError: with ``verify``, a record differs from the one sealed.
         """
         if not self._infos:
             self.steps()
@@ -203,7 +204,15 @@ class RamSource:
         for rank, info in self._infos.get(step, {}).items():
             key = (rank, info.record.commit_id)
             if key not in self._full:
-                self._full[key] = info.load_record(self.shm_dir)
+                record = info.load_record(self.shm_dir)
+                if self.verify:
+                    if key not in self._seals:
+                        self._seals[key] = info.load_seal(self.shm_dir)
+                    sealed = self._seals[key].record
+                    if sealed and sealed != record_digest(record):
+                        raise IntegrityError(f"RAM snapshot of rank {rank} step {step}: its commit record "
+                                             f"changed since it was sealed ({info.path(self.shm_dir, 'json')})")
+                self._full[key] = record
             out[rank] = self._full[key]
         return out
 

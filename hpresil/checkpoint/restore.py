@@ -147,7 +147,8 @@ def choose(all_avail: list[Avail], world: int) -> tuple[int, int, dict[int, list
             tiers = []
             for t in sorted(avail):
                 held = avail[t].get((step, ws))
-                if held is not None and (r in held if ws == world else set(held) == set(range(ws))):
+                # the length first: a damaged record can claim any world size
+                if held is not None and (r in held if ws == world else len(held) == ws and set(held) == set(range(ws))):
                     tiers.append(t)
             if not tiers:
                 break
@@ -178,20 +179,31 @@ def restore_state(
     Raises:
         StateMismatchError: the snapshot's keys, shapes or dtypes differ from
             ``state`` on some rank (raised on every rank, naming them).
-        CheckpointError: a rank failed unexpectedly (raised on every rank).
+        CheckpointError: a rank failed unexpectedly, or every snapshot tried
+            failed on some rank and none is left (raised on every rank).
     """
     events = events or NullEventLog()
     comm = _Comm()
     t0 = time.perf_counter()
     _pool_shared(sources, comm)
     avail = _availability(sources)
+    tried: list[int] = []
     try:
         for _ in range(_MAX_ROUNDS):
             chosen = choose(comm.all_gather(avail), comm.world)
+            if chosen is None and tried:
+                # A failed round loads in place: ranks that read a snapshot before
+                # another rank failed hold its tensors, others partly. Starting
+                # "fresh" from that would train on state that differs across ranks.
+                raise CheckpointError(
+                    f"every snapshot tried (steps {tried}) failed on some rank and no other one is left; "
+                    "the state was partly overwritten in place, so training cannot start fresh from it"
+                )
             if chosen is None:
                 log.info("rank %d: no snapshot every rank can load; starting fresh", comm.rank)
                 return None
             step, ws, plan = chosen
+            tried.append(step)
             status, result = _load_one(state, sources, plan[comm.rank], step, ws, comm, events)
             if status is not None:
                 # No tier could serve this rank: stop offering (step, ws) from any.
@@ -278,6 +290,10 @@ class _Reader:
         """Reads ``entry`` into ``target`` when it can take the bytes directly,
         else into a new tensor of the entry's dtype and shape, which is returned."""
         dtype = fl.dtype_from_name(entry.dtype)
+        if entry.nbytes != math.prod(entry.shape) * dtype.itemsize:
+            # a damaged layout would otherwise skip or misread the bytes
+            raise IntegrityError(f"{entry.key}: the {self.source.tier} snapshot records {entry.nbytes} bytes "
+                                 f"for {entry.dtype}{entry.shape}")
         direct = (
             target is not None
             and target.device.type == "cpu"

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hpresil.checkpoint.api import FORMAT_VERSION, Seal, slot_path
+from hpresil.checkpoint.api import FORMAT_VERSION, Seal, record_digest, slot_path
 from hpresil.checkpoint.integrity import checksum
 from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read_record, scan, write_atomic
 from hpresil.events import NullEventLog
@@ -200,6 +200,7 @@ class Sealer:
                 rank=record.rank,
                 checksums=sums,
                 sealed=time.time(),
+                record=record_digest(record),
             )
             # Written while still holding the lock: the writer unlinks seals
             # only under LOCK_EX, so a seal can never outlive its record's data.

@@ -20,5 +20,6 @@ def worker_sink() -> "JsonlEventLog | NullEventLog":
         path,
         node=_env.get(_env.NODE_ID) or "",
         rank=int(os.environ.get("RANK", "0")),
-        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        # the agent's attempt (every start of the group), as in its workers_start events
+        attempt=int(_env.get(_env.ATTEMPT) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0),
     )

@@ -96,7 +96,7 @@ def read_events(path: str) -> list[dict[str, Any]]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
                 log.warning("%s:%d: skipping malformed event line", path, lineno)
                 continue
             if isinstance(obj, dict) and "event" in obj:

@@ -34,9 +34,9 @@ def _value(field: str, raw: str, source: str) -> Any:
         return parse_bool(raw, source, fix="use on or off")
     try:
         number = float(raw)
-    except ValueError:
+        return number if field == "factor" else timedelta(seconds=number)
+    except (ValueError, OverflowError):  # not a number, NaN, or beyond timedelta's range (1e400, inf)
         raise ConfigError(f"{source}={raw!r} is not a number of seconds") from None
-    return number if field == "factor" else timedelta(seconds=number)
 
 
 def hang_config(values: Mapping[str, str | None]) -> HangConfig:

@@ -363,7 +363,7 @@ class HealthConfig:
                 seconds = float(interval)
             except ValueError:
                 seconds = -1.0
-            if not seconds > 0:
+            if not 0 < seconds <= 1e9:  # also NaN and values past timedelta's range
                 raise ConfigError(f"{ENV_INTERVAL}={interval!r}: give the seconds between checks, e.g. 30")
             fields["interval"] = timedelta(seconds=seconds)
         action = env.get(ENV_ACTION, "").strip().lower()

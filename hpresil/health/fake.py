@@ -85,8 +85,8 @@ class FakeBackend:
         read_delay: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if devices < 0:
-            raise ConfigError(f"fake devices={devices} must be >= 0")
+        if not 0 <= devices <= 4096:  # a damaged spec must not allocate millions of fake GPUs
+            raise ConfigError(f"fake devices={devices} must be in 0..4096")
         self.gpus = [FakeGpu(uuid=f"GPU-{i:08x}-fake-0000-000000000000", nvlinks=nvlinks) for i in range(devices)]
         self.visible: int | None = None
         self.unavailable = unavailable
@@ -250,45 +250,52 @@ class FakeBackend:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"HPRESIL_HEALTH_FAKE has unknown keys {sorted(unknown)}: use {sorted(known)}")
-        fake = cls(int(data.get("devices", 8)), nvlinks=int(data.get("nvlinks", 18)),
-                   unavailable=data.get("unavailable"), read_delay=float(data.get("read_delay_s", 0.0)), clock=clock)
-        if "visible" in data:
-            fake.visible = int(data["visible"])
-        for entry in data.get("xid", []):
-            device, xid, *after = entry
-            fake.inject_xid(None if device is None else int(device), int(xid), float(after[0]) if after else 0.0)
-        for device, count in _by_device(data.get("ecc", {})):
-            fake.set_ecc(device, int(count))
-        for device in data.get("retired_pending", []):
-            fake.set_retired_pending(int(device))
-        for device in data.get("remap_pending", []):
-            fake.gpus[int(device)].remap_pending = True
-        for device in data.get("remap_failed", []):
-            fake.gpus[int(device)].remap_failed = True
-        for device in data.get("lost", []):
-            fake.lose(int(device))
-        for device, links in _by_device(data.get("nvlink_down", {})):
-            fake.set_nvlink_down(device, *map(int, links))
-        for device, reasons in _by_device(data.get("throttle", {})):
-            fake.set_throttle(device, *reasons)
-        for device, celsius in _by_device(data.get("temperature", {})):
-            fake.set_temperature(device, int(celsius))
-        fabric = data.get("fabric")
-        if isinstance(fabric, str) or fabric is None:
-            for device in range(len(fake.gpus)):
-                fake.set_fabric(device, fabric)
-        else:
-            for device, state in _by_device(fabric):
-                fake.set_fabric(device, state)
-        for device in data.get("fabric_error", []):
-            fake.gpus[int(device)].fabric_status_ok = False
-        for device, action in _by_device(data.get("recovery_action", {})):
-            fake.set_recovery_action(device, action)
-        for device, checks in _by_device(data.get("unsupported", {})):
-            bad = set(checks) - CHECKS
-            if bad:
-                raise ConfigError(f"HPRESIL_HEALTH_FAKE unsupported checks {sorted(bad)}: use {sorted(CHECKS)}")
-            fake.set_unsupported(device, *checks)
+        try:
+            fake = cls(int(data.get("devices", 8)), nvlinks=int(data.get("nvlinks", 18)),
+                       unavailable=data.get("unavailable"), read_delay=float(data.get("read_delay_s", 0.0)), clock=clock)
+            if "visible" in data:
+                fake.visible = int(data["visible"])
+            for entry in data.get("xid", []):
+                device, xid, *after = entry
+                fake.inject_xid(None if device is None else int(device), int(xid), float(after[0]) if after else 0.0)
+            for device, count in _by_device(data.get("ecc", {})):
+                fake.set_ecc(device, int(count))
+            for device in data.get("retired_pending", []):
+                fake.set_retired_pending(int(device))
+            for device in data.get("remap_pending", []):
+                fake.gpus[int(device)].remap_pending = True
+            for device in data.get("remap_failed", []):
+                fake.gpus[int(device)].remap_failed = True
+            for device in data.get("lost", []):
+                fake.lose(int(device))
+            for device, links in _by_device(data.get("nvlink_down", {})):
+                fake.set_nvlink_down(device, *map(int, links))
+            for device, reasons in _by_device(data.get("throttle", {})):
+                fake.set_throttle(device, *reasons)
+            for device, celsius in _by_device(data.get("temperature", {})):
+                fake.set_temperature(device, int(celsius))
+            fabric = data.get("fabric")
+            if isinstance(fabric, str) or fabric is None:
+                for device in range(len(fake.gpus)):
+                    fake.set_fabric(device, fabric)
+            else:
+                for device, state in _by_device(fabric):
+                    fake.set_fabric(device, state)
+            for device in data.get("fabric_error", []):
+                fake.gpus[int(device)].fabric_status_ok = False
+            for device, action in _by_device(data.get("recovery_action", {})):
+                fake.set_recovery_action(device, action)
+            for device, checks in _by_device(data.get("unsupported", {})):
+                bad = set(checks) - CHECKS
+                if bad:
+                    raise ConfigError(f"HPRESIL_HEALTH_FAKE unsupported checks {sorted(bad)}: use {sorted(CHECKS)}")
+                fake.set_unsupported(device, *checks)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as exc:
+            # a value of the wrong type, or a device index the fake does not have
+            raise ConfigError(f"HPRESIL_HEALTH_FAKE: {type(exc).__name__}: {exc}; "
+                              "e.g. '{\"devices\": 8, \"xid\": [[3, 79]]}' (see hpresil.health.fake)") from exc
         return fake
 
 
@@ -301,7 +308,7 @@ def _load_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
             text = f.read()
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError(
             f"HPRESIL_HEALTH_FAKE is neither JSON nor a JSON file ({exc}): e.g. '{{\"devices\": 8, \"xid\": [[3, 79]]}}'"
         ) from exc

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hpresil.checkpoint.api import CommitRecord, Seal, slot_path
+from hpresil.checkpoint.api import CommitRecord, Seal, record_digest, slot_path
 from hpresil.checkpoint.ram_files import SlotInfo, lock_shared, read_record, read_seal
 from hpresil.errors import IntegrityError, StorageError
 from hpresil.peer import wire
@@ -151,6 +151,8 @@ class PeerClient:
             record, sealed = CommitRecord.from_json(rec), Seal.from_json(seal)
             if record.commit_id != commit_id or sealed.commit_id != commit_id or record.rank != rank:
                 raise IntegrityError(f"peer {self.host}:{self.port} answered another snapshot for rank {rank}")
+            if sealed.record and sealed.record != record_digest(record):
+                raise IntegrityError(f"peer {self.host}:{self.port}: the record of rank {rank} differs from its seal")
             out.append((record, sealed))
         return out
 

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from hpresil.checkpoint.api import CommitRecord, Seal
+from hpresil.checkpoint.api import CommitRecord, Seal, record_digest
 from hpresil.errors import HpresilError, StorageError
 from hpresil.events import NullEventLog
 from hpresil.events.api import EventSink
@@ -158,7 +158,7 @@ class PeerServer:
                     wire.send_frame(conn, {"op": "error", "error": f"unknown op {op!r}"})
                     continue
                 handler(conn, header)
-        except (FrameError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (FrameError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             self._refuse(addr, f"bad frame: {exc}", node)
         except (OSError, HpresilError) as exc:
             log.info("peer connection from %s (%s) ended: %s", addr, node, exc)
@@ -212,6 +212,8 @@ class PeerServer:
                 (e.offset + e.nbytes for e in record.entries if e.kind == "tensor"), default=0
             ):
                 reason = "nbytes differs from the record's arena"
+            if reason is None and seal.record and seal.record != record_digest(record):
+                reason = "the record differs from the one its seal was computed for"
         except (StorageError, TypeError, AttributeError, KeyError, ValueError) as exc:
             reason = f"malformed put: {exc}"
         if reason is not None:

@@ -31,7 +31,7 @@ import torch
 from hpresil import _env
 from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, TierName
 from hpresil.checkpoint.ram_files import scan
-from hpresil.errors import IntegrityError, StorageError
+from hpresil.errors import ConfigError, IntegrityError, StorageError
 from hpresil.peer import secret as job_secret
 from hpresil.peer.api import peer_dir, replica_root
 from hpresil.peer.client import PeerClient
@@ -74,7 +74,10 @@ class PeerSource:
         path = os.path.join(peer_dir(self.shm_dir), "node.json")
         if not os.path.isdir(peer_dir(self.shm_dir)):
             return None  # no peer server on this node
-        attempt = int(_env.get(_env.ATTEMPT) or 0)
+        try:
+            attempt = int(_env.get(_env.ATTEMPT) or 0)
+        except ValueError:
+            raise ConfigError(f"{_env.ATTEMPT}={_env.get(_env.ATTEMPT)!r} is not an integer (hpresil-run sets it)") from None
         deadline = time.monotonic() + self.ready_timeout.total_seconds()
         while True:
             try:

@@ -96,7 +96,7 @@ def read_frame(sock: socket.socket, max_header: int, max_payload: int) -> tuple[
         raise FrameError(f"payload of {plen} bytes exceeds the limit of {max_payload}")
     try:
         header = json.loads(recv_exact(sock, hlen))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise FrameError(f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise FrameError("header is not a JSON object with a string 'op'")

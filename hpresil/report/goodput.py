@@ -65,10 +65,12 @@ def load_events(files: Iterable[str], run_id: str | None = None) -> tuple[list[d
     for path in files:
         current: str | None = None
         for e in read_events(path):
-            if not isinstance(e.get("ts"), (int, float)):
+            # a damaged line must not end the report: skip events whose time, name or node is unusable
+            if _number(e.get("ts")) is None or not isinstance(e["event"], str) or not isinstance(e.get("node", ""), str):
                 continue
             if e["event"] == "runtime_start":
-                current = e.get("run_id")
+                run = e.get("run_id")
+                current = None if run is None else str(run)
                 newest = max(newest, (float(e["ts"]), current), key=lambda x: x[0])
             per_run.setdefault(current, []).append(e)
     chosen = run_id if run_id is not None else newest[1]
@@ -79,9 +81,16 @@ def load_events(files: Iterable[str], run_id: str | None = None) -> tuple[list[d
     return events, chosen
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` (not a number, NaN, infinite, or an integer past 1e18)."""
+    if not isinstance(value, (int, float)) or isinstance(value, int) and abs(value) > 10**18:
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def _f(e: dict[str, Any], key: str, default: float = 0.0) -> float:
-    value = e.get(key)
-    return float(value) if isinstance(value, (int, float)) else default
+    value = _number(e.get(key))
+    return default if value is None else value
 
 
 def _epochs(events: list[dict[str, Any]], end: float) -> list[Epoch]:
@@ -246,8 +255,11 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
         if rs:
             ep.base_step = min(int(_f(r, "step")) for r in rs)
             ep.restore_tier = str(rs[0].get("tier"))
+    # An attempt that neither restored nor completed a step (the job ended while
+    # it started up) says nothing about which steps survive, nor about the final step.
+    idle = {ep.index for ep in epochs if not restores[ep.index] and not obs[ep.index]}
     for ep in epochs:
-        later = [e.base_step for e in epochs[ep.index + 1:]]
+        later = [e.base_step for e in epochs[ep.index + 1:] if e.index not in idle]
         keep = float(min(later)) if later else math.inf
         cur = _Cursor(ep.start, ep.end, ep.index, segments)
         rs = restores[ep.index]
@@ -267,7 +279,8 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
         for t, step in points:
             if step <= last_step:
                 continue
-            blocking = sum(saved.get((ep.index, s), (0.0, 0.0))[0] for s in range(last_step, step))
+            # over the saves, not range(last_step, step): a damaged step number can be huge
+            blocking = sum(b for (k, s), (b, _) in saved.items() if k == ep.index and last_step <= s < step)
             _split_steps(cur, t, last_step, step, keep, blocking)
             progress.append((t, step, ep.index))
             last_step = step
@@ -291,7 +304,7 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
     for ep in epochs[:-1]:
         cause = {"hang": "hang", "membership": "membership"}.get(ep.fault or "", "failure")
         restarts[cause] = restarts.get(cause, 0) + 1
-    final = epochs[-1].max_step if epochs else 0
+    final = next((ep.max_step for ep in reversed(epochs) if ep.index not in idle), 0)
     return GoodputReport(
         log_dir=log_dir,
         files=list(files or []),

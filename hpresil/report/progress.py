@@ -63,7 +63,7 @@ class ProgressConfig:
             return cls()
         try:
             return cls(interval=timedelta(seconds=float(raw)))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: beyond timedelta's range (1e400, inf)
             raise ConfigError(f"{ENV_INTERVAL}={raw!r} is not a number of seconds") from None
 
 

@@ -198,8 +198,10 @@ def _seconds(args: argparse.Namespace, flag: str, minimum: float) -> float | Non
         value = float(raw)
     except ValueError:
         value = minimum - 1
-    if value < minimum or (flag == "--metrics-port" and (value != int(value) or value > 65535)):
-        raise ConfigError(f"{flag} {raw!r}: takes a number >= {minimum:g}" + (" and <= 65535" if flag == "--metrics-port" else ""))
+    # `not a <= v <= b` also refuses NaN; 1e9 s keeps durations inside timedelta's range
+    if not minimum <= value <= 1e9 or (flag == "--metrics-port" and (value != int(value) or value > 65535)):
+        raise ConfigError(f"{flag} {raw!r}: takes a number >= {minimum:g}"
+                          + (" and <= 65535" if flag == "--metrics-port" else " and <= 1e9"))
     return value
 
 
@@ -249,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     port = _seconds(args, "--metrics-port", 0)
     grace = timedelta(seconds=_seconds(args, "--grace-period", 0) or 0)
     resolve_rendezvous(args)
-    config, cmd, cmd_args = config_from_args(args)
+    try:
+        config, cmd, cmd_args = config_from_args(args)
+    except OSError as exc:  # torch creates --log-dir here
+        raise ConfigError(f"--log-dir {args.log_dir!r} cannot be used: {exc}") from exc
     runtime_config = _runtime_config(args)
     hang = hang_config({flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, *_ in HANG_OPTIONS})
 
@@ -279,7 +284,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from hpresil.metrics.api import MetricsConfig
 
         configs["hpresil.metrics.exporter"] = MetricsConfig(port=int(port))
-    runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=[*default_services(configs), NetEnvReport(net_plan)])
+    try:
+        runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=[*default_services(configs), NetEnvReport(net_plan)])
+    except OSError as exc:  # the job log directory is created here
+        raise ConfigError(f"log directory {log_dir!r} cannot be used: {exc}; pass another --job-log-dir") from exc
     launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace)
 
 

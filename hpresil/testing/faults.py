@@ -41,8 +41,10 @@ class Fault:
         rank: global rank to hit.
         step: the step at which :func:`maybe_inject` fires.
         action: what happens (see module docstring).
-        attempt: fire only in this restart attempt (``TORCHELASTIC_RESTART_COUNT``),
-            so a restarted worker does not fail again; ``-1`` fires every attempt.
+        attempt: fire only in this start of the worker group (``HPRESIL_ATTEMPT``
+            under ``hpresil-run``, which counts failure and membership restarts;
+            ``TORCHELASTIC_RESTART_COUNT`` under torchrun), so a restarted
+            worker does not fail again; ``-1`` fires every attempt.
         seconds: duration for ``sleep``; exit code for ``exit``.
     """
 
@@ -88,7 +90,7 @@ def load_plan(text: str | None = None) -> list[Fault]:
         if not isinstance(raw, list):
             raise TypeError("not a list")
         return [Fault(**item) for item in raw]
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ConfigError(
             f"{ENV_VAR} is not a JSON list of faults like "
             f'[{{"rank": 1, "step": 5, "action": "kill"}}]: {exc}'
@@ -99,7 +101,14 @@ _plan_cache: tuple[str, list[Fault]] | None = None
 
 
 def _attempt() -> int:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("HPRESIL_ATTEMPT", "0")) or 0)
+    # hpresil-run counts every start of the worker group; torchrun's restart count
+    # stays put across membership restarts (a node lost or joined), which would
+    # fire an attempt-0 fault again in the group that replaces the failed one.
+    raw = os.environ.get("HPRESIL_ATTEMPT") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        return int(raw or 0)
+    except ValueError:
+        raise ConfigError(f"restart attempt {raw!r} (TORCHELASTIC_RESTART_COUNT / HPRESIL_ATTEMPT) is not an integer") from None
 
 
 def maybe_inject(step: int, rank: int | None = None) -> None:

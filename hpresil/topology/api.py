@@ -188,8 +188,11 @@ class TopologyMap:
         """
         try:
             nodes = [NodeTopology(host=str(n["host"]), domain=str(n["domain"])) for n in obj["nodes"]]
-            return cls.from_nodes(nodes, [int(n["ranks"]) for n in obj["nodes"]])
-        except (KeyError, TypeError, ValueError) as exc:
+            ranks = [int(n["ranks"]) for n in obj["nodes"]]
+            if any(r < 0 for r in ranks) or sum(ranks) > 1 << 24:  # before allocating per-rank arrays
+                raise ValueError(f"rank counts {ranks[:8]} are negative or implausibly large")
+            return cls.from_nodes(nodes, ranks)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TopologyError(f"malformed topology map: {exc}") from exc
 
     def save(self, path: str) -> None:
@@ -209,7 +212,7 @@ class TopologyMap:
         try:
             with open(path) as f:
                 return cls.from_json(json.load(f))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON or UTF-8 decoding
             raise TopologyError(f"cannot read topology map {path}: {exc}") from exc
 
     def describe(self) -> str:

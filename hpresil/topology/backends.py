@@ -91,7 +91,7 @@ def from_fake(host: str, env: Mapping[str, str]) -> NodeTopology | None:
             with open(raw) as f:
                 raw = f.read()
         spec = json.loads(raw)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON and Unicode decoding
         raise TopologyError(f"{ENV_FAKE}: not JSON nor a readable JSON file: {exc}") from exc
     if not isinstance(spec, dict):
         raise TopologyError(f"{ENV_FAKE} must map node ids to domains, got {type(spec).__name__}")
@@ -101,9 +101,13 @@ def from_fake(host: str, env: Mapping[str, str]) -> NodeTopology | None:
     if isinstance(entry, str):
         return NodeTopology(host=host, domain=entry, source="fake")
     if isinstance(entry, dict) and "domain" in entry:
-        tray = entry.get("tray")
-        return NodeTopology(host=host, domain=str(entry["domain"]), clique=entry.get("clique"),
-                            tray=None if tray is None else int(tray), source="fake")
+        tray, clique = entry.get("tray"), entry.get("clique")
+        try:
+            tray = None if tray is None else int(tray)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TopologyError(f"{ENV_FAKE}[{host!r}]: tray {tray!r} is not an integer") from exc
+        return NodeTopology(host=host, domain=str(entry["domain"]), clique=None if clique is None else str(clique),
+                            tray=tray, source="fake")
     raise TopologyError(f"{ENV_FAKE}[{host!r}] must be a domain name or {{'domain': ..., 'tray': ...}}")
 
 
@@ -166,7 +170,7 @@ def _labels_file(path: str) -> dict[str, str]:
                 key, sep, value = line.strip().partition("=")
                 if sep:
                     labels[key] = value.strip().strip('"')
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise TopologyError(f"{ENV_LABELS_FILE}={path}: {exc}") from exc
     return labels
 
@@ -195,7 +199,10 @@ def expand_hostlist(spec: str) -> list[str]:
         head, body, tail = match.groups()
         for rng in body.split(","):
             lo, _, hi = rng.partition("-")
-            for n in range(int(lo), int(hi or lo) + 1):
+            first, last = int(lo), int(hi or lo)  # ValueError: not a range of numbers
+            if last - first > 100_000:
+                raise ValueError(f"host range {rng!r} of {spec!r} is implausibly large")
+            for n in range(first, last + 1):
                 names.append(f"{head}{str(n).zfill(len(lo))}{tail}")
     return names
 
@@ -206,7 +213,11 @@ def parse_slurm_blocks(text: str, node: str) -> tuple[str, int] | None:
         fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
         if "BlockName" not in fields or "Nodes" not in fields:
             continue
-        hosts = expand_hostlist(fields["Nodes"])
+        try:
+            hosts = expand_hostlist(fields["Nodes"])
+        except ValueError as exc:
+            log.warning("ignoring a block of `scontrol show topology`: %s", exc)
+            continue
         if node in hosts:
             return fields["BlockName"], hosts.index(node)
     return None
