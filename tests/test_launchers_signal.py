@@ -25,7 +25,8 @@ def test_sigterm_takes_a_final_snapshot_to_durable(recorded_run) -> None:
     assert "hpresil-run: stopped by SIGTERM" in run.output and "SignalException" not in run.output
     last = final_step(run)
     finals = [e for e in run.events if e["event"] == "checkpoint_saved" and e["step"] == last]
-    assert sorted(e["rank"] for e in finals) == [0, 1], "both ranks stopped at the same step"
+    # (a periodic snapshot of the same step that was not durable-flagged is followed by the final, durable one)
+    assert sorted({e["rank"] for e in finals}) == [0, 1], "both ranks stopped at the same step"
     drained = [e for e in run.events if e["event"] == "checkpoint_drained" and e["step"] == last]
     assert drained and drained[-1]["committed"]
     assert manifest(run, last)
