@@ -82,7 +82,7 @@ def record_once(tmp_path_factory: pytest.TempPathFactory) -> RecordedRun:
 def _record(tmp: Any) -> RecordedRun:
     tmp.mkdir(parents=True, exist_ok=True)
     log_dir, durable = tmp / "logs", tmp / "durable"
-    env = base_env(tmp, HPRESIL_PROGRESS_INTERVAL="0.2", HPRESIL_GRACE_PERIOD=str(GRACE_S),
+    env = base_env(tmp, warm=True, HPRESIL_PROGRESS_INTERVAL="0.2", HPRESIL_GRACE_PERIOD=str(GRACE_S),
                    **to_env([Fault(rank=1, step=12, action="kill")]))
     cmd = [sys.executable, "-m", "hpresil.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
            "--monitor-interval", "0.1", "--log-dir", str(log_dir), "--metrics-port", "0",

@@ -20,12 +20,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def base_env(tmp_path: Any, **extra: str) -> dict[str, str]:
-    """Environment for a launcher subprocess: repo importable, 1 thread, private shm root."""
+def base_env(tmp_path: Any, warm: bool = False, **extra: str) -> dict[str, str]:
+    """Environment for a launcher subprocess: repo importable, 1 thread, private shm root.
+
+    ``warm=False`` turns hpresil-run's warm start off: for the many short jobs of
+    light test scripts the fork server's preload (torch, dynamo, DCP: seconds)
+    costs more than it saves. The fault-recovery, chaos and elastic tests and
+    the warm-start tests run with it on, as users do.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "HPRESIL_", "TORCHELASTIC_"))}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["HPRESIL_SHM_ROOT"] = str(tmp_path / "shm")
+    env["HPRESIL_WARM_START"] = "auto" if warm else "off"
     env.update(extra)
     return env
 

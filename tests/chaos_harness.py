@@ -38,6 +38,7 @@ import pytest
 import torch
 
 from _launch import REPO, base_env, free_port
+from elastic_nodes import wait_for  # noqa: F401 - the chaos tests import it from here
 from hpresil.testing import Fault, to_env
 
 __all__ = [
@@ -100,7 +101,7 @@ class Agent:
         self.node_id = node_id or name
         self.shm_root = shm
         self.log_dir = os.path.join(str(tmp), f"logs-{name}")
-        environ = base_env(tmp, HPRESIL_SHM_ROOT=shm, **to_env(list(faults)), **(env or {}))
+        environ = base_env(tmp, warm=True, HPRESIL_SHM_ROOT=shm, **to_env(list(faults)), **(env or {}))
         self.cmd = [sys.executable, "-m", "hpresil.run", "--node-id", self.node_id, "--shm-root", shm,
                     "--log-dir", self.log_dir, *launcher, *script]
         self._log_path = os.path.join(str(tmp), f"agent-{name}.log")
@@ -246,18 +247,6 @@ def two_node_args(port: int, rdzv_id: str, *, host: bool, max_restarts: int = 3,
 def final_state(tmp: Any, name: str) -> dict[str, torch.Tensor]:
     """The final state dict rank 0 of job ``name`` saved."""
     return torch.load(os.path.join(str(tmp), f"final-{name}.pt"), weights_only=True)
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, agents: Sequence[Agent] = (),
-             poll: float = 0.02) -> Any:
-    """Polls ``cond`` until truthy; on timeout fails with the agents' log tails."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" + "\n".join(a.tail() for a in agents))
 
 
 # ---------------------------------------------------------------- reference

@@ -108,6 +108,7 @@ def test_shrink_on_node_loss_then_grow_back(tmp_path):
         assert rescales == [(3, 2), (2, 3)], rescales
 
 
+@pytest.mark.chaos  # in `make chaos`, not in CI's `make test`
 def test_frozen_node_is_lost_and_standalone_store_survives_rank0_loss(tmp_path):
     """A SIGSTOPped node (no FIN, like a network cut: the survivors sit in a gloo
     collective) is declared lost by its stale liveness counter. The rendezvous

@@ -29,7 +29,7 @@ from _launch import REPO, free_port
 from elastic_nodes import Node, wait_for
 from test_elastic_e2e import _agent_args, _check_data_and_state, _committed, _steps, _worker_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]  # in `make chaos`, not in CI's `make test`
 
 CLONE_NEWNET = 0x40000000
 

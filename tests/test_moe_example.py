@@ -82,6 +82,7 @@ def _run(tmp_path: Path, name: str, faults) -> tuple[list[dict[str, torch.Tensor
 
 
 @pytest.mark.slow
+@pytest.mark.chaos  # in `make chaos`, not in CI's `make test`
 def test_killed_rank_resumes_bitwise(tmp_path):
     reference, _ = _run(tmp_path, "clean", [])
     # Ranks hold different shards: TP halves of attention/MLP, EP halves of the experts.

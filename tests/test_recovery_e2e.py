@@ -21,7 +21,7 @@ FAST_HANG = ["--hang-step-floor", "1", "--hang-grace", "1", "--monitor-interval"
 
 def _train(tmp_path, name: str, faults: list[Fault]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     run = tmp_path / name
-    env = base_env(tmp_path, **to_env(faults))
+    env = base_env(tmp_path, warm=True, **to_env(faults))
     proc = hpresil_run(["--standalone", "--nproc-per-node", "2", "--max-restarts", "2", "--log-dir", str(run),
                         *FAST_HANG, TRAIN, "--preset", "tiny", "--steps", str(STEPS), "--durable-every", "10",
                         "--durable", f"file://{run}/durable", "--out", str(run / "final.pt")], tmp_path, env=env,

@@ -23,6 +23,7 @@ def _info(out: Path, rank: int, attempt: int = 0) -> dict:
 
 
 def _run(tmp_path: Path, mode: str, *extra: str, nproc: int = 2, env: dict | None = None):
+    env = env or base_env(tmp_path, warm=True)
     out = tmp_path / "out"
     args = ["--standalone", "--nproc-per-node", str(nproc), "--monitor-interval", "0.1",
             "--job-log-dir", str(tmp_path / "logs"), *extra, script("warm_probe.py"), str(out), mode]
@@ -30,7 +31,7 @@ def _run(tmp_path: Path, mode: str, *extra: str, nproc: int = 2, env: dict | Non
 
 
 def test_worker_runs_as_main_with_script_argv_path_and_env(tmp_path: Path) -> None:
-    out, proc = _run(tmp_path, "atexit", env=base_env(tmp_path, HPRESIL_TEST_LATE_VAR="seen"))
+    out, proc = _run(tmp_path, "atexit", env=base_env(tmp_path, warm=True, HPRESIL_TEST_LATE_VAR="seen"))
     assert proc.returncode == 0, proc.stderr
     for rank in (0, 1):
         info = _info(out, rank)
