@@ -88,7 +88,6 @@ def _check_recovered(run) -> None:
     assert {(e["tier"], e["step"]) for e in restored} == {("ram", KILL_AT)}, restored
 
 
-@pytest.mark.chaos  # in `make chaos`, not in CI's `make test` (ZeRO-3 below covers the path)
 @pytest.mark.slow
 @needs_deepspeed
 def test_zero2_kill_restore_bitwise(tmp_path) -> None:
@@ -100,6 +99,7 @@ def test_zero2_kill_restore_bitwise(tmp_path) -> None:
     _assert_same_engine_state(tmp_path / "ref", tmp_path / "kill")
 
 
+@pytest.mark.chaos  # in `make chaos`, not in CI's `make test` (ZeRO-2 above covers the kill/restore path)
 @pytest.mark.slow
 @needs_deepspeed
 def test_zero3_kill_restore_bitwise_and_reshard_error(tmp_path) -> None:

@@ -1,7 +1,7 @@
 """Test worker of the warm-start tests: records how it was started, then ends
 the way argv[2] says.
 
-argv: OUT_DIR MODE [ARGS...]; MODE: ok | exit:N | exit-msg | atexit (then sys.exit()) |
+argv: OUT_DIR MODE [ARGS...]; MODE: ok | exit-msg | atexit (then sys.exit()) |
 print-then-kill | interrupt | restart-once
 """
 
@@ -31,9 +31,7 @@ info = {
 with open(os.path.join(out_dir, f"rank{rank}.attempt{attempt}.json"), "w") as f:
     json.dump(info, f)
 
-if mode.startswith("exit:"):
-    sys.exit(int(mode.split(":")[1]) if rank == "1" else 0)
-elif mode == "exit-msg":
+if mode == "exit-msg":
     sys.exit("fatal: bad config" if rank == "1" else 0)
 elif mode == "atexit":
     atexit.register(lambda: open(os.path.join(out_dir, f"atexit{rank}"), "w").close())
