@@ -63,6 +63,9 @@ def measure(name: str, repeats: int, nproc: int, restart: bool) -> None:
         with open(script, "w") as f:
             f.write(SCRIPTS[name])
         env = {**os.environ, "OMP_NUM_THREADS": "1", **({"KILL_ONCE": "1"} if restart else {})}
+        # pytorch#135712: a restarted gloo group may read the previous attempt's addresses from the
+        # shared rendezvous store; hpresil-run sets this itself, torchrun users must.
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         launchers = _launchers(script, nproc, tmp, restart)
         times: dict[str, list[float]] = {label: [] for label in launchers}
         for cmd in launchers.values():  # warm the page cache
@@ -83,12 +86,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--script", choices=["trivial", "torch", "both"], default="both")
+    parser.add_argument("--script", choices=["trivial", "torch", "both", "restart"], default="both",
+                        help="restart: only the torch script with one restart")
     args = parser.parse_args()
-    names = ["trivial", "torch"] if args.script == "both" else [args.script]
+    names = {"both": ["trivial", "torch"], "restart": []}.get(args.script, [args.script])
     for name in names:
         measure(name, args.repeats, args.nproc, restart=False)
-    if "torch" in names:
+    if args.script in ("torch", "both", "restart"):
         measure("torch", args.repeats, args.nproc, restart=True)
 
 
