@@ -64,6 +64,7 @@ def test_exit_status_is_the_scripts(tmp_path: Path) -> None:
     _, proc = _run(tmp_path, "exit-msg", "--max-restarts", "0")
     assert proc.returncode == 1, proc.stderr
     assert "exited with code 1" in proc.stderr and "fatal: bad config" in proc.stderr
+    assert (tmp_path / "out" / "atexit1").exists(), "atexit handlers run on a failing sys.exit too"
 
 
 def test_output_is_unbuffered(tmp_path: Path) -> None:

@@ -126,6 +126,7 @@ class ScriptMain:
 
     def __call__(self, *argv: str) -> None:
         _unbuffered_stdio()
+        interrupted = False
         try:
             self._run(list(argv))
         except SystemExit as exc:
@@ -133,24 +134,24 @@ class ScriptMain:
             if code:
                 raise SystemExit(code) from None
         except KeyboardInterrupt:
-            _flush_and_run_exit_handlers()
-            _die_by(signal.SIGINT)  # like CPython: an interrupted process dies of SIGINT
+            interrupted = True
         except BaseException as exc:
             # What the interpreter would print, from the script's first frame on.
             traceback.print_exception(exc.with_traceback(_script_frames(exc.__traceback__)))
             if _is_peer_loss(exc):
                 time.sleep(PEER_LOSS_DELAY_S)
-            _flush_and_run_exit_handlers()
             raise
-        _flush_and_run_exit_handlers()
+        finally:
+            _flush_and_run_exit_handlers()  # on every way out, as the interpreter's own exit would
+        if interrupted:
+            _die_by(signal.SIGINT)  # like CPython: an interrupted process dies of SIGINT
 
     def _run(self, argv: list[str]) -> None:
+        sys.argv = [self.target, *argv]
         if self.module:
-            sys.argv = [self.target, *argv]
             sys.path[0] = os.getcwd()
             runpy.run_module(self.target, run_name="__main__", alter_sys=True)
         else:
-            sys.argv = [self.target, *argv]
             sys.path[0] = os.path.dirname(os.path.abspath(self.target))
             runpy.run_path(self.target, run_name="__main__")
 

@@ -1,8 +1,9 @@
 """Test worker of the warm-start tests: records how it was started, then ends
 the way argv[2] says.
 
-argv: OUT_DIR MODE [ARGS...]; MODE: ok | exit-msg | atexit (then sys.exit()) |
-print-then-kill | interrupt | restart-once
+argv: OUT_DIR MODE [ARGS...]; MODE: ok | exit-msg | atexit (sys.exit() without status) |
+print-then-kill | interrupt | restart-once; every mode registers an atexit handler
+that writes OUT_DIR/atexit<RANK>.
 """
 
 import sys
@@ -31,10 +32,11 @@ info = {
 with open(os.path.join(out_dir, f"rank{rank}.attempt{attempt}.json"), "w") as f:
     json.dump(info, f)
 
+atexit.register(lambda: open(os.path.join(out_dir, f"atexit{rank}"), "w").close())
+
 if mode == "exit-msg":
     sys.exit("fatal: bad config" if rank == "1" else 0)
 elif mode == "atexit":
-    atexit.register(lambda: open(os.path.join(out_dir, f"atexit{rank}"), "w").close())
     sys.exit()  # no status: success
 elif mode == "print-then-kill":
     print(f"marker-before-kill rank {rank}")  # no flush: only unbuffered output survives SIGKILL
