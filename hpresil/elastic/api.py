@@ -42,6 +42,7 @@ __all__ = [
     "DYNAMIC_BACKENDS",
     "ALIVE_KEY",
     "DONE_KEY",
+    "RUNNING_KEY",
 ]
 
 #: Rendezvous backends built on torch's ``DynamicRendezvousHandler`` (keep-alive, wait list).
@@ -61,6 +62,8 @@ RDZV_TUNED_DEFAULTS: tuple[tuple[str, str, str], ...] = (
 #: Store keys (under the round's prefix) of each agent's liveness counter and done flag.
 ALIVE_KEY = "hpresil/elastic/alive/{group_rank}"
 DONE_KEY = "hpresil/elastic/done/{group_rank}"
+#: Key in the rendezvous backend's store (all rounds) set once a round of job ``run_id`` completed.
+RUNNING_KEY = "hpresil/running/{run_id}"
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -204,11 +204,13 @@ class Liveness:
         return MembershipView(group_rank=tr.group_rank, group_world_size=tr.group_world_size,
                               lost=frozenset(tr.lost), done=frozenset(tr.done), store_ok=self._store_ok)
 
-    def wait_for_loss(self, timeout: float, give_up: Callable[[], bool] = lambda: False) -> frozenset[int]:
+    def wait_for_loss(self, timeout: float, give_up: Callable[[], bool] = lambda: False,
+                      poll: float | None = None) -> frozenset[int]:
         """Waits up to ``timeout`` s for a peer to be declared lost; returns the lost
-        peers (empty when none). ``give_up()`` ends the wait early (checked each refresh)."""
+        peers (empty when none). ``give_up()`` ends the wait early (checked every
+        ``poll`` s, default each refresh)."""
         deadline = self.clock() + timeout
-        step = self.config.refresh_interval.total_seconds()
+        step = self.config.refresh_interval.total_seconds() if poll is None else poll
         while self._thread is not None and not self.tracker.lost and self.clock() < deadline:
             if give_up():
                 break

@@ -25,6 +25,7 @@ EVENT_NAMES = frozenset(
         "workers_start",
         "worker_exit",
         "workers_restart",
+        "fast_restart",
         "workers_failed",
         "workers_succeeded",
         "env_change",

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
-from hpresil.elastic.api import ElasticConfig
+from hpresil.elastic.api import RUNNING_KEY, ElasticConfig
+from hpresil.elastic.fast_restart import FastRestart, free_port
 from hpresil.elastic.membership import Liveness, restart_cause
 from hpresil.runtime.api import WorkerGroupInfo
 from hpresil.runtime.node import NodeRuntime
@@ -22,6 +23,9 @@ from hpresil.runtime.node import NodeRuntime
 __all__ = ["HpresilAgent"]
 
 log = logging.getLogger(__name__)
+
+#: How often (s) an agent looks for other nodes' failure marks (one store round trip).
+_FAST_POLL = 0.1
 
 
 class HpresilAgent(LocalElasticAgent):
@@ -31,11 +35,15 @@ class HpresilAgent(LocalElasticAgent):
         spec: the worker spec (as torchrun builds it).
         runtime: the node runtime that receives lifecycle callbacks.
         elastic: how peers are watched for loss (see :mod:`hpresil.elastic`).
+        fast_restart: restart failed workers without a new rendezvous round when
+            the nodes stay the same (:mod:`hpresil.elastic.fast_restart`).
+        before_join: called once before this agent's first rendezvous (see
+            :func:`hpresil.run.launch.join_when_ready`).
         **kwargs: passed to ``LocalElasticAgent``.
     """
 
     def __init__(self, spec: WorkerSpec, runtime: NodeRuntime, elastic: ElasticConfig | None = None,
-                 **kwargs: Any) -> None:
+                 fast_restart: bool = True, before_join: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
         self._runtime = runtime
         self._elastic = elastic or ElasticConfig()
@@ -46,6 +54,10 @@ class HpresilAgent(LocalElasticAgent):
         self._attempt = -1
         self._last_state = WorkerState.INIT
         self._group_info: WorkerGroupInfo | None = None
+        self._before_join = before_join
+        self._fast_enabled = fast_restart
+        self._fast: FastRestart | None = None  # this round's agreement (None: off or not possible)
+        self._fast_checked = 0.0  # when _monitor_workers last looked for failed peers
         #: stderr log of each failed global rank (when captured), for the failure report.
         self.stderr_paths: dict[int, str] = {}
 
@@ -73,9 +85,18 @@ class HpresilAgent(LocalElasticAgent):
         if self._settle_pending:  # growth: commit the newest snapshot before the larger group restores
             self._settle_pending = False
             self._runtime.settle(self._elastic.settle_timeout)
+        if self._before_join is not None:
+            before, self._before_join = self._before_join, None
+            before()
         start = time.monotonic()
         super()._rendezvous(worker_group)
         self._watch_peers(worker_group)
+        _mark_running(worker_group)
+        self._fast = None
+        if self._fast_enabled and worker_group.store is not None and not worker_group.spec.rdzv_handler.use_agent_store:
+            wait = (self._elastic.lost_after + self._elastic.refresh_interval).total_seconds()
+            self._fast = FastRestart(worker_group.store, worker_group.group_rank or 0,
+                                     worker_group.group_world_size or 1, timeout=wait)
         self._runtime.events.emit(
             "rendezvous",
             group_rank=worker_group.group_rank,
@@ -112,7 +133,7 @@ class HpresilAgent(LocalElasticAgent):
             master_addr=worker_group.master_addr,
             master_port=worker_group.master_port,
             started=time.time(),
-            store=worker_group.store,
+            store=self._services_store(worker_group),
         )
         self._group_info = info
         self._last_state = WorkerState.HEALTHY
@@ -134,7 +155,14 @@ class HpresilAgent(LocalElasticAgent):
         if result.state != self._last_state:
             self._on_state_change(result)
             self._last_state = result.state
-        lost = self._lost_peers(worker_group, result)
+        # A peer's workers failed: ours sit in (or will reach) a broken collective.
+        peer_failed = result.state == WorkerState.HEALTHY and self._peer_failed()
+        lost = self._lost_peers(worker_group, result, peer_failed)
+        if peer_failed and not lost:
+            # Join the restart now instead of waiting for our workers to fail too.
+            self._restart_reason = ("failure", "peer_failed", [])
+            self._restart_workers(worker_group)
+            return RunResult(state=worker_group.state)
         if lost:
             # A lost node: restart at once (the workers may sit in a collective
             # with it until its timeout), without consuming --max-restarts.
@@ -157,7 +185,7 @@ class HpresilAgent(LocalElasticAgent):
         if self._elastic.enabled and nodes > 1 and worker_group.store is not None:
             self._liveness = Liveness(worker_group.store, worker_group.group_rank or 0, nodes, self._elastic).start()
 
-    def _lost_peers(self, worker_group: WorkerGroup, result: RunResult) -> frozenset[int]:
+    def _lost_peers(self, worker_group: WorkerGroup, result: RunResult, peer_failed: bool = False) -> frozenset[int]:
         liveness = self._liveness
         if liveness is None:
             return frozenset()
@@ -165,13 +193,38 @@ class HpresilAgent(LocalElasticAgent):
             liveness.finish()
             return frozenset()
         lost = liveness.view().lost
-        if not lost and result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+        if not lost and (peer_failed or result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY)):
             # Broken collectives make the survivors of a lost node fail within
             # milliseconds, before the loss can be declared: wait for the verdict
-            # (at most lost_after) unless a peer already re-joins (a plain failure).
+            # (at most lost_after) unless a peer already re-joins or every node
+            # reported a failure of its own (a plain failure).
+            fast = self._fast
+            if fast is not None:
+                _quietly(fast.mark_failed)
             wait = (self._elastic.lost_after + self._elastic.refresh_interval).total_seconds()
-            lost = liveness.wait_for_loss(wait, give_up=lambda: _nodes_waiting(worker_group) > 0)
+            lost = liveness.wait_for_loss(
+                wait, give_up=lambda: _nodes_waiting(worker_group) > 0 or (fast is not None and fast.all_failed()),
+                poll=None if fast is None else _FAST_POLL)
         return lost
+
+    def _peer_failed(self) -> bool:
+        """Another node marked a failure in this generation (looked up at most every
+        ``_FAST_POLL`` s: one store round trip)."""
+        fast = self._fast
+        now = time.monotonic()
+        if fast is None or fast.group_world_size <= 1 or now - self._fast_checked < _FAST_POLL:
+            return False
+        self._fast_checked = now
+        return fast.failed_count() > 0
+
+    def _services_store(self, worker_group: WorkerGroup) -> Any:
+        """The round's store for the node services, under a per-generation prefix
+        after a fast restart (their keys, e.g. hang diagnostics, are per attempt)."""
+        if self._fast is None or self._fast.gen == 0 or worker_group.store is None:
+            return worker_group.store
+        from torch.distributed import PrefixStore
+
+        return PrefixStore(f"hpresil/gen{self._fast.gen}/", worker_group.store)
 
     def _on_state_change(self, result: RunResult) -> None:
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
@@ -225,7 +278,41 @@ class HpresilAgent(LocalElasticAgent):
         )
         log.info("restarting worker group (cause: %s, reason: %s%s, %d restarts left)", cause, reason,
                  f", lost nodes {lost}" if lost else "", self._remaining_restarts)
-        super()._restart_workers(worker_group)
+        if self._fast is None or cause != "failure":
+            super()._restart_workers(worker_group)
+            return
+        _quietly(self._fast.mark_failed)
+        self._stop_workers(worker_group)
+        worker_group.state = WorkerState.STOPPED
+        if not self._fast_restart(worker_group):
+            self._initialize_workers(worker_group)
+
+    def _fast_restart(self, worker_group: WorkerGroup) -> bool:
+        """Starts the stopped group again with the same ranks when every node agrees
+        (:mod:`hpresil.elastic.fast_restart`); ``False``: rendezvous instead."""
+        fast = self._fast
+        assert fast is not None
+        start = time.monotonic()
+        coordinator = fast.group_rank == 0
+        port = (worker_group.spec.master_port or free_port()) if coordinator else None
+        liveness = self._liveness
+
+        def give_up() -> bool:
+            return _nodes_waiting(worker_group) > 0 or bool(liveness is not None and liveness.view().lost)
+
+        gen = fast.gen
+        agreed = fast.agree(coordinator=coordinator, port=port, give_up=give_up)
+        self._runtime.events.emit("fast_restart", gen=gen, go=agreed is not None,
+                                  duration_s=round(time.monotonic() - start, 4))
+        if agreed is None:
+            log.info("fast restart not agreed (generation %d): re-rendezvous", gen)
+            return False
+        worker_group.master_port = agreed
+        log.info("fast restart: same %d node(s), master port %d, generation %d", fast.group_world_size, agreed, fast.gen)
+        for local_rank, worker_id in self._start_workers(worker_group).items():
+            worker_group.workers[local_rank].id = worker_id
+        worker_group.state = WorkerState.HEALTHY
+        return True
 
     def run(self, role: str = "default") -> RunResult:
         try:
@@ -245,6 +332,26 @@ def _nodes_waiting(worker_group: WorkerGroup) -> int:
         return worker_group.spec.rdzv_handler.num_nodes_waiting()
     except Exception:  # the store is gone: torch's own loop reports it
         return 0
+
+
+def _mark_running(worker_group: WorkerGroup) -> None:
+    """Tells agents that start later that this job already trains (``RUNNING_KEY``
+    in the rendezvous backend's store, shared by all rounds)."""
+    base = getattr(worker_group.store, "underlying_store", None)
+    if base is None:
+        return
+    try:
+        base.set(RUNNING_KEY.format(run_id=worker_group.spec.rdzv_handler.get_run_id()), "1")
+    except Exception as exc:  # noqa: BLE001 - an optimisation for joiners only
+        log.debug("cannot mark the job running: %s", exc)
+
+
+def _quietly(fn: Any) -> None:
+    """Runs a store write whose failure only costs the fast path (the store's host may be gone)."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("fast restart: %s", exc)
 
 
 def _short(message: str, limit: int = 500) -> str:

@@ -70,6 +70,10 @@ HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
     ("--preload", "HPRESIL_PRELOAD", "str", None,
      "Comma-separated modules the warm-start fork server imports besides torch, torch.distributed and "
      "hpresil's checkpointing (e.g. transformers,numpy): imports every worker would otherwise repeat."),
+    ("--fast-restart", "HPRESIL_FAST_RESTART", "choice:auto,off", "auto",
+     "auto: when a worker fails and the nodes stay the same (none lost, none waiting to join), the agents "
+     "agree through the rendezvous store and restart their workers with the same ranks, without a new "
+     "rendezvous round (which costs seconds); off: torchrun's stop -> rendezvous -> start on every failure."),
     ("--tracebacks", "HPRESIL_TRACEBACKS", "choice:auto,off", "auto",
      "auto: when neither --redirects nor --tee is given, also copy each worker's stderr to "
      "the log dir so a failure report can show the failing rank's traceback; off: torchrun's behaviour."),
@@ -267,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     env_changes = apply_launcher_env(plan=net_plan)
     from hpresil.run.warm import preload_modules, warm_entrypoint
 
-    warm = warm_entrypoint(args, args.warm_start, preload_modules(args.preload))
+    warm = warm_entrypoint(args, args.warm_start, preload_modules(args.preload, args.training_script_args))
     if warm is not None:  # the fork server imports torch while the node runtime starts and rendezvous runs
         cmd, cmd_args = warm
         config.start_method = "forkserver"
@@ -288,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=[*default_services(configs), NetEnvReport(net_plan)])
     except OSError as exc:  # the job log directory is created here
         raise ConfigError(f"log directory {log_dir!r} cannot be used: {exc}; pass another --job-log-dir") from exc
-    launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace)
+    launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace,
+                 fast_restart=args.fast_restart != "off")
 
 
 def _handle_stop_signals() -> None:

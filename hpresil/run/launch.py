@@ -74,6 +74,38 @@ _OPTIONAL_SPEC_FIELDS = (
 )
 
 
+def join_when_ready(params: RendezvousParameters, warm: bool, timeout: float = 300.0) -> Callable[[], None] | None:
+    """What an agent does before its first rendezvous: when the job already trains
+    (a node joining or replacing one; ``RUNNING_KEY`` is in the c10d rendezvous
+    store), wait until the warm-start fork server has imported torch. Joining the
+    rendezvous makes every other node stop its workers; joining before this
+    node can start its own would stall them for the imports (seconds). At job
+    start (no key yet) the imports overlap the rendezvous instead.
+    ``None`` without warm start or with another rendezvous backend."""
+    if not warm or params.backend != "c10d" or not params.endpoint:
+        return None
+
+    def before_join() -> None:
+        from torch.distributed import TCPStore
+
+        from hpresil.elastic.api import RUNNING_KEY
+        from hpresil.run.warm import wait_until_warm
+
+        try:
+            host, port = parse_rendezvous_endpoint(params.endpoint, default_port=29400)
+            store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
+            running = store.check([RUNNING_KEY.format(run_id=params.run_id)])
+        except Exception as exc:  # noqa: BLE001 - no store yet: the job is starting
+            log.debug("rendezvous store not reachable before joining (%s): job start", exc)
+            return
+        if running:
+            log.info("job %s already trains: joining once this node's fork server is ready", params.run_id)
+            if not wait_until_warm(timeout):
+                log.warning("fork server not ready after %.0f s; joining anyway", timeout)
+
+    return before_join
+
+
 def _shared_fields(config: LaunchConfig, target: type, names: tuple[str, ...]) -> dict[str, Any]:
     accepted = set(inspect.signature(target).parameters)
     return {n: getattr(config, n) for n in names if n in accepted and hasattr(config, n)}
@@ -86,6 +118,7 @@ def launch_agent(
     runtime: NodeRuntime,
     env_changes: Sequence[EnvChange] = (),
     grace_period: timedelta = timedelta(seconds=30),
+    fast_restart: bool = True,
 ) -> dict[int, Any]:
     """Runs the worker group to completion under an :class:`HpresilAgent`.
 
@@ -97,6 +130,8 @@ def launch_agent(
         env_changes: environment changes made by the launcher, reported as events.
         grace_period: after a stop signal, how long the runtime's services may
             finish pending work (durable uploads of the final snapshots).
+        fast_restart: restart failed workers without a new rendezvous round when
+            the nodes stay the same (:mod:`hpresil.elastic.fast_restart`).
 
     Returns:
         The workers' return values by global rank (function entrypoints only).
@@ -143,6 +178,8 @@ def launch_agent(
         spec=spec,
         runtime=runtime,
         elastic=ElasticConfig(lost_after=lost_after_from_rdzv(config.rdzv_configs)),
+        fast_restart=fast_restart,
+        before_join=join_when_ready(params, warm=config.start_method == "forkserver"),
         logs_specs=config.logs_specs,
         start_method=config.start_method,
         log_line_prefix_template=config.log_line_prefix_template,
