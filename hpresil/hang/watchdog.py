@@ -303,8 +303,10 @@ class Watchdog:
     def _collect_flight_recorders(self, ranks: list[_Rank], diags: list[RankDiag], timeout: float = 1.0) -> None:
         assert self._ctx is not None
         paths = {r.rank: fr_dump_path(self._ctx.log_dir, r.rank) for r in ranks}
+        # A stopped process (state T) cannot answer: waiting for it would only delay the kill.
+        awaited = [paths[r.rank] for r in ranks if r.state not in ("T", "t")]
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not all(os.path.exists(p) for p in paths.values()):
+        while time.monotonic() < deadline and not all(os.path.exists(p) for p in awaited):
             time.sleep(0.05)
         for d in diags:
             if d.rank in paths and os.path.exists(paths[d.rank]):
