@@ -90,6 +90,9 @@ def test_preload_list_and_entry_pickling() -> None:
     assert preload_modules(" numpy, torch ,,json") == (*DEFAULT_PRELOAD, "numpy", "json")
     with pytest.raises(ConfigError):
         preload_modules("../evil")
+    # An s3:// durable URL among the script's arguments preloads s3fs (installed in the dev extra).
+    assert preload_modules(None, ["--durable", "s3://bucket/run"])[-1] == "s3fs"
+    assert "s3fs" not in preload_modules(None, ["--durable", "file:///tmp/x"])
     import pickle
 
     entry = ScriptMain("train.py")
