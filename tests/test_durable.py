@@ -380,6 +380,36 @@ def test_node_service_drains_off_the_tick_and_on_stop(tmp_path: Any) -> None:
     assert [r.step for r in DurableSource(url).steps()] == [8, 4]
 
 
+def test_runtime_keeps_shared_memory_when_the_final_snapshot_could_not_be_drained(tmp_path: Any) -> None:
+    """The durable tier is unwritable when the job ends (its directory is under a
+    regular file): the node runtime must not delete the RAM tier, the only copy;
+    once a drain succeeded, the same end removes it."""
+    from datetime import timedelta
+
+    from hpresil.runtime.api import RuntimeConfig, WorkerGroupInfo
+    from hpresil.runtime.node import NodeRuntime
+
+    (tmp_path / "not-a-dir").write_text("a file where the durable tier's directory should be")
+    results = {}
+    for name, url in (("down", f"file://{tmp_path}/not-a-dir/ckpt"), ("up", f"file://{tmp_path}/ckpt")):
+        rt = NodeRuntime(RuntimeConfig(shm_root=str(tmp_path / f"shm-{name}"), node_id="n0"), run_id="job",
+                         log_dir=str(tmp_path / f"logs-{name}"),
+                         services=[Drainer(DrainConfig(scan_interval=timedelta(milliseconds=10)))])
+        rt.start()
+        rt.on_workers_started(WorkerGroupInfo(attempt=0, group_rank=0, group_world_size=1, world_size=1,
+                                              global_ranks=(0,), pids=(os.getpid(),)))
+        write_snapshot(rt.shm.path, rank=0, step=6, world_size=1, tensors=model_state(0), durable_url=url)
+        rt.stop(succeeded=True, timeout=timedelta(seconds=10))
+        events = [json.loads(line) for line in open(tmp_path / f"logs-{name}" / "events.jsonl")]
+        results[name] = (os.path.isdir(rt.shm.path), events[-1])
+    kept, stop = results["down"]
+    assert kept and stop["event"] == "runtime_stop" and stop["shm_kept"], stop
+    assert "[6]" in stop["unsaved"][0], stop
+    kept, stop = results["up"]
+    assert not kept and not stop["shm_kept"] and "unsaved" not in stop, stop
+    assert [r.step for r in DurableSource(f"file://{tmp_path}/ckpt").steps()] == [6]
+
+
 # ------------------------------------------------------------------ open_store errors
 
 

@@ -207,6 +207,23 @@ class Drainer:
         self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
 
+    def unsaved(self) -> str | None:
+        """After :meth:`stop`: which snapshots flagged for the durable tier this node
+        holds newer than anything it uploaded, or ``None`` (the node runtime then
+        keeps the shared memory instead of deleting the only copy). Local files
+        only, no storage call."""
+        try:
+            found = self._scan()
+        except Exception as exc:  # noqa: BLE001 - an unreadable shm dir holds nothing to keep
+            log.debug("cannot scan for undrained snapshots: %s", exc)
+            return None
+        floor = max(self._done, default=-1)
+        pending = sorted({s.record.step for snaps in found.values() for s in snaps
+                          if s.record.step > floor or (s.record.step == floor and s.rank not in self._done[floor])})
+        if not pending:
+            return None
+        return f"durable-flagged step(s) {pending} not uploaded (newest uploaded here: {floor if floor >= 0 else 'none'})"
+
     def _loop(self) -> None:
         while True:
             self._wake.wait()

@@ -185,21 +185,35 @@ class NodeRuntime:
 
     def stop(self, succeeded: bool, timeout: timedelta = timedelta(seconds=60)) -> None:
         """Stops services (letting them finish pending work within ``timeout``),
-        then removes the shared-memory directory unless ``keep_shm``."""
+        then removes the shared-memory directory unless ``keep_shm`` or a service
+        reports work only the shared memory still holds (``unsaved()``: e.g. a
+        final snapshot the durable tier could not take)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         deadline = time.monotonic() + timeout.total_seconds()
         # Start order is pipeline order: the sealer seals the last snapshot
         # before the replicator and the drainer make their final passes.
+        unsaved: list[str] = []
         for service in list(self._started):
             left = max(0.0, deadline - time.monotonic())
             try:
                 service.stop(timedelta(seconds=left))
+                # Optional hook: what only the shared memory still holds (e.g. the drainer's
+                # final snapshot when the durable tier was down at job end).
+                check = getattr(service, "unsaved", None)
+                reason = check() if callable(check) else None
+                if reason:
+                    unsaved.append(f"{service.name}: {reason}")
             except Exception:
                 log.exception("service %s failed to stop cleanly", service.name)
         self._started.clear()
-        if not self.config.keep_shm:
+        keep = self.config.keep_shm or bool(unsaved)
+        if unsaved and not self.config.keep_shm:
+            log.warning("keeping %s: it holds the only copy of %s; run the job again with the same --rdzv-id on "
+                        "this node to resume from it (and drain it), or delete the directory",
+                        self.shm.path, "; ".join(unsaved))
+        if not keep:
             self.shm.remove()
-        self.events.emit("runtime_stop", succeeded=succeeded, shm_kept=self.config.keep_shm)
+        self.events.emit("runtime_stop", succeeded=succeeded, shm_kept=keep, **({"unsaved": unsaved} if unsaved else {}))
         self.events.close()
