@@ -115,6 +115,28 @@ def calibrate(records: Iterable[dict[str, Any]], *, saved_above: float = 1e-3) -
     return statistics.median(plain), statistics.median(saves) if saves else None
 
 
+def snapshot_cost(records: Iterable[dict[str, Any]], ideal_step_s: float) -> float:
+    """Cost of one snapshot from a fault-free log with a snapshot every step: the
+    median step time minus ``ideal_step_s`` (each start's first step left out), so
+    blocking time and the slowdown background work (sealing, replication, drain)
+    causes are both counted; at least 1 ms.
+
+    Raises:
+        ValueError: fewer than two steps after a start.
+    """
+    steps, prev = [], None
+    for r in sorted(records, key=lambda r: r["t"]):
+        if r.get("event") == "start":
+            prev = None
+            continue
+        if prev is not None:
+            steps.append(r["t"] - prev)
+        prev = r["t"]
+    if not steps:
+        raise ValueError("the snapshot calibration log holds no step after the first")
+    return max(1e-3, statistics.median(steps) - ideal_step_s)
+
+
 @dataclasses.dataclass(slots=True)
 class Accounting:
     """Goodput of one run: ``final_step x ideal_step_s / budget``.

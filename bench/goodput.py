@@ -15,8 +15,15 @@ faults at the same offsets:
 Systems:
 
 1. ``hpresil``: ``hpresil-run`` with its defaults; the example's hpresil
-   Checkpointer (RAM snapshot every step, peer replication, drain to S3 every
-   20 steps).
+   Checkpointer (RAM snapshot, peer replication, drain to S3). Its snapshot
+   interval is Young/Daly too, ``sqrt(2 C MTBF)``, with C its own measured cost:
+   the step-time increase of a fault-free calibration run snapshotting every
+   step (blocking copy plus what sealing, replication and drain take from the
+   training processes' cores). Its drain to S3 about every ``--drain-every``
+   seconds (default 60, one fault interval): here every restore comes from RAM
+   or a peer's replica, and the durable copy only bounds what losing every
+   node at once would cost (the baseline has no other tier, so it saves to S3
+   at its own Young/Daly interval).
 2. ``baseline``: ``torchrun --max-restarts N`` and ``train.py --dcp s3://...``:
    blocking ``dcp.save`` every N steps, resume from the newest complete
    checkpoint. N by Young/Daly, ``sqrt(2 C MTBF)``, with C the median blocking
@@ -61,8 +68,8 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, os.path.join(REPO, "tests"), HERE]
 
 from _goodput_calc import (  # noqa: E402
-    CAUSES, KINDS, LABELS, Accounting, Fault, account, calibrate, clip_segments, describe, recoveries, schedule, table,
-    young_daly,
+    CAUSES, KINDS, LABELS, Accounting, Fault, account, calibrate, clip_segments, describe, recoveries, schedule,
+    snapshot_cost, table, young_daly,
 )
 from elastic_nodes import Node  # noqa: E402
 from s3 import SeaweedServer, find_weed  # noqa: E402
@@ -248,25 +255,39 @@ def base_worker_args(args: argparse.Namespace) -> list[str]:
             "--steps", "1000000000", "--log-every", "50", "--pg-timeout", str(args.pg_timeout)]
 
 
+def _fault_free(cluster: Cluster, seconds: float) -> list[dict[str, Any]]:
+    """Runs ``cluster`` until ``seconds`` of steps after the first one; its step log."""
+    cluster.start()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            steps = [r for r in read_log(cluster.step_log) if "save_s" in r]
+            if steps and steps[-1]["t"] - steps[0]["t"] >= seconds:
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"{cluster.name}: no steps within 180 s\n" + "\n".join(n.tail() for n in cluster.nodes))
+    finally:
+        cluster.stop()
+    return read_log(cluster.step_log)
+
+
+def run_snapshot_calibration(args: argparse.Namespace, root: str, server: SeaweedServer, env: dict[str, str],
+                             step_s: float) -> float:
+    """Fault-free hpresil-run with a snapshot every step: the cost of one snapshot."""
+    cluster = Cluster("calibration-hpresil", root, launcher="hpresil", agent_args=["--max-restarts", "0"],
+                      worker_args=[*base_worker_args(args), "--durable", server.url(f"{args.tag}/calibration-hpresil"),
+                                   "--ckpt-every", "1", "--durable-every", "20"], env=env, server=server)
+    return snapshot_cost(_fault_free(cluster, args.calibrate), step_s)
+
+
 def run_calibration(args: argparse.Namespace, root: str, server: SeaweedServer, env: dict[str, str]) -> tuple[float, float]:
     """Fault-free torchrun + DCP run: (ideal step time, blocking dcp.save cost)."""
     env = {**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cluster = Cluster("calibration", root, launcher="torchrun", agent_args=["--max-restarts", "0"],
                       worker_args=[*base_worker_args(args), "--dcp", server.url(f"{args.tag}/calibration"),
                                    "--dcp-every", str(args.calib_every)], env=env, server=server)
-    cluster.start()
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # calib_s of steps after the first one
-            steps = [r for r in read_log(cluster.step_log) if "save_s" in r]
-            if steps and steps[-1]["t"] - steps[0]["t"] >= args.calibrate:
-                break
-            time.sleep(0.5)
-        else:
-            raise SystemExit("calibration: no steps within 180 s\n" + "\n".join(n.tail() for n in cluster.nodes))
-    finally:
-        cluster.stop()
-    step_s, save_s = calibrate(read_log(cluster.step_log))
+    step_s, save_s = calibrate(_fault_free(cluster, args.calibrate))
     if save_s is None:
         raise SystemExit(f"calibration saw no dcp.save: lower --calib-every ({args.calib_every})")
     return step_s, save_s
@@ -289,13 +310,15 @@ def hpresil_report(cluster: Cluster, end: float) -> str:
 
 
 def run_system(name: str, args: argparse.Namespace, root: str, server: SeaweedServer, env: dict[str, str],
-               faults: list[Fault], step_s: float, dcp_every: int) -> tuple[Accounting, dict[str, Any]]:
+               faults: list[Fault], step_s: float, dcp_every: int, ckpt_every: int,
+               durable_every: int) -> tuple[Accounting, dict[str, Any]]:
     worker = base_worker_args(args)
     restarts = ["--max-restarts", str(args.max_restarts)]
     if name == "hpresil":
         cluster = Cluster(name, root, launcher="hpresil", agent_args=restarts, env=env, server=server,
                           worker_args=[*worker, "--durable", server.url(f"{args.tag}/hpresil"),
-                                       "--ckpt-every", str(args.ckpt_every)])
+                                       "--ckpt-every", str(ckpt_every),
+                                       "--durable-every", str(durable_every)])
     else:
         if not args.baseline_torch_store:
             # A careful user's workaround for pytorch#135712 (restarted gloo workers reading the
@@ -341,7 +364,10 @@ def main() -> None:
     p.add_argument("--calibrate", type=float, default=30.0, help="seconds of fault-free baseline steps measured first")
     p.add_argument("--calib-every", type=int, default=10, help="dcp.save every N steps while calibrating")
     p.add_argument("--dcp-every", type=int, default=0, help="baseline save interval in steps (default: Young/Daly)")
-    p.add_argument("--ckpt-every", type=int, default=1, help="hpresil RAM snapshot every N steps (train.py's default 1)")
+    p.add_argument("--ckpt-every", type=int, default=0,
+                   help="hpresil RAM snapshot every N steps (default: Young/Daly from its measured snapshot cost)")
+    p.add_argument("--drain-every", type=float, default=60.0,
+                   help="hpresil: drain a snapshot to S3 about every this many seconds (rounded to whole intervals)")
     p.add_argument("--kinds", default=",".join(KINDS), help="fault kinds to draw from (comma-separated)")
     p.add_argument("--baseline-torch-store", action="store_true",
                    help="leave torch's shared rendezvous TCPStore on for the baseline (default: "
@@ -373,6 +399,18 @@ def main() -> None:
               f"{n} steps; baseline saves every {dcp_every} steps; collective timeout {args.pg_timeout:.0f} s "
               "(init_process_group(timeout=...)), both systems; baseline TORCH_DISABLE_SHARE_RDZV_TCP_STORE="
               f"{'unset (torch default)' if args.baseline_torch_store else '1 (pytorch#135712)'}", flush=True)
+        ckpt_every, snap_s, snap_interval = args.ckpt_every, None, None
+        if not ckpt_every and args.only != "baseline":
+            print(f"calibration: {_stamp(time.time())}, hpresil-run with a snapshot every step, no faults", flush=True)
+            snap_s = run_snapshot_calibration(args, root, server, env, step_s)
+            snap_interval, ckpt_every = young_daly(snap_s, args.fault_every, step_s)
+            print(f"hpresil snapshot cost C = {snap_s * 1000:.0f} ms (median step with a snapshot every step - ideal); "
+                  f"Young/Daly interval {snap_interval:.1f} s = {ckpt_every} steps", flush=True)
+        ckpt_every = ckpt_every or 1
+        durable_every = ckpt_every * max(1, round(args.drain_every / (ckpt_every * step_s)))
+        if args.only != "baseline":
+            print(f"hpresil: RAM snapshot + peer replica every {ckpt_every} steps, drain to S3 every {durable_every} "
+                  f"steps (~{durable_every * step_s:.0f} s)", flush=True)
         faults = schedule(args.budget, args.fault_every, args.seed, replace_after=args.replace_after, outage=args.outage,
                           kinds=[k for k in args.kinds.split(",") if k])
         print(f"faults (seed {args.seed}): " + "; ".join(
@@ -381,14 +419,16 @@ def main() -> None:
         extras: dict[str, Any] = {}
         for name in ("hpresil", "baseline"):
             if args.only in (None, name):
-                results[name], extras[name] = run_system(name, args, root, server, env, faults, step_s, dcp_every)
+                results[name], extras[name] = run_system(name, args, root, server, env, faults, step_s, dcp_every,
+                                                         ckpt_every, durable_every)
         print(f"\ngoodput = final step x {step_s * 1000:.0f} ms / {args.budget:.0f} s; {len(faults)} fault(s), "
               f"one per {args.fault_every:.0f} s")
         print(table(results))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "ideal_step_s": step_s, "dcp_save_s": save_s, "young_daly_s": interval,
-                           "dcp_every": dcp_every, "faults": [dataclasses.asdict(f) for f in faults],
+                           "dcp_every": dcp_every, "snapshot_s": snap_s, "snapshot_young_daly_s": snap_interval,
+                           "ckpt_every": ckpt_every, "durable_every": durable_every, "faults": [dataclasses.asdict(f) for f in faults],
                            "results": {k: {**v.to_json_obj(), **extras[k]} for k, v in results.items()},
                            "causes": list(CAUSES), "labels": LABELS}, f, indent=1)
     finally:

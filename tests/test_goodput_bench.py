@@ -18,7 +18,7 @@ from _launch import REPO, base_env
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from _goodput_calc import (  # noqa: E402
-    CAUSES, KINDS, account, calibrate, recoveries, schedule, table, young_daly,
+    CAUSES, KINDS, account, calibrate, recoveries, schedule, snapshot_cost, table, young_daly,
 )
 
 TRAIN = os.path.join(REPO, "examples", "llama", "train.py")
@@ -62,6 +62,15 @@ def test_young_daly():
     assert young_daly(0.001, 1.0, 10.0)[1] == 1  # never below one step
     with pytest.raises(ValueError):
         young_daly(0.0, 60.0, 0.25)
+
+
+def test_snapshot_cost_is_the_median_step_above_ideal():
+    recs = [{"t": 0.0, "event": "start"}, {"t": 5.0, "step": 1, "save_s": 0.01}]  # warm-up step left out
+    recs += [{"t": 5.0 + 0.3 * i + (0.2 if i == 3 else 0.0), "step": 1 + i, "save_s": 0.01} for i in range(1, 8)]
+    assert snapshot_cost(recs, 0.25) == pytest.approx(0.05)
+    assert snapshot_cost(recs, 0.5) == 1e-3  # never below 1 ms
+    with pytest.raises(ValueError):
+        snapshot_cost(recs[:2], 0.25)
 
 
 def test_calibrate_takes_medians_and_skips_warm_up():
