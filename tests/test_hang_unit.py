@@ -52,6 +52,18 @@ def test_torn_or_missing_records_read_as_none(tmp_path) -> None:
     assert read_beat(str(tmp_path / "short")) is None
     (tmp_path / "odd").write_bytes(b"\x01" + b"\x00" * 127)  # seq odd: write in progress forever
     assert read_beat(str(tmp_path / "odd")) is None
+    # A stable record with a NaN or negative time is garbage (a NaN is never overdue): None,
+    # so the watchdog treats the rank as not beating and times it out.
+    from hpresil.hang.api import RECORD, RECORD_SIZE
+
+    good = [2, 5, 100.0, 100.0, 1, 42, 0.2, 0.3, 0.25, 5, 0, 0.0, 0.1, 0, 0.0, b"step"]
+    for i, bad in ((2, float("nan")), (3, float("inf")), (7, -1.0)):
+        fields = list(good)
+        fields[i] = bad
+        (tmp_path / "bad").write_bytes(RECORD.pack(*fields).ljust(RECORD_SIZE, b"\0"))
+        assert read_beat(str(tmp_path / "bad")) is None, (i, bad)
+    (tmp_path / "ok").write_bytes(RECORD.pack(*good).ljust(RECORD_SIZE, b"\0"))
+    assert read_beat(str(tmp_path / "ok")).step == 5
 
 
 def test_phase_timeouts_are_calibrated_with_a_floor(tmp_path) -> None:

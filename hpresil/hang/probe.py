@@ -7,6 +7,7 @@ exception, because the watchdog must keep running whatever the workers do.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -21,7 +22,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def read_beat(path: str, retries: int = 5) -> Beat | None:
-    """Decodes a heartbeat record, retrying while a write is in progress."""
+    """Decodes a heartbeat record, retrying while a write is in progress;
+    ``None`` for a missing, torn or nonsensical (non-finite or negative times) one."""
     try:
         with open(path, "rb") as f:
             data = f.read(RECORD.size)
@@ -32,7 +34,9 @@ def read_beat(path: str, retries: int = 5) -> Beat | None:
             return None
         beat = Beat(*RECORD.unpack_from(data, 0))
         if beat.seq % 2 == 0 and beat.seq > 0:
-            return beat
+            # A record with NaN, infinite or negative times is garbage: a NaN
+            # would compare false against every timeout and never be overdue.
+            return beat if _sane(beat) else None
         time.sleep(0.001)
         try:
             with open(path, "rb") as f:
@@ -40,6 +44,12 @@ def read_beat(path: str, retries: int = 5) -> Beat | None:
         except OSError:
             return None
     return None
+
+
+def _sane(beat: Beat) -> bool:
+    times = (beat.t_beat, beat.t_phase, beat.step_last, beat.step_max, beat.step_ema, beat.ckpt_max, beat.busy_ema,
+             beat.phase_timeout)
+    return all(math.isfinite(t) and t >= 0.0 for t in times)
 
 
 def proc_state(pid: int) -> tuple[str, float] | None:
