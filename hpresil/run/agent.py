@@ -156,10 +156,13 @@ class HpresilAgent(LocalElasticAgent):
             self._on_state_change(result)
             self._last_state = result.state
         # A peer's workers failed: ours sit in (or will reach) a broken collective.
-        peer_failed = result.state == WorkerState.HEALTHY and self._peer_failed()
+        # With no restart left, let them fail on their own: torch's loop then ends the job.
+        peer_failed = result.state == WorkerState.HEALTHY and self._remaining_restarts > 0 and self._peer_failed()
         lost = self._lost_peers(worker_group, result, peer_failed)
         if peer_failed and not lost:
-            # Join the restart now instead of waiting for our workers to fail too.
+            # Join the restart now instead of waiting for our workers to fail too; it
+            # is the same failure, so it costs this node a restart like the others.
+            self._remaining_restarts -= 1
             self._restart_reason = ("failure", "peer_failed", [])
             self._restart_workers(worker_group)
             return RunResult(state=worker_group.state)
