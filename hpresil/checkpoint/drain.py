@@ -225,6 +225,12 @@ class Drainer:
         return f"durable-flagged step(s) {pending} not uploaded (newest uploaded here: {floor if floor >= 0 else 'none'})"
 
     def _loop(self) -> None:
+        if not self._warm:
+            try:
+                self._warm_up()  # now, while the workers start, not during their first steps
+            except Exception as exc:  # noqa: BLE001 - retried at the first durable snapshot
+                self._warm = False
+                log.debug("durable drain: warm-up import failed: %s", exc)
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -271,10 +277,11 @@ class Drainer:
         return found
 
     def _warm_up(self) -> None:
-        """Imports DCP's metadata classes at the first snapshot of a job with a
-        durable tier, on this (drain) thread. The import takes seconds of
-        GIL-holding work in the agent's process: done lazily at the first durable
-        commit it can stall a worker restart that happens at the same moment."""
+        """Imports DCP's metadata classes on this (drain) thread when it starts
+        (and, failing that, at the first snapshot with a durable tier). The import
+        takes seconds of CPU in the agent's process: done lazily at the first
+        durable commit it stalled a worker restart happening at the same moment,
+        and on a busy host it slowed the first snapshot's training steps."""
         self._warm = True
         t0 = time.monotonic()
         for module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
