@@ -1,8 +1,11 @@
 """``LocalElasticAgent`` subclass that reports to the node runtime.
 
 It overrides only the agent's lifecycle hooks (rendezvous, start, monitor,
-restart, stop) to emit events and tell the runtime's services what happened;
-scheduling, restarts and process management stay torch's.
+restart, stop) to emit events and tell the runtime's services what happened,
+to restart on a lost node (:mod:`hpresil.elastic.membership`) and to restart
+a failed group without a new rendezvous round when the nodes stay the same
+(:mod:`hpresil.elastic.fast_restart`). The restart budget, process management
+and signals stay torch's.
 """
 
 from __future__ import annotations
