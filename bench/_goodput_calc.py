@@ -115,6 +115,22 @@ def calibrate(records: Iterable[dict[str, Any]], *, saved_above: float = 1e-3) -
     return statistics.median(plain), statistics.median(saves) if saves else None
 
 
+def quiet_step(records: Iterable[dict[str, Any]]) -> float | None:
+    """A run's own fault-free step time: the median step without a save at the
+    run's largest world size (each start's first step left out); ``None`` without
+    such steps. Against it, goodput does not depend on a calibration taken minutes
+    earlier on a host whose speed drifts."""
+    recs = list(records)
+    worlds = [r["world"] for r in recs if "world" in r]
+    if not worlds:
+        return None
+    top = max(worlds)
+    try:
+        return calibrate([r for r in recs if r.get("world") == top])[0]
+    except ValueError:
+        return None
+
+
 def snapshot_cost(records: Iterable[dict[str, Any]], ideal_step_s: float) -> float:
     """Cost of one snapshot from a fault-free log with a snapshot every step: the
     median step time minus ``ideal_step_s`` (each start's first step left out), so
@@ -159,15 +175,21 @@ class Accounting:
     starts: int
     worlds: list[int]
     seconds: dict[str, float]
+    run_step_s: float | None = None
 
     @property
     def goodput(self) -> float:
         """Useful progress / wall time."""
         return self.seconds["productive"] / self.budget
 
+    @property
+    def goodput_run(self) -> float | None:
+        """Goodput against the run's own quiet-step median (:func:`quiet_step`)."""
+        return None if self.run_step_s is None else self.final_step * self.run_step_s / self.budget
+
     def to_json_obj(self) -> dict[str, Any]:
         """A JSON-serialisable dict (goodput included)."""
-        return {**dataclasses.asdict(self), "goodput": self.goodput}
+        return {**dataclasses.asdict(self), "goodput": self.goodput, "goodput_run": self.goodput_run}
 
 
 def account(records: Iterable[dict[str, Any]], *, t0: float, budget: float, ideal_step_s: float,
@@ -233,7 +255,7 @@ def account(records: Iterable[dict[str, Any]], *, t0: float, budget: float, idea
     sec["productive"] = final_step * ideal_step_s
     sec["other"] = budget - sum(v for k, v in sec.items() if k != "other")
     return Accounting(budget=budget, ideal_step_s=ideal_step_s, final_step=final_step, steps_run=len(steps),
-                      starts=len(worlds), worlds=worlds, seconds=sec)
+                      starts=len(worlds), worlds=worlds, seconds=sec, run_step_s=quiet_step(recs))
 
 
 def clip_segments(segments: Iterable[Any], t0: float, end: float) -> dict[str, float]:
@@ -263,6 +285,9 @@ def table(results: dict[str, Accounting], *, target: float = 0.90, target_ratio:
     row("goodput (%)", [100 * a.goodput for a in acc], ".1f", ratio=True)
     row("  without the job's start-up (%)",
         [100 * a.seconds["productive"] / max(1e-9, a.budget - a.seconds["startup"]) for a in acc], ".1f", ratio=True)
+    if all(a.goodput_run is not None for a in acc):
+        row("goodput vs the run's own step (%)", [100 * (a.goodput_run or 0.0) for a in acc], ".1f", ratio=True)
+        row("  its quiet-step median (ms)", [1000 * (a.run_step_s or 0.0) for a in acc], ".0f")
     row("final step", [a.final_step for a in acc], "d", ratio=True)
     row("steps run (redone included)", [a.steps_run for a in acc], "d")
     row("worker-group starts", [a.starts for a in acc], "d")

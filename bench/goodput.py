@@ -37,7 +37,9 @@ rest of the budget in one hang) and the same global batch (kept at world size 1
 by gradient accumulation).
 
 Goodput = final step x ideal step time / budget (steps redone after a restore
-count once); the table splits the budget per cause from the rank-0 step log
+count once); the table also gives it against each run's own quiet-step median
+(steps without a save at full size: the host's speed drifts between the
+calibration and the runs); the table splits the budget per cause from the rank-0 step log
 (``train.py --step-log``) and the fault times, for both systems alike; for
 hpresil the ``hpresil-run report`` of the nodes' events.jsonl, clipped to the
 budget, is printed as a cross-check.

@@ -122,6 +122,8 @@ def test_account_splits_the_budget_per_cause():
     assert sum(s.values()) == pytest.approx(30.0)
     assert set(s) == {"productive", *CAUSES}
     assert acc.goodput == pytest.approx(10.0 / 30.0)
+    # The run's own quiet steps (no save, largest world) take 0.5 s: the same goodput here.
+    assert acc.run_step_s == pytest.approx(0.5) and acc.goodput_run == pytest.approx(acc.goodput)
 
 
 def test_account_rescale_and_a_budget_ending_mid_recovery():
@@ -147,6 +149,7 @@ def test_recoveries_and_table():
     b = account(_log()[:5], t0=1000.0, budget=30.0, ideal_step_s=0.5)
     text = table({"hpresil": a, "baseline": b})
     assert "goodput (%)" in text and "5.00x" in text and "NOT met" in text
+    assert "goodput vs the run's own step (%)" in text
 
 
 # ---- the baseline mode of train.py -------------------------------------------------------
