@@ -165,7 +165,9 @@ def test_node_killed_during_durable_upload(tmp_path, ref) -> None:
     durable = tmp_path / "durable"
     url = f"file://{durable}"
     step20 = durable / "step_0000000020"
-    with shm_root() as shm, standalone(tmp_path, "first", shm=shm, durable=url, faults=hold(10),
+    # Held at 10 (until its commit), then at 20: step 20 stays the newest snapshot while it uploads (the
+    # drainer takes the newest, and 10 steps take less than its scan interval here).
+    with shm_root() as shm, standalone(tmp_path, "first", shm=shm, durable=url, faults=[*hold(10), *hold(20)],
                                        launcher=PAUSE) as first:
 
         def uploading():

@@ -160,6 +160,12 @@ def test_a_joiner_waits_for_its_fork_server_only_when_the_job_already_trains(cap
     assert join_when_ready(params, warm=False) is None
     assert join_when_ready(RendezvousParameters(backend="static", endpoint="127.0.0.1:1", run_id="job7",
                                                 min_nodes=1, max_nodes=1), warm=True) is None
+    import time
+
+    t0 = time.monotonic()  # --standalone's port 0: nothing to ask (no 2 s connect timeout)
+    join_when_ready(RendezvousParameters(backend="c10d", endpoint="localhost:0", run_id="job7", min_nodes=1,
+                                         max_nodes=1), warm=True)()
+    assert time.monotonic() - t0 < 1.0
     before = join_when_ready(params, warm=True)
     with caplog.at_level(logging.INFO, logger="hpresil"):
         before()  # job start: no key, returns at once

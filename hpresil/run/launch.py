@@ -93,6 +93,8 @@ def join_when_ready(params: RendezvousParameters, warm: bool, timeout: float = 3
 
         try:
             host, port = parse_rendezvous_endpoint(params.endpoint, default_port=29400)
+            if port == 0:  # --standalone: this agent hosts a store on a port picked at creation; nothing runs yet
+                return
             store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
             running = store.check([RUNNING_KEY.format(run_id=params.run_id)])
         except Exception as exc:  # noqa: BLE001 - no store yet: the job is starting
