@@ -175,6 +175,13 @@ class HpresilAgent(LocalElasticAgent):
             self._restart_reason = ("membership", "node_lost", sorted(lost))
             self._restart_workers(worker_group)
             return RunResult(state=worker_group.state)
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and self._liveness is not None \
+                and _nodes_waiting(worker_group) > 0:
+            # A node waits to join: the other agents are stopping their workers for it,
+            # which breaks ours' collectives. The same membership restart, not a failure.
+            self._restart_reason = ("membership", "node_joined", [])
+            self._restart_workers(worker_group)
+            return RunResult(state=worker_group.state)
         return result
 
     def _watch_peers(self, worker_group: WorkerGroup) -> None:
