@@ -34,8 +34,16 @@ def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType |
     }
     try:
         if path and not os.path.exists(path):  # @record may have written it already
-            with open(path, "w") as f:
+            # Written aside and linked into place: the agent reads the file as soon as
+            # the process is gone and must never see it half-written (a worker can be
+            # SIGKILLed mid-write); link() also never replaces one @record wrote meanwhile.
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
                 json.dump(data, f)
+            try:
+                os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
     except OSError:  # never mask the user's exception with ours
         pass
     sys.__excepthook__(exc_type, exc, tb)

@@ -174,7 +174,10 @@ def test_tracker_loses_a_peer_that_never_beats():
 def test_restart_cause():
     assert restart_cause(failed=True, lost=[2], waiting=0) == ("membership", "node_lost")
     assert restart_cause(failed=False, lost=[1], waiting=0) == ("membership", "node_lost")
-    assert restart_cause(failed=True, lost=[], waiting=1) == ("failure", "worker_failed")
+    # a failure while a node waits to join: the join's restart broke the collectives
+    assert restart_cause(failed=True, lost=[], waiting=1) == ("membership", "node_joined")
+    assert restart_cause(failed=True, lost=[], waiting=0) == ("failure", "worker_failed")
+    assert restart_cause(failed=False, lost=[], waiting=0) == ("membership", "requested")
     assert restart_cause(failed=False, lost=[], waiting=1) == ("membership", "node_joined")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -55,3 +57,31 @@ def test_rank_stopped_by_the_agent_is_not_the_root_cause(tmp_path) -> None:
     failures = {0: _failure(tmp_path, 0, -signal.SIGTERM, 100), 1: _failure(tmp_path, 1, 1, 100)}
     rank, _ = pick_root_cause(ChildFailedError("train.py", failures), {1: str(stderr1)})
     assert rank == 1
+
+
+def test_guard_error_files_repairs_only_a_dead_writers_torn_file(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from hpresil.run.failure import guard_error_files, process_running
+
+    good, torn, live, absent = (str(tmp_path / n) for n in ("good.json", "torn.json", "live.json", "absent.json"))
+    with open(good, "w") as f:
+        json.dump({"message": "RuntimeError: x", "timestamp": 1}, f)
+    for path in (torn, live):
+        with open(path, "w") as f:
+            f.write('{"message": {"mess')
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not process_running(dead.pid) and process_running(os.getpid())
+    checked: set[str] = set()
+    files = {0: good, 1: torn, 2: live, 3: absent}
+    fixed = guard_error_files(files, lambda: {1: dead.pid, 2: os.getpid()}, checked)
+    assert fixed == [torn] and checked == {good, torn}
+    with open(torn) as f:
+        note = json.load(f)
+    assert "unreadable" in note["message"]["message"] and '{"message": {"mess' in note["message"]["message"]
+    assert int(note["message"]["extraInfo"]["timestamp"]) > 0
+    with open(live) as f:
+        assert f.read() == '{"message": {"mess'  # its writer may still be finishing it
+    assert guard_error_files(files, lambda: {}, checked) == [live]  # writer gone: repaired now

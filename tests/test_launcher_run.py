@@ -140,3 +140,20 @@ def test_killed_worker_without_restarts_names_the_signal(tmp_path) -> None:
                        tmp_path, env=env)
     assert proc.returncode == 1
     assert "root cause: rank 0 (local rank 0" in proc.stderr and "was killed by SIGKILL" in proc.stderr
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["subprocess", "warm-start"])
+def test_half_written_error_file_does_not_end_the_job(tmp_path, warm: bool) -> None:
+    # torch parses a dead worker's error.json and lets a JSON error end the agent;
+    # a worker killed mid-write must cost one restart, not the job.
+    logs = tmp_path / "logs"
+    proc = hpresil_run(["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.1",
+                        "--log-dir", str(logs), script("torn_error_file.py")], tmp_path,
+                       env=base_env(tmp_path, warm=warm), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "was not valid JSON" in proc.stderr
+    assert "rank 1 attempt 1 ok" in proc.stdout + proc.stderr
+    evs = events(logs / "events.jsonl")
+    exits = [e for e in evs if e["event"] == "worker_exit" and e["rank"] == 1]
+    assert exits and "error file was unreadable" in json.dumps(exits[0]["message"])
+    assert [e["cause"] for e in evs if e["event"] == "workers_restart"] == ["failure"]

@@ -77,7 +77,9 @@ def restart_cause(failed: bool, lost: Iterable[int], waiting: int) -> tuple[str,
 
     ``cause`` is ``membership`` (does not consume ``--max-restarts``) or
     ``failure`` (does). A local failure while a peer is lost is the loss's
-    consequence (its collectives broke), so it counts as membership.
+    consequence (its collectives broke), so it counts as membership; so is
+    one while a node waits to join (the other agents are stopping their
+    workers for the join, which breaks ours' collectives).
 
     Args:
         failed: the local workers failed or are unhealthy.
@@ -86,10 +88,10 @@ def restart_cause(failed: bool, lost: Iterable[int], waiting: int) -> tuple[str,
     """
     if any(True for _ in lost):
         return "membership", "node_lost"
-    if failed:
-        return "failure", "worker_failed"
     if waiting > 0:
         return "membership", "node_joined"
+    if failed:
+        return "failure", "worker_failed"
     return "membership", "requested"
 
 

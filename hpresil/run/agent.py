@@ -10,7 +10,9 @@ and signals stay torch's.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -20,6 +22,7 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from hpresil.elastic.api import RUNNING_KEY, ElasticConfig
 from hpresil.elastic.fast_restart import FastRestart, free_port
 from hpresil.elastic.membership import Liveness, restart_cause
+from hpresil.run.failure import guard_error_files
 from hpresil.runtime.api import WorkerGroupInfo
 from hpresil.runtime.node import NodeRuntime
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: How often (s) an agent looks for other nodes' failure marks (one store round trip).
 _FAST_POLL = 0.1
+#: Polls retried (50 ms apart) when one trips on a failed worker's error file.
+_ERROR_FILE_RETRIES = 10
 
 
 class HpresilAgent(LocalElasticAgent):
@@ -61,6 +66,7 @@ class HpresilAgent(LocalElasticAgent):
         self._fast_enabled = fast_restart
         self._fast: FastRestart | None = None  # this round's agreement (None: off or not possible)
         self._fast_checked = 0.0  # when _monitor_workers last looked for failed peers
+        self._checked_error_files: set[str] = set()  # error files found valid (or repaired)
         #: stderr log of each failed global rank (when captured), for the failure report.
         self.stderr_paths: dict[int, str] = {}
 
@@ -154,7 +160,7 @@ class HpresilAgent(LocalElasticAgent):
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         self._leave_if_unhealthy()
-        result = super()._monitor_workers(worker_group)
+        result = self._poll_workers(worker_group)
         if result.state != self._last_state:
             self._on_state_change(result)
             self._last_state = result.state
@@ -175,14 +181,40 @@ class HpresilAgent(LocalElasticAgent):
             self._restart_reason = ("membership", "node_lost", sorted(lost))
             self._restart_workers(worker_group)
             return RunResult(state=worker_group.state)
-        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and self._liveness is not None \
-                and _nodes_waiting(worker_group) > 0:
-            # A node waits to join: the other agents are stopping their workers for it,
-            # which breaks ours' collectives. The same membership restart, not a failure.
-            self._restart_reason = ("membership", "node_joined", [])
-            self._restart_workers(worker_group)
-            return RunResult(state=worker_group.state)
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and self._liveness is not None:
+            cause, reason = restart_cause(True, (), _nodes_waiting(worker_group))
+            if cause == "membership":  # a node waits to join: the join's restart, not a failure
+                self._restart_reason = (cause, reason, [])
+                self._restart_workers(worker_group)
+                return RunResult(state=worker_group.state)
         return result
+
+    def _poll_workers(self, worker_group: WorkerGroup) -> RunResult:
+        """torch's poll, surviving a worker's half-written error file.
+
+        torch parses a failed worker's ``error.json`` as soon as the process is
+        gone and lets a JSON error end the agent (the job): a worker killed while
+        writing it (OOM killer, SIGKILL, a full disk) would take the node down.
+        Before each poll, an error file that appeared is checked once; when it is
+        not valid JSON and its writer is gone, it is replaced by a valid one that
+        says so (:func:`~hpresil.run.failure.repair_error_files`). A poll that
+        still trips on one is retried after the repair.
+        """
+        for attempt in range(_ERROR_FILE_RETRIES + 1):
+            self._check_error_files()
+            try:
+                return super()._monitor_workers(worker_group)
+            except json.JSONDecodeError:
+                if attempt == _ERROR_FILE_RETRIES:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    def _check_error_files(self) -> None:
+        pcontext = self._pcontext
+        files = getattr(pcontext, "error_files", None) or {}
+        for path in guard_error_files(files, lambda: pcontext.pids(), self._checked_error_files):  # type: ignore[union-attr]
+            log.warning("worker error file %s was not valid JSON (its writer died mid-write); replaced by a note", path)
 
     def _watch_peers(self, worker_group: WorkerGroup) -> None:
         """Starts watching the new round's nodes (replacing the previous round's watch)."""
