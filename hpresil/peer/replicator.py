@@ -37,6 +37,7 @@ from hpresil.peer.client import PeerClient
 from hpresil.peer.placement import place
 from hpresil.peer.server import PeerServer
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.priority import lower_this_thread
 
 __all__ = ["Replicator"]
 
@@ -77,6 +78,7 @@ class _Sender:
             self._client.close()
 
     def _loop(self) -> None:
+        lower_this_thread()  # streaming replicas yields to training (hpresil.runtime.priority)
         while not self._stop.is_set():
             self._wake.wait()
             self._wake.clear()
@@ -228,6 +230,7 @@ class Replicator:
 
     # -- work ------------------------------------------------------------
     def _loop(self) -> None:
+        lower_this_thread()
         seen = 0
         while not self._stop.is_set():
             self._wake.wait(self.config.scan_interval.total_seconds())
