@@ -71,7 +71,6 @@ def test_hpresil_variables_are_defaults_and_flags_win(monkeypatch: pytest.Monkey
         (["--no-python", "-m"], "drop --no-python"),
         (["--local-ranks-filter", "a,b"], "--local_ranks_filter must be a comma-separated list"),
         (["--tracebacks", "maybe"], "invalid choice"),
-        (["--background-nice", "25"], "use an integer nice value 0..19"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_fix(tmp_path, argv: list[str], fix: str) -> None:

@@ -36,7 +36,6 @@ from hpresil.checkpoint.ram_files import ScanCache, SlotInfo, lock_shared, read_
 from hpresil.errors import ConfigError, IntegrityError
 from hpresil.events.api import EventSink
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
-from hpresil.runtime.priority import lower_this_thread
 
 __all__ = ["DrainConfig", "Drainer"]
 
@@ -226,7 +225,6 @@ class Drainer:
         return f"durable-flagged step(s) {pending} not uploaded (newest uploaded here: {floor if floor >= 0 else 'none'})"
 
     def _loop(self) -> None:
-        lower_this_thread()  # uploads and the warm-up import yield to training
         if not self._warm:
             try:
                 self._warm_up()  # now, while the workers start, not during their first steps

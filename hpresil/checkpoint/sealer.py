@@ -36,7 +36,6 @@ from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read
 from hpresil.events import NullEventLog
 from hpresil.events.api import EventSink
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
-from hpresil.runtime.priority import lower_this_thread
 
 __all__ = ["Sealer"]
 
@@ -121,7 +120,6 @@ class Sealer:
         self._wake.set()
 
     def _loop(self) -> None:
-        lower_this_thread()  # sealing yields to training (see hpresil.runtime.priority)
         while not self._stop.is_set():
             self._wake.wait(self.interval.total_seconds())
             self._wake.clear()

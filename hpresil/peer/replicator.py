@@ -37,7 +37,6 @@ from hpresil.peer.client import PeerClient
 from hpresil.peer.placement import place
 from hpresil.peer.server import PeerServer
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
-from hpresil.runtime.priority import lower_this_thread
 
 __all__ = ["Replicator"]
 
@@ -78,7 +77,6 @@ class _Sender:
             self._client.close()
 
     def _loop(self) -> None:
-        lower_this_thread()  # streaming replicas yields to training (hpresil.runtime.priority)
         while not self._stop.is_set():
             self._wake.wait()
             self._wake.clear()
@@ -230,7 +228,6 @@ class Replicator:
 
     # -- work ------------------------------------------------------------
     def _loop(self) -> None:
-        lower_this_thread()
         seen = 0
         while not self._stop.is_set():
             self._wake.wait(self.config.scan_interval.total_seconds())

@@ -24,7 +24,6 @@ from hpresil.events.api import EventSink
 from hpresil.peer import wire
 from hpresil.peer.api import AuthError, FrameError, ReplicatorConfig
 from hpresil.peer.replicas import Incoming, ReplicaStore, validate
-from hpresil.runtime.priority import lower_this_thread
 
 __all__ = ["PeerServer"]
 
@@ -205,8 +204,6 @@ class PeerServer:
             wire.send_frame(conn, {"op": "error", "error": str(exc)})
 
     def _op_put(self, conn: socket.socket, header: dict[str, Any]) -> None:
-        # Receiving a replica is background work; serving a restore (list/get/read) is not.
-        lower_this_thread()
         try:
             record = CommitRecord.from_json(header["record"])
             seal = Seal.from_json(header["seal"])
