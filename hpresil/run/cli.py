@@ -74,10 +74,6 @@ HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
      "auto: when a worker fails and the nodes stay the same (none lost, none waiting to join), the agents "
      "agree through the rendezvous store and restart their workers with the same ranks, without a new "
      "rendezvous round (which costs seconds); off: torchrun's stop -> rendezvous -> start on every failure."),
-    ("--background-nice", "HPRESIL_BACKGROUND_NICE", "str", None,
-     "Nice value 0-19 of the node runtime's bulk threads (sealing, peer replication, durable drain; "
-     "default 10) so they run in the cycles training leaves idle instead of preempting it; 0: the "
-     "agent's priority. Detection, restart and restore-serving threads are never lowered."),
     ("--tracebacks", "HPRESIL_TRACEBACKS", "choice:auto,off", "auto",
      "auto: when neither --redirects nor --tee is given, also copy each worker's stderr to "
      "the log dir so a failure report can show the failing rank's traceback; off: torchrun's behaviour."),
@@ -187,10 +183,6 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--monitor-interval {args.monitor_interval}: takes a number of seconds > 0")
     if args.no_python and args.module:
         raise ConfigError("--no-python and -m/--module conflict: drop --no-python to run a module with -m")
-    if getattr(args, "background_nice", None):
-        from hpresil.runtime.priority import BACKGROUND_NICE_ENV, background_nice
-
-        background_nice({BACKGROUND_NICE_ENV: str(args.background_nice)})
     if getattr(args, "preload", None):
         from hpresil.run.warm import preload_modules
 
@@ -268,8 +260,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:  # torch creates --log-dir here
         raise ConfigError(f"--log-dir {args.log_dir!r} cannot be used: {exc}") from exc
     runtime_config = _runtime_config(args)
-    if args.background_nice:  # read by each bulk thread of the node runtime (hpresil.runtime.priority)
-        os.environ["HPRESIL_BACKGROUND_NICE"] = str(args.background_nice).strip()
     hang = hang_config({flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, *_ in HANG_OPTIONS})
 
     from hpresil.run.launch import launch_agent
