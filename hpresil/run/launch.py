@@ -33,6 +33,7 @@ from hpresil.errors import NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
 from hpresil.runtime.env import EnvChange
 from hpresil.run.failure import explain_failure
+from hpresil.run.logs import render_exceptions_eagerly
 from hpresil.runtime.node import NodeRuntime
 
 __all__ = ["launch_agent", "entrypoint_name"]
@@ -199,6 +200,7 @@ def launch_agent(
         config.max_restarts,
     )
 
+    render_exceptions_eagerly()  # a worker failure's log line must not import torch._dynamo first
     shutdown_rdzv = True
     stop_timeout = timedelta(seconds=60)
     succeeded = False
