@@ -171,6 +171,15 @@ def test_tracker_loses_a_peer_that_never_beats():
     assert t.observe(1.9, {}) == frozenset() and t.observe(2.0, {}) == {1}
 
 
+def test_tracker_watches_its_ring_successors_and_adopts_other_verdicts():
+    t = LivenessTracker(group_rank=4, group_world_size=6, lost_after=1.0, now=0.0)
+    assert t.peers == [0, 5]  # 5 and 0 follow 4 in the ring
+    assert LivenessTracker(group_rank=0, group_world_size=6, lost_after=1.0, now=0.0, watch=None).peers == [1, 2, 3, 4, 5]
+    assert t.observe(5.0, {0: 7, 5: 7}) == frozenset()  # node 2 is silent, but 4 does not watch it
+    t.observe(5.5, {0: 8, 5: 8}, done=[5])
+    assert t.adopt([2, 4, 5, 99, -1]) == {2}, "never itself, a done peer or a rank outside the round"
+
+
 def test_restart_cause():
     assert restart_cause(failed=True, lost=[2], waiting=0) == ("membership", "node_lost")
     assert restart_cause(failed=False, lost=[1], waiting=0) == ("membership", "node_lost")
@@ -212,6 +221,45 @@ def test_liveness_over_a_real_store_detects_a_silent_peer():
     finally:
         for n in nodes:
             n.stop()
+
+
+class _CountingStore:
+    """Forwards to a store and counts the requests."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self.store, name)
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+        return call
+
+
+def test_liveness_verdicts_reach_every_node_at_constant_store_cost():
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    cfg = ElasticConfig(refresh_interval=timedelta(milliseconds=20), lost_after=timedelta(milliseconds=200))
+    n = 8
+    counting = [_CountingStore(store) for _ in range(n)]
+    nodes = [Liveness(counting[r], r, n, cfg) for r in range(n)]
+    try:
+        for node in nodes:
+            node.start()
+        time.sleep(0.3)
+        assert all(not node.view().lost for node in nodes)
+        before = counting[0].calls
+        nodes[0].beat()
+        assert counting[0].calls - before <= 6, "a beat reads its 2 watched peers and one epoch, not all 7 peers"
+        nodes[5].stop()  # node 5 dies: only nodes 3 and 4 watch it
+        for r in (0, 1, 2, 3, 4, 6, 7):
+            assert nodes[r].wait_for_loss(5.0) == {5}, f"node {r} never learned that node 5 was lost"
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 def test_liveness_without_a_store_judges_nobody():

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from torch.distributed import PrefixStore, TCPStore
 
-from hpresil.elastic.fast_restart import FastRestart, free_port
+from hpresil.elastic.fast_restart import FastRestart, free_port, poll_interval
 
 
 @pytest.fixture()
@@ -22,6 +22,17 @@ def store():
 
 def _client(store: PrefixStore, world: int, rank: int, timeout: float = 2.0) -> FastRestart:
     return FastRestart(store, rank, world, timeout=timeout, poll=0.005)
+
+
+def test_polling_scales_with_the_number_of_nodes() -> None:
+    # Each agent polls the store while watching for a peer's failure mark; together
+    # they stay within a fixed request rate at any job size.
+    assert poll_interval(2, 0.1, 1000) == 0.1 and poll_interval(100, 0.1, 1000) == 0.1
+    assert poll_interval(2048, 0.1, 1000) == 2.048
+    big = FastRestart(None, 0, 2048, timeout=1.0)
+    assert big.watch_interval * 1000 >= 2048 and big.poll * 10000 >= 2048
+    small = FastRestart(None, 0, 2, timeout=1.0)
+    assert small.watch_interval == 0.1 and small.poll == 0.02
 
 
 def _agree_all(agents: list[FastRestart], ports: dict[int, int | None], give_up=lambda: False,

@@ -42,6 +42,9 @@ __all__ = [
     "DYNAMIC_BACKENDS",
     "ALIVE_KEY",
     "DONE_KEY",
+    "LOST_KEY",
+    "LOST_EPOCH_KEY",
+    "WATCHERS",
     "RUNNING_KEY",
 ]
 
@@ -62,6 +65,12 @@ RDZV_TUNED_DEFAULTS: tuple[tuple[str, str, str], ...] = (
 #: Store keys (under the round's prefix) of each agent's liveness counter and done flag.
 ALIVE_KEY = "hpresil/elastic/alive/{group_rank}"
 DONE_KEY = "hpresil/elastic/done/{group_rank}"
+#: Loss verdicts, appended ``"<group rank>,"`` by the watcher that declared them, then
+#: ``LOST_EPOCH_KEY`` is bumped: every agent reads one counter per beat, the list on change.
+LOST_KEY = "hpresil/elastic/lost"
+LOST_EPOCH_KEY = "hpresil/elastic/lost_epoch"
+#: How many ring successors each agent watches (each node has this many watchers).
+WATCHERS = 2
 #: Key in the rendezvous backend's store (all rounds) set once a round of job ``run_id`` completed.
 RUNNING_KEY = "hpresil/running/{run_id}"
 
