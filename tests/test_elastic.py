@@ -224,12 +224,15 @@ def test_liveness_over_a_real_store_detects_a_silent_peer():
 
 
 class _CountingStore:
-    """Forwards to a store and counts the requests."""
+    """Forwards to a store and counts the requests; only the calls every torch Store
+    has (etcd's ``EtcdStore`` has no ``append``, ``compare_set`` or ``multi_get``)."""
 
     def __init__(self, store):
         self.store, self.calls = store, 0
 
     def __getattr__(self, name):
+        if name not in ("add", "set", "get", "check"):
+            raise AttributeError(f"{name}: not a call every torch Store supports")
         fn = getattr(self.store, name)
 
         def call(*args, **kwargs):

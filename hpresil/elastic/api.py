@@ -65,9 +65,10 @@ RDZV_TUNED_DEFAULTS: tuple[tuple[str, str, str], ...] = (
 #: Store keys (under the round's prefix) of each agent's liveness counter and done flag.
 ALIVE_KEY = "hpresil/elastic/alive/{group_rank}"
 DONE_KEY = "hpresil/elastic/done/{group_rank}"
-#: Loss verdicts, appended ``"<group rank>,"`` by the watcher that declared them, then
-#: ``LOST_EPOCH_KEY`` is bumped: every agent reads one counter per beat, the list on change.
-LOST_KEY = "hpresil/elastic/lost"
+#: Loss verdicts: the watcher that declares one bumps ``LOST_EPOCH_KEY`` to ``i`` and sets
+#: ``LOST_KEY`` ``i`` to the lost group rank; every agent reads the counter each beat and
+#: the new keys when it moved.
+LOST_KEY = "hpresil/elastic/lost/{index}"
 LOST_EPOCH_KEY = "hpresil/elastic/lost_epoch"
 #: How many ring successors each agent watches (each node has this many watchers).
 WATCHERS = 2

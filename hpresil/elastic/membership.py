@@ -5,8 +5,8 @@ Each agent bumps its own counter in the round's rendezvous store every
 nodes in group-rank order (a ring: every node has that many watchers). A peer
 whose counter has not moved for ``lost_after`` — measured on the *observer's*
 monotonic clock, so no clock synchronisation is assumed — is lost; the watcher
-appends the verdict to a shared list and bumps one epoch counter, which every
-agent reads each beat. A beat costs a constant number of store requests at any
+publishes the verdict as the next numbered key after bumping one epoch counter,
+which every agent reads each beat. A beat costs a constant number of store requests at any
 job size (reading every peer would be n requests per agent, n^2 per beat at the
 store: 4 million at 2,048 nodes). A block of dead nodes is still seen by the
 live node just before it. The decision logic
@@ -95,7 +95,7 @@ class LivenessTracker:
 
 
 def _ranks(raw: bytes) -> list[int]:
-    """The group ranks of a ``"3,7,"`` verdict list (anything else in it is skipped)."""
+    """The group ranks in a verdict value (``b"3"``; anything else in it is skipped)."""
     out = []
     for item in bytes(raw).split(b","):
         item = item.strip()
@@ -183,7 +183,7 @@ class Liveness:
         self._changed = threading.Condition()
         self._store_ok = True
         self._finished = False
-        self._epoch = 0  # the loss epoch whose verdicts were adopted
+        self._adopted = 0  # verdicts 1.._adopted have been read
         self._thread: threading.Thread | None = None
 
     def start(self) -> "Liveness":
@@ -213,13 +213,10 @@ class Liveness:
                     done.append(peer)
                 counters[peer] = self.store.add(ALIVE_KEY.format(group_rank=peer), 0)
             seen = set(tr.lost)
-            mine = tr.observe(self.clock(), counters, done) - seen
-            for peer in sorted(mine):  # the list first: a reader that sees the new epoch finds it
-                self.store.append(LOST_KEY, f"{peer},")
-            epoch = self.store.add(LOST_EPOCH_KEY, len(mine))
-            if epoch != self._epoch:
-                self._epoch = epoch
-                tr.adopt(_ranks(self.store.get(LOST_KEY)))
+            for peer in sorted(tr.observe(self.clock(), counters, done) - seen):
+                # Verdict i is key LOST_KEY/i; add/set/check/get only, which every torch Store has.
+                self.store.set(LOST_KEY.format(index=self.store.add(LOST_EPOCH_KEY, 1)), str(peer))
+            self._adopt_verdicts()
             self._store_ok = True
         except Exception as exc:  # the store host is gone or unreachable: no verdict on peers
             if self._store_ok:
@@ -234,6 +231,18 @@ class Liveness:
                 self._changed.notify_all()
             if self._on_lost is not None:
                 self._on_lost(lost)
+
+    def _adopt_verdicts(self) -> None:
+        """Reads the verdicts published since the last beat (one counter read when
+        there are none); one not written yet (its watcher is between the two
+        requests) is read next beat."""
+        epoch = self.store.add(LOST_EPOCH_KEY, 0)
+        while self._adopted < epoch:
+            key = LOST_KEY.format(index=self._adopted + 1)
+            if not self.store.check([key]):
+                return
+            self.tracker.adopt(_ranks(self.store.get(key)))
+            self._adopted += 1
 
     def finish(self) -> None:
         """Marks this node's workers done, so peers never take its silence for a loss."""
