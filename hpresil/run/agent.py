@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -30,7 +29,6 @@ __all__ = ["HpresilAgent"]
 
 log = logging.getLogger(__name__)
 
-#: How often (s) an agent looks for other nodes' failure marks (one store round trip).
 #: Polls retried (50 ms apart) when one trips on a failed worker's error file.
 _ERROR_FILE_RETRIES = 10
 

@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
 from hpresil._parse import parse_bool
-from hpresil.errors import ConfigError, LaunchError, NodeUnhealthyError
+from hpresil.errors import ConfigError, NodeUnhealthyError
 from hpresil.hang.config import HANG_OPTIONS, hang_config
 from hpresil.peer.api import PEER_OPTIONS
 from hpresil.netenv.api import Plan
@@ -292,13 +292,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=[*default_services(configs), NetEnvReport(net_plan)])
     except OSError as exc:  # the job log directory is created here
         raise ConfigError(f"log directory {log_dir!r} cannot be used: {exc}; pass another --job-log-dir") from exc
-    try:
-        launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace,
-                     fast_restart=args.fast_restart != "off")
-    except ConfigError:
-        raise
-    except (ValueError, AssertionError) as exc:  # a failure while running, not a usage error (exit 2)
-        raise LaunchError(f"the agent failed while supervising the workers: {type(exc).__name__}: {exc}") from exc
+    launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace,
+                 fast_restart=args.fast_restart != "off")
 
 
 def _handle_stop_signals() -> None:

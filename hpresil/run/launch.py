@@ -29,7 +29,7 @@ from torch.distributed.launcher.api import LaunchConfig
 
 from hpresil.elastic.api import ElasticConfig
 from hpresil.elastic.membership import lost_after_from_rdzv, tuned_rdzv_configs
-from hpresil.errors import NodeUnhealthyError
+from hpresil.errors import ConfigError, LaunchError, NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
 from hpresil.runtime.env import EnvChange
 from hpresil.run.failure import explain_failure
@@ -237,6 +237,9 @@ def launch_agent(
         if isinstance(exc, SignalException):
             stop_timeout = grace_period
         events.record(agent.get_event_failed(), config.event_log_handler)
+        if isinstance(exc, (ValueError, AssertionError)) and not isinstance(exc, ConfigError):
+            # hpresil-run reports ValueError as a usage error (exit 2); this one came while running.
+            raise LaunchError(f"the agent failed while supervising the workers: {type(exc).__name__}: {exc}") from exc
         raise
     finally:
         if shutdown_rdzv:
