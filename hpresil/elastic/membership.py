@@ -7,8 +7,8 @@ whose counter has not moved for ``lost_after`` — measured on the *observer's*
 monotonic clock, so no clock synchronisation is assumed — is lost; the watcher
 publishes the verdict as the next numbered key after bumping one epoch counter,
 which every agent reads each beat. A beat costs a constant number of store requests at any
-job size (reading every peer would be n requests per agent, n^2 per beat at the
-store: 4 million at 2,048 nodes). A block of dead nodes is still seen by the
+job size (reading every peer's two counters would be 2(n-1) requests per agent,
+~8 million per beat at the store at 2,048 nodes). A block of dead nodes is still seen by the
 live node just before it. The decision logic
 (:class:`LivenessTracker`, :func:`restart_cause`, :func:`tuned_rdzv_configs`)
 is pure and unit-tested; :class:`Liveness` runs it on a thread against a real
