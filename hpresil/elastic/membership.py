@@ -94,14 +94,10 @@ class LivenessTracker:
         return frozenset(self.lost)
 
 
-def _ranks(raw: bytes) -> list[int]:
-    """The group ranks in a verdict value (``b"3"``; anything else in it is skipped)."""
-    out = []
-    for item in bytes(raw).split(b","):
-        item = item.strip()
-        if item.isdigit() and len(item) < 10:
-            out.append(int(item))
-    return out
+def _rank(raw: bytes) -> list[int]:
+    """The group rank in a verdict value (``b"3"``), or none when it holds anything else."""
+    item = bytes(raw).strip()
+    return [int(item)] if item.isdigit() and len(item) < 10 else []
 
 
 def restart_cause(failed: bool, lost: Iterable[int], waiting: int) -> tuple[str, str]:
@@ -212,8 +208,7 @@ class Liveness:
                 if self.store.add(DONE_KEY.format(group_rank=peer), 0):
                     done.append(peer)
                 counters[peer] = self.store.add(ALIVE_KEY.format(group_rank=peer), 0)
-            seen = set(tr.lost)
-            for peer in sorted(tr.observe(self.clock(), counters, done) - seen):
+            for peer in sorted(tr.observe(self.clock(), counters, done) - before):
                 # Verdict i is key LOST_KEY/i; add/set/check/get only, which every torch Store has.
                 self.store.set(LOST_KEY.format(index=self.store.add(LOST_EPOCH_KEY, 1)), str(peer))
             self._adopt_verdicts()
@@ -241,7 +236,7 @@ class Liveness:
             key = LOST_KEY.format(index=self._adopted + 1)
             if not self.store.check([key]):
                 return
-            self.tracker.adopt(_ranks(self.store.get(key)))
+            self.tracker.adopt(_rank(self.store.get(key)))
             self._adopted += 1
 
     def finish(self) -> None:

@@ -194,7 +194,7 @@ class HpresilAgent(LocalElasticAgent):
         writing it (OOM killer, SIGKILL, a full disk) would take the node down.
         Before each poll, an error file that appeared is checked once; when it is
         not valid JSON and its writer is gone, it is replaced by a valid one that
-        says so (:func:`~hpresil.run.failure.repair_error_files`). A poll that
+        says so (:func:`~hpresil.run.failure.guard_error_files`). A poll that
         still trips on one is retried after the repair.
         """
         for attempt in range(_ERROR_FILE_RETRIES + 1):

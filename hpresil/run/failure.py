@@ -16,8 +16,10 @@ from typing import Callable, Mapping
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-__all__ = ["explain_failure", "guard_error_files", "is_peer_loss", "pick_root_cause", "process_running", "repair_error_files",
-           "traceback_from_stderr", "traceback_from_error_file", "unreadable_error_file"]
+from hpresil.checkpoint.ram_files import write_atomic
+
+__all__ = ["explain_failure", "guard_error_files", "is_peer_loss", "pick_root_cause", "process_running",
+           "traceback_from_stderr", "traceback_from_error_file"]
 
 _MAX_LINES = 40
 
@@ -59,22 +61,6 @@ def traceback_from_stderr(path: str | None, max_lines: int = _MAX_LINES) -> str 
     return "\n".join(lines[-max_lines:] if len(lines) > max_lines else lines)
 
 
-def unreadable_error_file(path: str) -> bytes | None:
-    """The first bytes of ``path`` when it exists but is not a JSON object (a
-    worker died while writing it, or wrote garbage); ``None`` otherwise."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(1 << 20)
-    except OSError:
-        return None
-    try:
-        if isinstance(json.loads(raw.decode("utf-8")), dict):
-            return None
-    except (UnicodeDecodeError, ValueError):
-        pass
-    return raw[:200]
-
-
 def process_running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (a zombie has)."""
     try:
@@ -94,36 +80,43 @@ def process_running(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def repair_error_files(paths: list[str]) -> list[str]:
-    """Replaces each error file that is not a JSON object with a valid one in
-    torch's format that says so and quotes its first bytes (torch's agent would
-    otherwise fail to parse it and end the job). Returns the paths replaced;
-    files it cannot read or write are left alone."""
-    fixed: list[str] = []
-    for path in paths:
-        raw = unreadable_error_file(path)
-        if raw is None:
-            continue
-        note = {"message": {
-            "message": f"the worker's error file was unreadable (half-written when it died?): {raw!r}",
-            "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))},
-        }}
-        tmp = f"{path}.repair.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(note, f)
-            os.replace(tmp, path)
-        except OSError:
-            continue
-        fixed.append(path)
-    return fixed
+def _unreadable(path: str) -> bytes | None:
+    """The first bytes of ``path`` when it exists but is not a JSON object (a
+    worker died while writing it, or wrote garbage); ``None`` otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError:
+        return None
+    try:
+        if isinstance(json.loads(raw.decode("utf-8")), dict):
+            return None
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return raw[:200]
+
+
+def _replace_with_note(path: str, raw: bytes) -> bool:
+    """Replaces the unreadable error file ``path`` with a valid one in torch's
+    format that says so and quotes its first bytes ``raw``; False when it cannot."""
+    note = {"message": {
+        "message": f"the worker's error file was unreadable (half-written when it died?): {raw!r}",
+        "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))},
+    }}
+    try:
+        write_atomic(path, json.dumps(note))
+    except OSError:
+        return False
+    return True
 
 
 def guard_error_files(files: Mapping[int, str], pids: Callable[[], Mapping[int, int]], checked: set[str]) -> list[str]:
     """Repairs the workers' error files torch is about to parse: each file that
-    appeared is checked once (added to ``checked``); one that is not valid JSON
-    is replaced (:func:`repair_error_files`) once its writer is gone, and left
-    for the next call while it may still be being written.
+    appeared is checked once (added to ``checked``); one that is not a JSON
+    object is replaced by a valid note in torch's format, quoting its first
+    bytes, once its writer is gone (torch's agent would otherwise fail to parse
+    it and end the job), and left for the next call while it may still be
+    being written.
 
     Args:
         files: local rank -> error file path (torch's ``PContext.error_files``).
@@ -138,7 +131,8 @@ def guard_error_files(files: Mapping[int, str], pids: Callable[[], Mapping[int, 
     for local_rank, path in files.items():
         if path in checked or not os.path.exists(path):
             continue  # the common case: one stat per worker and poll
-        if unreadable_error_file(path) is None:
+        raw = _unreadable(path)
+        if raw is None:
             checked.add(path)
             continue
         if running is None:
@@ -149,7 +143,8 @@ def guard_error_files(files: Mapping[int, str], pids: Callable[[], Mapping[int, 
         pid = running.get(local_rank)
         if pid is not None and process_running(pid):
             continue  # still writing it
-        fixed += repair_error_files([path])
+        if _replace_with_note(path, raw):
+            fixed.append(path)
         checked.add(path)
     return fixed
 
