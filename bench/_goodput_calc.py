@@ -131,26 +131,43 @@ def quiet_step(records: Iterable[dict[str, Any]]) -> float | None:
         return None
 
 
-def snapshot_cost(records: Iterable[dict[str, Any]], ideal_step_s: float) -> float:
-    """Cost of one snapshot from a fault-free log with a snapshot every step: the
-    median step time minus ``ideal_step_s`` (each start's first step left out), so
-    blocking time and the slowdown background work (sealing, replication, drain)
-    causes are both counted; at least 1 ms.
+def snapshot_cost(records: Iterable[dict[str, Any]], every: int) -> float:
+    """Cost of one snapshot from a fault-free log of a run snapshotting every
+    ``every`` steps (at the steps ``step % every == 0``), measured against that
+    same run's quiet steps.
+
+    A snapshot costs more than its blocking copy: the node runtime then seals it,
+    sends it to the peer and receives the peer's, on cores the training shares,
+    which slows the next few steps. So the steps are grouped by their position
+    after the last snapshot (``step % every``, each start's first step left
+    out); the cost is the sum over positions of (that position's median step -
+    the quiet step), the quiet step being the median of the positions in the
+    second half of the interval, when the background work is done. A run that
+    snapshots every step (the earlier method) hides most of it: the background
+    work of consecutive snapshots overlaps and is coalesced. At least 1 ms.
 
     Raises:
-        ValueError: fewer than two steps after a start.
+        ValueError: ``every`` < 2, or a position without a step.
     """
-    steps, prev = [], None
+    if every < 2:
+        raise ValueError(f"every={every}: the cost needs steps without a snapshot (every >= 2)")
+    by_pos: dict[int, list[float]] = {}
+    prev = None
     for r in sorted(records, key=lambda r: r["t"]):
         if r.get("event") == "start":
             prev = None
             continue
-        if prev is not None:
-            steps.append(r["t"] - prev)
-        prev = r["t"]
-    if not steps:
-        raise ValueError("the snapshot calibration log holds no step after the first")
-    return max(1e-3, statistics.median(steps) - ideal_step_s)
+        if "step" not in r:
+            continue
+        if prev is not None and r["step"] == prev["step"] + 1:
+            by_pos.setdefault(r["step"] % every, []).append(r["t"] - prev["t"])
+        prev = r
+    missing = [k for k in range(every) if k not in by_pos]
+    if missing:
+        raise ValueError(f"the snapshot calibration log has no step at position(s) {missing} of {every}")
+    medians = [statistics.median(by_pos[k]) for k in range(every)]
+    quiet = statistics.median(medians[(every + 1) // 2:])
+    return max(1e-3, sum(m - quiet for m in medians))
 
 
 @dataclasses.dataclass(slots=True)

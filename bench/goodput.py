@@ -17,9 +17,10 @@ Systems:
 1. ``hpresil``: ``hpresil-run`` with its defaults; the example's hpresil
    Checkpointer (RAM snapshot, peer replication, drain to S3). Its snapshot
    interval is Young/Daly too, ``sqrt(2 C MTBF)``, with C its own measured cost:
-   the step-time increase of a fault-free calibration run snapshotting every
-   step (blocking copy plus what sealing, replication and drain take from the
-   training processes' cores). Its drain to S3 about every ``--drain-every``
+   from a fault-free calibration run snapshotting every ``--snapshot-calib-every``
+   steps, the extra time of the steps after each snapshot over that run's quiet
+   steps (blocking copy plus what sealing and replication take from the
+   training processes' cores; ``_goodput_calc.snapshot_cost``). Its drain to S3 about every ``--drain-every``
    seconds (default 60, one fault interval): here every restore comes from RAM
    or a peer's replica, and the durable copy only bounds what losing every
    node at once would cost (the baseline has no other tier, so it saves to S3
@@ -274,13 +275,15 @@ def _fault_free(cluster: Cluster, seconds: float) -> list[dict[str, Any]]:
     return read_log(cluster.step_log)
 
 
-def run_snapshot_calibration(args: argparse.Namespace, root: str, server: SeaweedServer, env: dict[str, str],
-                             step_s: float) -> float:
-    """Fault-free hpresil-run with a snapshot every step: the cost of one snapshot."""
+def run_snapshot_calibration(args: argparse.Namespace, root: str, server: SeaweedServer, env: dict[str, str]) -> float:
+    """Fault-free hpresil-run with a snapshot every ``--snapshot-calib-every`` steps:
+    the cost of one snapshot (RAM copy, seal, peer replica; the drain to S3 runs
+    once a minute and is left out)."""
+    every = args.snapshot_calib_every
     cluster = Cluster("calibration-hpresil", root, launcher="hpresil", agent_args=["--max-restarts", "0"],
                       worker_args=[*base_worker_args(args), "--durable", server.url(f"{args.tag}/calibration-hpresil"),
-                                   "--ckpt-every", "1", "--durable-every", "20"], env=env, server=server)
-    return snapshot_cost(_fault_free(cluster, args.calibrate), step_s)
+                                   "--ckpt-every", str(every), "--durable-every", "0"], env=env, server=server)
+    return snapshot_cost(_fault_free(cluster, args.snapshot_calibrate), every)
 
 
 def run_calibration(args: argparse.Namespace, root: str, server: SeaweedServer, env: dict[str, str]) -> tuple[float, float]:
@@ -365,6 +368,11 @@ def main() -> None:
     p.add_argument("--outage", type=float, default=30.0, help="S3 outage length (s)")
     p.add_argument("--calibrate", type=float, default=30.0, help="seconds of fault-free baseline steps measured first")
     p.add_argument("--calib-every", type=int, default=10, help="dcp.save every N steps while calibrating")
+    p.add_argument("--snapshot-calibrate", type=float, default=45.0,
+                   help="seconds of fault-free hpresil steps measured for its snapshot cost")
+    p.add_argument("--snapshot-calib-every", type=int, default=16,
+                   help="hpresil snapshot every N steps while calibrating (>= 2; long enough for the background "
+                        "work of one snapshot to finish before the next)")
     p.add_argument("--dcp-every", type=int, default=0, help="baseline save interval in steps (default: Young/Daly)")
     p.add_argument("--ckpt-every", type=int, default=0,
                    help="hpresil RAM snapshot every N steps (default: Young/Daly from its measured snapshot cost)")
@@ -378,6 +386,8 @@ def main() -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--keep-logs", action="store_true", help="keep the nodes' directories (printed)")
     args = p.parse_args()
+    if args.snapshot_calib_every < 2:
+        p.error(f"--snapshot-calib-every {args.snapshot_calib_every}: use 2 or more (the cost needs quiet steps)")
     try:
         schedule(args.budget, args.fault_every, args.seed, kinds=[k for k in args.kinds.split(",") if k])
     except ValueError as exc:
@@ -403,10 +413,12 @@ def main() -> None:
               f"{'unset (torch default)' if args.baseline_torch_store else '1 (pytorch#135712)'}", flush=True)
         ckpt_every, snap_s, snap_interval = args.ckpt_every, None, None
         if not ckpt_every and args.only != "baseline":
-            print(f"calibration: {_stamp(time.time())}, hpresil-run with a snapshot every step, no faults", flush=True)
-            snap_s = run_snapshot_calibration(args, root, server, env, step_s)
+            print(f"calibration: {_stamp(time.time())}, hpresil-run with a snapshot every {args.snapshot_calib_every} "
+                  "steps, no faults", flush=True)
+            snap_s = run_snapshot_calibration(args, root, server, env)
             snap_interval, ckpt_every = young_daly(snap_s, args.fault_every, step_s)
-            print(f"hpresil snapshot cost C = {snap_s * 1000:.0f} ms (median step with a snapshot every step - ideal); "
+            print(f"hpresil snapshot cost C = {snap_s * 1000:.0f} ms (the steps after a snapshot over the run's quiet "
+                  "steps, per snapshot); "
                   f"Young/Daly interval {snap_interval:.1f} s = {ckpt_every} steps", flush=True)
         ckpt_every = ckpt_every or 1
         durable_every = ckpt_every * max(1, round(args.drain_every / (ckpt_every * step_s)))

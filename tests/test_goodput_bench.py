@@ -64,13 +64,21 @@ def test_young_daly():
         young_daly(0.0, 60.0, 0.25)
 
 
-def test_snapshot_cost_is_the_median_step_above_ideal():
-    recs = [{"t": 0.0, "event": "start"}, {"t": 5.0, "step": 1, "save_s": 0.01}]  # warm-up step left out
-    recs += [{"t": 5.0 + 0.3 * i + (0.2 if i == 3 else 0.0), "step": 1 + i, "save_s": 0.01} for i in range(1, 8)]
-    assert snapshot_cost(recs, 0.25) == pytest.approx(0.05)
-    assert snapshot_cost(recs, 0.5) == 1e-3  # never below 1 ms
-    with pytest.raises(ValueError):
-        snapshot_cost(recs[:2], 0.25)
+def test_snapshot_cost_sums_the_slowdown_after_each_snapshot():
+    # every 4 steps; the step that saves is 30 ms slower, the next 20 ms, the rest quiet at 250 ms
+    extra = {0: 0.03, 1: 0.02, 2: 0.0, 3: 0.0}
+    recs, t = [{"t": 0.0, "event": "start", "step": 0}, {"t": 5.0, "step": 1, "save_s": 0.0}], 5.0
+    for step in range(2, 42):
+        t += 0.25 + extra[step % 4] + (0.001 if step % 3 == 0 else 0.0)  # a little noise
+        recs.append({"t": t, "step": step, "save_s": 0.01 if step % 4 == 0 else 0.0})
+    recs.insert(20, {"t": recs[19]["t"] + 1e-3, "event": "start", "step": recs[19]["step"]})  # a restart: no gap step
+    assert snapshot_cost(recs, 4) == pytest.approx(0.05, abs=2e-3)
+    flat = [{"t": 0.25 * i, "step": i, "save_s": 0.0} for i in range(1, 20)]
+    assert snapshot_cost(flat, 4) == 1e-3  # never below 1 ms
+    with pytest.raises(ValueError, match="position"):
+        snapshot_cost(recs[:4], 4)
+    with pytest.raises(ValueError, match="every >= 2"):
+        snapshot_cost(recs, 1)
 
 
 def test_calibrate_takes_medians_and_skips_warm_up():
