@@ -181,6 +181,31 @@ def build_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+class LossLog:
+    """Every ``every`` steps (and at the last one): the loss over the global batch
+    and the time per step since the previous report, printed by rank 0.
+
+    Call it on every rank after each step: the decision depends on the step
+    only, so all ranks join the all-reduce together.
+    """
+
+    def __init__(self, rank: int, world_size: int, *, every: int, total: int, start_step: int) -> None:
+        self.rank, self.world_size, self.every, self.total = rank, world_size, every, total
+        self.t_log, self.last_logged = time.perf_counter(), start_step - 1
+
+    def __call__(self, step: int, loss: torch.Tensor) -> None:
+        if step % self.every and step != self.total - 1:
+            return
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= self.world_size
+        now = time.perf_counter()
+        ms = 1000.0 * (now - self.t_log) / (step - self.last_logged)
+        self.t_log, self.last_logged = now, step
+        if self.rank == 0:
+            print(f"step {step} loss {mean_loss.item():.4f} ({ms:.0f} ms/step)", flush=True)
+
+
 def full_state_dict(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU (a collective under FSDP: call on every rank)."""
     if fsdp:
@@ -253,8 +278,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
             f"{plan.global_batch} = {plan.micro_batch} x {world_size} x {plan.accum_steps} accumulation steps",
             flush=True,
         )
-    t_start = t_log = time.perf_counter()
-    last_logged = start_step - 1
+    loss_log = LossLog(rank, world_size, every=args.log_every, total=args.steps, start_step=start_step)
+    t_start = time.perf_counter()
     for step in range(start_step, args.steps):
         maybe_inject(step)
         lr = lr_at(step, peak=args.lr, warmup=args.warmup, total=args.steps)
@@ -279,17 +304,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
             baseline.save(step + 1)
         step_log.write(step=step + 1, world=world_size, save_s=time.perf_counter() - t_save)
 
-        if step % args.log_every == 0 or step == args.steps - 1:
-            # Every rank takes this branch (it depends on the step only), so the
-            # all-reduce is safe; it reports the loss over the global batch.
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            mean_loss /= world_size
-            now = time.perf_counter()
-            ms = 1000.0 * (now - t_log) / (step - last_logged)
-            t_log, last_logged = now, step
-            if rank == 0:
-                print(f"step {step} loss {mean_loss.item():.4f} ({ms:.0f} ms/step)", flush=True)
+        loss_log(step, loss)
 
     elapsed = time.perf_counter() - t_start
     n_done = args.steps - start_step

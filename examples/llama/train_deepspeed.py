@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import PRESETS, ModelArgs, Transformer, count_parameters  # noqa: E402
-from train import build_optimizer, lr_at, make_batch, transition_table  # noqa: E402  (also makes hpresil importable)
+from train import LossLog, build_optimizer, lr_at, make_batch, transition_table  # noqa: E402  (also makes hpresil importable)
 
 from hpresil.checkpoint.flatten import encode_json, flatten  # noqa: E402
 from hpresil.testing import maybe_inject  # noqa: E402
@@ -118,8 +118,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
     if rank == 0:
         print(f"llama {args.preset}: {n_params / 1e6:.2f}M params, world size {world_size}, DeepSpeed "
               f"ZeRO-{engine.zero_optimization_stage()}, steps {start_step}..{args.steps}", flush=True)
-    t_start = t_log = time.perf_counter()
-    last_logged = start_step - 1
+    loss_log = LossLog(rank, world_size, every=args.log_every, total=args.steps, start_step=start_step)
+    t_start = time.perf_counter()
     for step in range(start_step, args.steps):
         maybe_inject(step)
         inputs, targets = make_batch(table, seed=args.seed, step=step, rank=rank, world_size=world_size,
@@ -130,15 +130,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
         engine.step()  # clips, steps the optimizer and the LR schedule
         if ckpt is not None:
             ckpt.save(step + 1)  # after the step, so a restore resumes at the next one
-        if step % args.log_every == 0 or step == args.steps - 1:
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            mean_loss /= world_size
-            now = time.perf_counter()
-            ms = 1000.0 * (now - t_log) / (step - last_logged)
-            t_log, last_logged = now, step
-            if rank == 0:
-                print(f"step {step} loss {mean_loss.item():.4f} ({ms:.0f} ms/step)", flush=True)
+        loss_log(step, loss)
 
     elapsed = time.perf_counter() - t_start
     if rank == 0 and args.steps > start_step:
