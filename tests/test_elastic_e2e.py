@@ -78,9 +78,13 @@ def test_shrink_on_node_loss_then_grow_back(tmp_path):
             nodes.append(Node(str(tmp_path), f"node{i}", _agent_args(port), _worker_args(out, steps)))
             if i == 0:  # node0 hosts the c10d store (the default); it is never killed here
                 wait_for(lambda: listening(port), 60, "node0's rendezvous store", nodes)
-        wait_for(lambda: _committed(out) >= 4, 120, "a durable commit at 3 nodes", nodes)
+        # (on a loaded host node2 may miss the first round's last call: the job then grows 2 -> 3 first)
+        wait_for(lambda: _steps(out, 3) >= 1, 120, "a step at 3 nodes", nodes)
+        at3 = _committed(out)
+        wait_for(lambda: _committed(out) >= max(4, at3 + 1), 120, "a durable commit at 3 nodes", nodes)
         nodes[2].kill()  # agent + worker SIGKILLed: the node is gone, RAM snapshots too
-        wait_for(lambda: _steps(out, 2) >= 3, 90, "3 steps at 2 nodes after the loss", nodes)
+        killed = time.time()
+        wait_for(lambda: _steps(out, 2, since=killed) >= 3, 90, "3 steps at 2 nodes after the loss", nodes)
         joined = time.time()
         nodes.append(Node(str(tmp_path), "node3", _agent_args(port), _worker_args(out, steps)))
         wait_for(lambda: _steps(out, 3, since=joined) >= 3, 90, "3 steps at 3 nodes after the join", nodes)
@@ -91,9 +95,14 @@ def test_shrink_on_node_loss_then_grow_back(tmp_path):
         for n in nodes:
             n.close()
     restores = _check_data_and_state(out)
+    # On a loaded host node2 may reach the first rendezvous after its last call:
+    # the job then starts at 2 nodes and grows to 3 before the fault (correct, and
+    # not what this test is about), so everything is checked from the first group of 3.
     worlds = [r["world"] for r in restores if r["rank"] == 0]
-    assert worlds[:1] == [3] and 2 in worlds and worlds[-1] == 3, worlds
-    shrink = [r for r in restores if r["world"] == 2]
+    full = worlds.index(3) if 3 in worlds else len(worlds)
+    assert set(worlds[:full]) <= {2} and 2 in worlds[full:] and worlds[-1] == 3, worlds
+    first3 = min(r["t"] for r in restores if r["world"] == 3)
+    shrink = [r for r in restores if r["world"] == 2 and r["t"] > first3]
     # A lost node's RAM is gone: peer replicas or the durable tier serve it.
     assert shrink and {r["tier"] for r in shrink} <= {"durable", "peer"} and shrink[0]["step"] > 0, shrink
     for n in (nodes[0], nodes[1]):
@@ -105,7 +114,7 @@ def test_shrink_on_node_loss_then_grow_back(tmp_path):
         lost = [e for e in restarts if e["reason"] == "node_lost"]
         assert lost[0]["lost_nodes"] == [2]
         rescales = [(e["from_nodes"], e["to_nodes"]) for e in evs if e["event"] == "rescale"]
-        assert rescales == [(3, 2), (2, 3)], rescales
+        assert rescales[-2:] == [(3, 2), (2, 3)] and set(rescales[:-2]) <= {(2, 3)} and len(rescales) <= 3, rescales
 
 
 @pytest.mark.chaos  # in `make chaos`, not in CI's `make test`
@@ -129,10 +138,13 @@ def test_frozen_node_is_lost_and_standalone_store_survives_rank0_loss(tmp_path):
         for i in range(3):
             nodes.append(Node(str(tmp_path), f"node{i}", _agent_args(port, ["--rdzv-conf", "is_host=false"]),
                               _worker_args(out, steps)))
-        wait_for(lambda: _committed(out) >= 4, 120, "a durable commit at 3 nodes", nodes)
+        wait_for(lambda: _steps(out, 3) >= 1, 120, "a step at 3 nodes", nodes)  # (see the test above)
+        at3 = _committed(out)
+        wait_for(lambda: _committed(out) >= max(4, at3 + 1), 120, "a durable commit at 3 nodes", nodes)
         rank0 = next(n for n in nodes if any(e["event"] == "rendezvous" and e["group_rank"] == 0 for e in n.events()))
         rank0.signal(signal.SIGSTOP)
-        wait_for(lambda: _steps(out, 2) >= 3, 90, "3 steps at 2 nodes after freezing group rank 0", nodes)
+        frozen = time.time()
+        wait_for(lambda: _steps(out, 2, since=frozen) >= 3, 90, "3 steps at 2 nodes after freezing group rank 0", nodes)
         rank0.kill()
         (tmp_path / "out" / "stop").touch()
         for n in nodes:
@@ -147,5 +159,6 @@ def test_frozen_node_is_lost_and_standalone_store_survives_rank0_loss(tmp_path):
     for n in nodes:
         if n is rank0:
             continue
-        restarts = [e for e in n.events() if e["event"] == "workers_restart"]
-        assert [(e["cause"], e["reason"]) for e in restarts] == [("membership", "node_lost")], restarts
+        restarts = [(e["cause"], e["reason"]) for e in n.events() if e["event"] == "workers_restart"]
+        late_start = set(restarts[:-1])  # node_joined, when a node missed the first round
+        assert restarts[-1:] == [("membership", "node_lost")] and late_start <= {("membership", "node_joined")}, restarts
