@@ -20,10 +20,10 @@ Systems:
    from a fault-free calibration run snapshotting every ``--snapshot-calib-every``
    steps, the extra time of the steps after each snapshot over that run's quiet
    steps (blocking copy plus what sealing and replication take from the
-   training processes' cores; ``_goodput_calc.snapshot_cost``). Its drain to S3 about every ``--drain-every``
-   seconds (default 60, one fault interval): here every restore comes from RAM
-   or a peer's replica, and the durable copy only bounds what losing every
-   node at once would cost (the baseline has no other tier, so it saves to S3
+   training processes' cores; ``_goodput_calc.snapshot_cost``). Its drain to
+   S3 about every ``--drain-every`` seconds (default 60, one fault interval):
+   here every restore comes from RAM or a peer's replica, and the durable copy
+   only bounds what losing every node at once would cost (the baseline has no other tier, so it saves to S3
    at its own Young/Daly interval).
 2. ``baseline``: ``torchrun --max-restarts N`` and ``train.py --dcp s3://...``:
    blocking ``dcp.save`` every N steps, resume from the newest complete

@@ -42,6 +42,15 @@ def _committed(out: str) -> int:
     return max(steps, default=0)
 
 
+def _wait_for_commit_at_3(out: str, nodes: list[Node]) -> None:
+    """Waits for a durable commit made once all 3 nodes train. On a loaded host a
+    node may miss the first round's last call: the job then starts at 2 nodes and
+    grows to 3 first, and a commit from those 2 must not count."""
+    wait_for(lambda: _steps(out, 3) >= 1, 120, "a step at 3 nodes", nodes)
+    at3 = _committed(out)
+    wait_for(lambda: _committed(out) >= max(4, at3 + 1), 120, "a durable commit at 3 nodes", nodes)
+
+
 def _check_data_and_state(out: str) -> list[dict]:
     """Every step saw exactly its slice of the global order; every restore
     reproduced bitwise a state some earlier attempt saved."""
@@ -78,10 +87,7 @@ def test_shrink_on_node_loss_then_grow_back(tmp_path):
             nodes.append(Node(str(tmp_path), f"node{i}", _agent_args(port), _worker_args(out, steps)))
             if i == 0:  # node0 hosts the c10d store (the default); it is never killed here
                 wait_for(lambda: listening(port), 60, "node0's rendezvous store", nodes)
-        # (on a loaded host node2 may miss the first round's last call: the job then grows 2 -> 3 first)
-        wait_for(lambda: _steps(out, 3) >= 1, 120, "a step at 3 nodes", nodes)
-        at3 = _committed(out)
-        wait_for(lambda: _committed(out) >= max(4, at3 + 1), 120, "a durable commit at 3 nodes", nodes)
+        _wait_for_commit_at_3(out, nodes)
         nodes[2].kill()  # agent + worker SIGKILLed: the node is gone, RAM snapshots too
         killed = time.time()
         wait_for(lambda: _steps(out, 2, since=killed) >= 3, 90, "3 steps at 2 nodes after the loss", nodes)
@@ -138,9 +144,7 @@ def test_frozen_node_is_lost_and_standalone_store_survives_rank0_loss(tmp_path):
         for i in range(3):
             nodes.append(Node(str(tmp_path), f"node{i}", _agent_args(port, ["--rdzv-conf", "is_host=false"]),
                               _worker_args(out, steps)))
-        wait_for(lambda: _steps(out, 3) >= 1, 120, "a step at 3 nodes", nodes)  # (see the test above)
-        at3 = _committed(out)
-        wait_for(lambda: _committed(out) >= max(4, at3 + 1), 120, "a durable commit at 3 nodes", nodes)
+        _wait_for_commit_at_3(out, nodes)
         rank0 = next(n for n in nodes if any(e["event"] == "rendezvous" and e["group_rank"] == 0 for e in n.events()))
         rank0.signal(signal.SIGSTOP)
         frozen = time.time()
