@@ -9,12 +9,15 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
+import time
+from datetime import timedelta
 from typing import Any, Iterator
 
 import pytest
 import torch
 
-from hpresil.checkpoint import Checkpointer, ram_source
+from hpresil.checkpoint import Checkpointer, integrity, ram_source
 from hpresil.checkpoint.api import CommitRecord, slot_path
 from hpresil.checkpoint.flatten import flatten
 from hpresil.checkpoint.integrity import checksum
@@ -22,7 +25,7 @@ from hpresil.checkpoint.ram import RamWriter
 from hpresil.checkpoint.ram_files import scan
 from hpresil.checkpoint.ram_source import RamSource, read_verified
 from hpresil.checkpoint.sealer import Sealer
-from hpresil.errors import IntegrityError
+from hpresil.errors import ConfigError, IntegrityError
 from hpresil.testing import RecordingSink as ListSink
 
 
@@ -74,11 +77,94 @@ def test_slot_choice_protects_newest_and_newest_sealed_and_skips_locked(shm: str
     _save(w, 5, state)  # falls back to the newest sealed slot rather than waiting
     assert _slot_of(shm, 5) == s1
     fd2 = os.open(slot_path(shm, 0, s2, "bin"), os.O_RDONLY)
-    fcntl.flock(fd2, fcntl.LOCK_SH)  # now every slot but the newest is locked
+    fcntl.flock(fd2, fcntl.LOCK_SH)  # now every slot but the newest is locked, by readers that never yield
+    w.slot_wait = 0.05
     assert _save(w, 6, state) is None
     os.close(fd), os.close(fd2)
     assert {i.record.step for i in scan(shm)} == {3, 4, 5}
+    assert not [f for f in os.listdir(os.path.dirname(slot_path(shm, 0, 0, "bin"))) if f.endswith(".reclaim")]
     w.close()
+
+
+def test_save_asks_readers_for_a_slot_and_waits_for_the_first_released(shm: str) -> None:
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=30.0)
+    for step in (1, 2, 3):
+        _save(w, step, state)
+    held = {k: os.open(slot_path(shm, 0, k, "bin"), os.O_RDONLY) for k in (_slot_of(shm, 1), _slot_of(shm, 2))}
+    for fd in held.values():
+        fcntl.flock(fd, fcntl.LOCK_SH)  # two readers hold every slot the writer may take
+    asked: list[bool] = []
+
+    def reader_finishes(k: int) -> None:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(slot_path(shm, 0, k, "reclaim")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        asked.append(os.path.exists(slot_path(shm, 0, k, "reclaim")))
+        os.close(held[k])  # releases its lock
+
+    k2 = _slot_of(shm, 2)
+    t = threading.Thread(target=reader_finishes, args=(k2,))
+    t.start()
+    assert _save(w, 4, state) is not None
+    t.join()
+    assert asked == [True], "the writer asked for the slot back"
+    assert _slot_of(shm, 4) == k2 and {i.record.step for i in scan(shm)} == {1, 3, 4}
+    assert not [f for f in os.listdir(os.path.dirname(slot_path(shm, 0, 0, "bin"))) if f.endswith(".reclaim")]
+    for k, fd in held.items():
+        if k != k2:
+            os.close(fd)
+    w.close()
+
+
+def test_sealer_yields_a_slot_the_writer_reclaims(monkeypatch: pytest.MonkeyPatch, shm: str) -> None:
+    """A sealer still sealing an old commit gives its slot up mid-seal: the save
+    that needs it neither waits for the whole seal nor is skipped."""
+    from hpresil.checkpoint import sealer as sealer_mod
+
+    sealing = threading.Event()
+    slow = threading.Event()
+    slow.set()
+
+    def slow_checksum(data: torch.Tensor, cancelled: Any, chunk: int | None = None) -> str | None:
+        def look() -> bool:
+            sealing.set()
+            if slow.is_set():
+                time.sleep(0.02)  # 4 KiB chunks every 20 ms: a seal of 1 MiB would take 5 s
+            return cancelled()
+        return integrity.checksum_cancellable(data, look, 4096 if slow.is_set() else chunk)
+
+    monkeypatch.setattr(sealer_mod, "checksum_cancellable", slow_checksum)
+    state = {"t": torch.randn(1 << 18)}  # 1 MiB
+    w = RamWriter(shm, 0, slots=2, run_id="r", slot_wait=30.0)
+    events = ListSink()
+    s = Sealer(shm, events, interval=timedelta(milliseconds=5))
+    _save(w, 1, state)
+    s.start_background()
+    try:
+        assert sealing.wait(10)  # the sealer holds step 1's slot
+        _save(w, 2, state)  # the other slot
+        t0 = time.monotonic()
+        assert _save(w, 3, state) is not None  # step 1's slot, taken back from the sealer
+        waited = time.monotonic() - t0
+        slow.clear()
+        assert s.flush(timedelta(seconds=10))
+    finally:
+        s.stop()
+    sealed = [e["step"] for e in events.named("checkpoint_sealed")]
+    assert 1 not in sealed, f"the sealer finished a seal whose slot was reclaimed (save waited {waited:.2f}s)"
+    assert {i.record.step: i.seal is not None for i in scan(shm)} == {2: True, 3: True}
+    w.close()
+
+
+@pytest.mark.parametrize("nbytes", [0, 7, 8, 9, 64, 1000, 4099])
+@pytest.mark.parametrize("chunk", [8, 24, 4096])
+def test_chunked_checksum_equals_the_whole_and_stops_when_cancelled(nbytes: int, chunk: int) -> None:
+    data = torch.randint(-(2**62), 2**62, ((nbytes + 7) // 8,), dtype=torch.int64).view(torch.uint8)[:nbytes].clone()
+    assert integrity.checksum_cancellable(data, lambda: False, chunk) == checksum(data)
+    assert integrity.checksum_cancellable(data, lambda: True, chunk) is None
+    with pytest.raises(ValueError, match="multiple of 8"):
+        integrity.checksum_cancellable(data, None, 12)
 
 
 @pytest.mark.parametrize("nbytes", [0, 5, 8, 67, 1000, 4096 + 3])
@@ -319,3 +405,26 @@ def test_huge_page_mode_reads_the_mount_table(tmp_path: Any) -> None:
     assert huge_page_mode("/dev/shm/huge dir/job", str(table)) == "within_size"
     assert huge_page_mode("/work/x", str(table)) == ""
     assert huge_page_mode("/dev/shm/x", str(tmp_path / "missing")) == ""
+
+
+def test_checkpointer_reports_a_skipped_snapshot(shm: str) -> None:
+    from hpresil.checkpoint import CheckpointConfig
+
+    sink = ListSink()
+    state = {"t": torch.zeros(8)}
+    cfg = CheckpointConfig(slots=2, durable_every=0, slot_wait=timedelta(milliseconds=20))
+    ckpt = Checkpointer(state=state, shm_dir=shm, config=cfg, events=sink, run_services=False)
+    assert ckpt.save(1) and ckpt.save(2)
+    older = _slot_of(shm, 1)
+    fd = os.open(slot_path(shm, 0, older, "bin"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader that does not yield holds the only slot a save may take
+    try:
+        assert not ckpt.save(3)
+    finally:
+        os.close(fd)
+    (skip,) = sink.named("checkpoint_skipped")
+    assert skip["step"] == 3 and skip["reason"] == "slots_busy" and skip["waited_s"] >= 0.02
+    assert ckpt.save(4) and {i.record.step for i in scan(shm)} == {2, 4}
+    ckpt.close()
+    with pytest.raises(ConfigError, match="slot_wait"):
+        CheckpointConfig(slot_wait=timedelta(seconds=-1))

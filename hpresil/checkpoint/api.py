@@ -90,6 +90,12 @@ class CheckpointConfig:
             durable drain reads an older snapshot).
         upload_timeout: bound on one durable upload attempt.
         verify_on_restore: check checksums before trusting a snapshot.
+        slot_wait: how long a save may wait for readers (the sealer yields
+            within one 64 MiB chunk; a peer send or durable read finishes its
+            read) to release a slot when every slot it may overwrite is being
+            read; after that the snapshot is skipped (``checkpoint_skipped``
+            event). Short on purpose: a wait costs training time for sure, a
+            skipped snapshot only when a fault hits before the next one.
     """
 
     every: int = 1
@@ -99,6 +105,7 @@ class CheckpointConfig:
     slots: int = 3
     upload_timeout: timedelta = timedelta(minutes=10)
     verify_on_restore: bool = True
+    slot_wait: timedelta = timedelta(milliseconds=250)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -112,6 +119,8 @@ class CheckpointConfig:
             )
         if self.keep < 1:
             raise ConfigError(f"keep={self.keep}: keep at least 1 durable checkpoint")
+        if self.slot_wait < timedelta(0):
+            raise ConfigError(f"slot_wait={self.slot_wait}: must be >= 0 (0 skips a snapshot at once when its slots are busy)")
         if self.slots < 2:
             raise ConfigError(f"slots={self.slots}: double buffering needs slots >= 2")
         if self.durable is None:
@@ -373,8 +382,9 @@ def rank_dir(shm_dir: str, rank: int) -> str:
     return os.path.join(shm_dir, "ckpt", f"rank{rank}")
 
 
-def slot_path(shm_dir: str, rank: int, slot: int, suffix: Literal["bin", "json", "seal.json"]) -> str:
-    """``<shm_dir>/ckpt/rank<R>/slot<K>.<suffix>``."""
+def slot_path(shm_dir: str, rank: int, slot: int, suffix: Literal["bin", "json", "seal.json", "reclaim"]) -> str:
+    """``<shm_dir>/ckpt/rank<R>/slot<K>.<suffix>`` (``reclaim``: the writer's
+    request that readers release the slot, see :mod:`hpresil.checkpoint.ram`)."""
     return os.path.join(rank_dir(shm_dir, rank), f"slot{slot}.{suffix}")
 
 

@@ -238,7 +238,8 @@ class Checkpointer:
                 log.warning("WORLD_SIZE=%d but torch.distributed is not initialised: restores agree locally only", self.world_size)
         self._started = True
         try:
-            self._ram = RamWriter(self.shm_dir, self.rank, slots=self.config.slots, run_id=self.run_id)
+            self._ram = RamWriter(self.shm_dir, self.rank, slots=self.config.slots, run_id=self.run_id,
+                                  slot_wait=self.config.slot_wait.total_seconds())
         except OSError as exc:
             self._degrade(exc)
             return
@@ -334,6 +335,8 @@ class Checkpointer:
             self._degrade(exc)
             return self._save(step, final) if self._staging is not None and durable else False
         if nbytes is None:
+            self.events.emit("checkpoint_skipped", step=step, reason="slots_busy",
+                             waited_s=round(time.perf_counter() - t0, 6))
             return False
         self._last_snapshot = (step, durable)
         blocking = time.perf_counter() - t0

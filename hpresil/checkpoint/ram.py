@@ -17,8 +17,15 @@ not be overwritten before they do: else ``durable_every`` is silently skipped);
 then preferably not the newest sealed one (the newest *verified* snapshot
 survives a crash while a newer one is still unsealed); otherwise the oldest.
 With 3 slots that leaves two alternating slots and the durable one. A slot
-locked by a reader (sealer, drainer) is skipped. A crash mid-copy leaves that
-slot without a record, so it is never trusted, and every other slot is untouched.
+locked by a reader (sealer, drainer, peer send) is skipped. When every slot the
+writer may take is locked, it asks for them back: it creates
+``slot<K>.reclaim`` beside each, and waits up to ``slot_wait`` for the first
+to be released. The sealer yields at once (it looks for the request between
+64 MiB chunks and before it locks a slot: sealing a commit that is about to be
+overwritten is wasted work); other readers finish their read. Only then is the
+snapshot skipped (``None``), and the requests are removed either way. A crash
+mid-copy leaves that slot without a record, so it is never trusted, and every
+other slot is untouched.
 
 CUDA tensors are copied device→host into the arena registered as pinned
 memory, with ``non_blocking=True`` on a side stream that first waits for the
@@ -197,10 +204,13 @@ class RamWriter:
         rank: global rank.
         slots: number of slots (``CheckpointConfig.slots``).
         run_id: stored in every record.
+        slot_wait: how long ``save`` waits for a reader to release a slot
+            before it skips the snapshot (seconds).
     """
 
-    def __init__(self, shm_dir: str, rank: int, *, slots: int, run_id: str) -> None:
+    def __init__(self, shm_dir: str, rank: int, *, slots: int, run_id: str, slot_wait: float = 0.25) -> None:
         self.shm_dir = shm_dir
+        self.slot_wait = slot_wait
         self.rank = rank
         self.run_id = run_id
         #: set by the Checkpointer after each restore (see CommitRecord.timeline)
@@ -246,12 +256,32 @@ class RamWriter:
         # Empty slots first, then oldest commit first; the newest sealed one, then the newest durable one last.
         candidates.sort(key=lambda k: (k == newest_durable, k == newest_sealed, k in self._commits,
                                        self._commits.get(k, (0, 0.0))[:2]))
+        k = self._try_lock(candidates)
+        if k is not None or not candidates or self.slot_wait <= 0:
+            return k
+        # Every candidate is being read: ask for them back (the durable one only
+        # when there is no other: the drain needs its seal), then wait for the first.
+        asked = [c for c in candidates if c != newest_durable] or candidates
+        requests = [slot_path(self.shm_dir, self.rank, c, "reclaim") for c in asked]
+        for path in requests:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            deadline = time.monotonic() + self.slot_wait
+            while k is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+                k = self._try_lock(candidates)
+        finally:
+            for path in requests:
+                unlink(path)
+        return k
+
+    def _try_lock(self, candidates: Sequence[int]) -> int | None:
         for k in candidates:
             try:
                 fcntl.flock(self._slots[k].fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return k
             except BlockingIOError:
-                continue  # a reader (sealer, drainer) holds it
+                continue  # a reader (sealer, drainer, peer send) holds it
         return None
 
     # -- saving ----------------------------------------------------------
@@ -274,7 +304,8 @@ class RamWriter:
 
         Returns:
             Bytes of tensor data copied, or ``None`` when every slot that may be
-            overwritten is locked by a reader (the save is skipped).
+            overwritten stayed locked by a reader for ``slot_wait`` (the save
+            is skipped).
 
         Raises:
             StorageError: the slot cannot be allocated (``ENOSPC``) or written.
@@ -294,7 +325,8 @@ class RamWriter:
         while True:
             k = self._pick_and_lock()
             if k is None:
-                log.warning("rank %d step %d: every free RAM slot is being read; skipping this snapshot", self.rank, step)
+                log.warning("rank %d step %d: every RAM slot that may be overwritten was still being read after "
+                            "%.1fs; skipping this snapshot", self.rank, step, self.slot_wait)
                 return None
             slot = self._slots[k]
             # The record goes first: from here until the rename the slot is untrusted.

@@ -5,9 +5,10 @@ copy; the sealer computes one ``sum64`` per tensor entry
 (:mod:`~hpresil.checkpoint.integrity`, ~3x faster than the copy here) and
 writes ``slot<K>.seal.json`` bound to the record's ``commit_id``, holding
 ``LOCK_SH`` on the slot so the writer cannot reuse it meanwhile (it skips
-locked slots). Newest commits are sealed first. With ``slots=2`` a sealer
-that lags behind back-to-back saves can hold the only slot the writer may
-take, and that save is skipped; the default of 3 slots avoids it.
+locked slots, and asks for them back through ``slot<K>.reclaim``: the
+sealer then abandons that seal between two chunks, since the commit is about
+to be overwritten). Newest commits are sealed first, so a sealer that lags
+behind back-to-back saves costs the writer one chunk's wait, never a snapshot.
 
 The same class runs as a :class:`~hpresil.runtime.api.NodeService` in
 ``hpresil-run`` (all ranks of the node) and, outside it, in a background
@@ -31,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Seal, record_digest, slot_path
-from hpresil.checkpoint.integrity import checksum
+from hpresil.checkpoint.integrity import checksum_cancellable
 from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read_record, scan, write_atomic
 from hpresil.events import NullEventLog
 from hpresil.events.api import EventSink
@@ -170,6 +171,9 @@ class Sealer:
     def _seal(self, info: SlotInfo) -> bool:
         assert self.shm_dir is not None
         path = slot_path(self.shm_dir, info.rank, info.slot, "bin")
+        reclaim = slot_path(self.shm_dir, info.rank, info.slot, "reclaim")
+        if os.path.exists(reclaim):
+            return False  # the writer wants this slot back: its commit is about to go
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -188,11 +192,17 @@ class Sealer:
                 self._bad.add(record.commit_id)
                 return False
             buf = self._map(path, fd, size)
-            sums = {
-                e.key: checksum(buf[e.offset : e.offset + e.nbytes])
-                for e in record.entries
-                if e.kind == "tensor"
-            }
+            sums: dict[str, str] = {}
+            wanted = lambda: os.path.exists(reclaim)  # noqa: E731
+            for e in record.entries:
+                if e.kind != "tensor":
+                    continue
+                got = checksum_cancellable(buf[e.offset : e.offset + e.nbytes], wanted)
+                if got is None:
+                    log.debug("rank %d step %d: slot %d reclaimed by the writer; seal abandoned",
+                              record.rank, record.step, info.slot)
+                    return False
+                sums[e.key] = got
             seal = Seal(
                 version=FORMAT_VERSION,
                 commit_id=record.commit_id,

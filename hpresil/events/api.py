@@ -30,6 +30,7 @@ EVENT_NAMES = frozenset(
         "workers_succeeded",
         "env_change",
         "checkpoint_saved",
+        "checkpoint_skipped",
         "checkpoint_restored",
         "checkpoint_sealed",
         "checkpoint_drained",
