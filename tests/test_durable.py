@@ -282,6 +282,74 @@ def test_markers_of_a_crashed_attempt_never_mix_with_a_new_timeline(tmp_path: An
     assert torch.equal(got["model.w"], new["model.w"])
 
 
+def test_a_step_committed_by_an_abandoned_timeline_is_replaced(tmp_path: Any) -> None:
+    """Timeline A committed steps 10 and 20; the job restored step 10 (20 failed
+    verification, say) as timeline B. B's step 20 replaces A's, drained by the
+    same node service that drained A's; B's own commits are never replaced."""
+    url, shm = f"file://{tmp_path}/ckpt", str(tmp_path / "shm")
+    drainer = Drainer(shm, Events())
+    write_snapshot(shm, rank=0, step=10, world_size=1, tensors=model_state(10), durable_url=url, timeline="A", slot=0)
+    assert drainer.drain_once()
+    write_snapshot(shm, rank=0, step=20, world_size=1, tensors=model_state(1), durable_url=url, timeline="A", slot=1)
+    assert drainer.drain_once()
+    manifest = tmp_path / "ckpt" / step_dir(20) / ".hpresil" / "manifest.json"
+    committed_a = manifest.read_text()
+    # the restore of step 10 dropped A's step 20 from RAM; B saves step 20 again
+    for suffix in ("json", "seal.json"):
+        os.unlink(slot_path(shm, 0, 1, suffix))  # type: ignore[arg-type]
+    write_snapshot(shm, rank=0, step=20, world_size=1, tensors=model_state(2), durable_url=url, timeline="B", slot=2)
+    assert drainer.drain_once()
+    assert manifest.read_text() != committed_a
+    src = DurableSource(url)
+    assert [r.step for r in src.steps()] == [20, 10]
+    assert torch.equal(read_back(src, 20, 0)["model.w"], model_state(2)["model.w"])
+    # a second commit of step 20 in timeline B (same timeline) leaves B's commit alone
+    committed_b = manifest.read_text()
+    write_snapshot(shm, rank=0, step=20, world_size=1, tensors=model_state(3), durable_url=url, timeline="B", slot=1)
+    drainer.drain_once()
+    assert manifest.read_text() == committed_b
+    assert torch.equal(read_back(DurableSource(url), 20, 0)["model.w"], model_state(2)["model.w"])
+
+
+def test_checkpointer_replaces_a_corrupted_durable_step_when_it_reaches_it_again(tmp_path: Any) -> None:
+    """A flipped byte in the newest durable step: a fresh node (no RAM) restores the
+    step before it, trains on, and its drain replaces the corrupted step."""
+    from hpresil.checkpoint import Checkpointer
+
+    url = f"file://{tmp_path}/ckpt"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+
+    def run(shm: str, upto: int) -> tuple[int, Events]:
+        ev = Events()
+        ckpt = Checkpointer({"model": model}, durable=url, durable_every=10, every=10, shm_dir=shm, events=ev,
+                            run_services=True)
+        start = ckpt.restore()
+        for step in range(start + 1, upto + 1):
+            with torch.no_grad():
+                model.weight.add_(0.5 ** (step % 7))
+            ckpt.save(step)
+            ckpt.wait()  # each durable step drained (a lagging drain skips to the newest)
+        ckpt.close(keep_ram=False)
+        return start, ev
+
+    run(str(tmp_path / "shm1"), 20)
+    trained = model.weight.detach().clone()
+    rec = json.loads((tmp_path / "ckpt" / step_dir(20) / ".hpresil" / "rank0.json").read_text())
+    w = next(e for e in rec["entries"] if e["key"] == "model.weight")
+    with open(tmp_path / "ckpt" / step_dir(20) / data_file(0), "r+b") as f:
+        f.seek(w["loc"]["data_offset"] + 5)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    start, ev = run(str(tmp_path / "shm2"), 20)
+    assert start == 10 and ev.named("integrity_failed")
+    assert torch.equal(model.weight, trained), "the rerun is bitwise the same"
+    start, ev = run(str(tmp_path / "shm3"), 20)
+    assert start == 20 and not ev.named("integrity_failed"), "step 20 was replaced by a sound copy"
+    assert torch.equal(model.weight, trained)
+
+
 def test_retention_keeps_newest_and_gcs_incomplete(tmp_path: Any) -> None:
     url = f"file://{tmp_path}/ckpt"
     shm = str(tmp_path / "shm")

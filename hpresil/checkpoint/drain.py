@@ -153,7 +153,8 @@ class Drainer:
         self.config = config or DrainConfig()
         self._group: WorkerGroupInfo | None = None
         self._stores: dict[str, DurableStore] = {}
-        self._done: dict[int, set[int]] = {}  # step -> local ranks uploaded (or found uploaded)
+        # step -> local rank -> (commit_id, timeline) uploaded (or found uploaded)
+        self._done: dict[int, dict[int, tuple[str, str]]] = {}
         self._parsed: ScanCache = {}
         self._failures = 0
         self._retry_at = 0.0
@@ -217,9 +218,9 @@ class Drainer:
         except Exception as exc:  # noqa: BLE001 - an unreadable shm dir holds nothing to keep
             log.debug("cannot scan for undrained snapshots: %s", exc)
             return None
-        floor = max(self._done, default=-1)
+        floor = self._floor(found)
         pending = sorted({s.record.step for snaps in found.values() for s in snaps
-                          if s.record.step > floor or (s.record.step == floor and s.rank not in self._done[floor])})
+                          if s.record.step >= floor and not self._is_done(s)})
         if not pending:
             return None
         return f"durable-flagged step(s) {pending} not uploaded (newest uploaded here: {floor if floor >= 0 else 'none'})"
@@ -305,14 +306,32 @@ class Drainer:
             r: {s.record.step: s for s in found.get(r, []) if s.record.world_size == world} for r in ranks
         }
         common = set.intersection(*(set(v) for v in by_rank.values())) if by_rank else set()
-        floor = max(self._done, default=-1)  # never go back behind a step already drained
-        todo = sorted((s for s in common if s >= floor and not ranks <= self._done.get(s, set())), reverse=True)
+        floor = self._floor(found)  # never go back behind a step already drained
+        todo = sorted((s for s in common if s >= floor and not all(self._is_done(by_rank[r][s]) for r in ranks)),
+                      reverse=True)
         if not todo:
             return None
         step = todo[0]
         if len(todo) > 1 and (group is None or len(ranks) < world):
             step = self._prefer_started(todo, ranks, by_rank)
-        return step, {r: by_rank[r][step] for r in sorted(ranks) if r not in self._done.get(step, set())}
+        return step, {r: by_rank[r][step] for r in sorted(ranks) if not self._is_done(by_rank[r][step])}
+
+    def _is_done(self, info: SlotInfo) -> bool:
+        """This very commit was uploaded (or found uploaded): a snapshot of the
+        same step from a later timeline is not."""
+        return self._done.get(info.record.step, {}).get(info.rank, ("", ""))[0] == info.record.commit_id
+
+    def _floor(self, found: dict[int, list[SlotInfo]]) -> int:
+        """The newest step drained in the timeline of the newest snapshot here,
+        or -1. After a restore to an older step the job's new timeline starts
+        below what the old one drained; its steps are drained again (and
+        replace the abandoned timeline's, see ``DurableWriter.upload``)."""
+        snaps = [s for ss in found.values() for s in ss]
+        if not snaps:
+            return -1
+        timeline = max(snaps, key=lambda s: (s.record.step, s.record.created)).record.timeline
+        return max((step for step, ranks in self._done.items() if any(t == timeline for _, t in ranks.values())),
+                   default=-1)
 
     def _prefer_started(self, todo: list[int], ranks: set[int], by_rank: dict[int, dict[int, SlotInfo]]) -> int:
         """Among pending steps (newest first), one that another node already
@@ -369,7 +388,7 @@ class Drainer:
         committed = writer.try_commit(step, first.world_size)
         if committed:
             writer.retain(first.keep)
-        self._done.setdefault(step, set()).update(snaps)
+        self._done.setdefault(step, {}).update({r: (p.record.commit_id, p.record.timeline) for r, p in snaps.items()})
         for old in [s for s in self._done if s < step]:
             del self._done[old]
         duration = time.monotonic() - t0

@@ -105,6 +105,10 @@ class DurableWriter:
 
         Ranks whose marker already holds the same ``commit_id`` are skipped; a
         marker of another commit is deleted before its data file is rewritten.
+        A step committed by a timeline the job has abandoned (it restored an
+        older step, e.g. because this one failed verification) is un-committed
+        first (manifest and ``.metadata`` deleted) and replaced; a step
+        committed by this timeline is never touched.
 
         Returns:
             Bytes uploaded and the ranks uploaded.
@@ -115,7 +119,10 @@ class DurableWriter:
         sdir = step_dir(step)
         existing = set(self.store.list_dir(f"{sdir}/{META_DIR}"))
         if "manifest.json" in existing:
-            return 0, []
+            if not uploads or not self._superseded(step, uploads[0]):
+                return 0, []
+            # Un-commit before rewriting anything: readers then fall back to an older step.
+            self.store.delete([f"{sdir}/{manifest_json()}", f"{sdir}/.metadata"])
         todo: list[RankUpload] = []
         for up in uploads:
             name = rank_json(up.rank)
@@ -141,6 +148,23 @@ class DurableWriter:
                 raise StorageError(f"{self.store.url}/{path} holds {got} bytes after upload, expected {up.rank_obj['file_bytes']}")
             self.store.write_bytes(f"{sdir}/{rank_json(up.rank)}", _dump(up.rank_obj))
         return nbytes, [up.rank for up in todo]
+
+    def _superseded(self, step: int, up: RankUpload) -> bool:
+        """Whether committed ``step`` belongs to another timeline than ``up``
+        (or its rank record is gone or unreadable: it cannot be restored)."""
+        path = f"{step_dir(step)}/{rank_json(up.rank)}"
+        try:
+            old = json.loads(self.store.read_bytes(path))
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("durable step %d: committed, but %s is unreadable (%s); replacing the step", step, path, exc)
+            return True
+        if not isinstance(old, dict) or old.get("commit_id") == up.rank_obj["commit_id"]:
+            return not isinstance(old, dict)
+        if old.get("timeline", "") == up.rank_obj.get("timeline", ""):
+            return False
+        log.warning("durable step %d: committed by timeline %r, which the job abandoned by restoring an older "
+                    "step; replacing it with timeline %r's", step, old.get("timeline", ""), up.rank_obj.get("timeline", ""))
+        return True
 
     def try_commit(self, step: int, world_size: int) -> bool:
         """Commits ``step`` when every rank's marker is present (phase 3).
