@@ -57,6 +57,7 @@ def test_exporter_serves_heartbeats_and_events(tmp_path) -> None:
         sink.emit("checkpoint_saved", rank=5, step=7, tier="ram", blocking_s=0.004, bytes=1000)
         sink.emit("checkpoint_saved", rank=5, step=7, tier="ram", blocking_s=0.02, bytes=1000)
         sink.emit("checkpoint_restored", rank=5, step=5, tier="durable", duration_s=1.5, bytes=10)
+        sink.emit("checkpoint_skipped", rank=5, step=8, reason="slots_busy", waited_s=0.25)
         sink.emit("checkpoint_drained", step=7, tier="durable", duration_s=0.3, bytes=2000, committed=True)
         sink.emit("checkpoint_replicated", step=7, tier="peer", bytes=1000, duration_s=0.1, lag_s=0.25)
         sink.emit("hang_detected", phase="step", suspects=[5])
@@ -74,6 +75,7 @@ def test_exporter_serves_heartbeats_and_events(tmp_path) -> None:
     assert got[("hpresil_checkpoint_blocking_seconds_sum", (("tier", "ram"),))] == pytest.approx(0.024)
     assert got[("hpresil_checkpoint_bytes_total", (("tier", "ram"),))] == 2000
     assert got[("hpresil_checkpoint_last_step", (("tier", "ram"),))] == 7
+    assert got[("hpresil_checkpoint_skipped_total", (("reason", "slots_busy"),))] == 1
     assert got[("hpresil_restore_seconds_count", (("tier", "durable"),))] == 1
     assert got[("hpresil_restarts_total", (("cause", "hang"),))] == 1  # the restart that followed the hang
     assert got[("hpresil_restarts_total", (("cause", "membership"),))] == 1

@@ -193,7 +193,7 @@ class Sealer:
                 return False
             buf = self._map(path, fd, size)
             sums: dict[str, str] = {}
-            wanted = lambda: os.path.exists(reclaim)  # noqa: E731
+            wanted = _Throttled(lambda: os.path.exists(reclaim), 0.002)
             for e in record.entries:
                 if e.kind != "tensor":
                     continue
@@ -258,3 +258,21 @@ class Sealer:
         # Dropping the tensor and the mmap together unmaps (mmap.close() would
         # refuse while the tensor still exports the buffer).
         self._maps.clear()
+
+
+class _Throttled:
+    """A predicate asked at most once per ``interval`` seconds (``False`` in
+    between): the reclaim request is a ``stat``, and a snapshot has thousands of
+    small entries; the writer waits at most one interval longer."""
+
+    def __init__(self, ask: Callable[[], bool], interval: float) -> None:
+        self._ask = ask
+        self._interval = interval
+        self._next = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self._interval
+        return self._ask()

@@ -13,6 +13,7 @@ name                                   type       labels       from
 ``hpresil_checkpoint_blocking_seconds``histogram  tier         ``checkpoint_saved.blocking_s``
 ``hpresil_checkpoint_bytes_total``     counter    tier         ``checkpoint_saved.bytes``
 ``hpresil_checkpoint_last_step``       gauge      tier         ``checkpoint_saved.step``
+``hpresil_checkpoint_skipped_total``   counter    reason       ``checkpoint_skipped`` (every slot still being read)
 ``hpresil_restore_seconds``            histogram  tier         ``checkpoint_restored.duration_s``
 ``hpresil_restarts_total``             counter    cause        ``workers_restart`` (``hang`` after ``hang_detected``)
 ``hpresil_hang_detections_total``      counter    phase        ``hang_detected``

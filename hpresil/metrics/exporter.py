@@ -144,6 +144,8 @@ class MetricsExporter:
                                        ["tier"], buckets=_SECONDS, registry=r)
         self.ckpt_bytes = Counter("hpresil_checkpoint_bytes", "Bytes copied by Checkpointer.save", ["tier"], registry=r)
         self.ckpt_step = Gauge("hpresil_checkpoint_last_step", "Step of the newest snapshot", ["tier"], registry=r)
+        self.ckpt_skipped = Counter("hpresil_checkpoint_skipped", "Snapshots skipped because readers held every slot",
+                                    ["reason"], registry=r)
         self.restore_seconds = Histogram("hpresil_restore_seconds", "Duration of restores", ["tier"],
                                          buckets=_SECONDS, registry=r)
         self.restarts = Counter("hpresil_restarts", "Worker-group restarts by cause", ["cause"], registry=r)
@@ -190,6 +192,8 @@ class MetricsExporter:
             self.ckpt_bytes.labels(tier=tier).inc(num("bytes"))
             self.ckpt_step.labels(tier=tier).set(num("step"))
             self._save_ts.setdefault(int(num("step")), float(e["ts"]))
+        elif name == "checkpoint_skipped":
+            self.ckpt_skipped.labels(reason=str(e.get("reason", "unknown"))).inc()
         elif name == "checkpoint_restored":
             self.restore_seconds.labels(tier=tier).observe(num("duration_s"))
         elif name == "checkpoint_drained":
