@@ -91,6 +91,7 @@ def test_save_asks_readers_for_a_slot_and_waits_for_the_first_released(shm: str)
     w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=30.0)
     for step in (1, 2, 3):
         _save(w, step, state)
+    assert Sealer(shm).flush()  # step 3 sealed: sealing 1 or 2 again gives a restore nothing newer
     held = {k: os.open(slot_path(shm, 0, k, "bin"), os.O_RDONLY) for k in (_slot_of(shm, 1), _slot_of(shm, 2))}
     for fd in held.values():
         fcntl.flock(fd, fcntl.LOCK_SH)  # two readers hold every slot the writer may take
@@ -117,9 +118,37 @@ def test_save_asks_readers_for_a_slot_and_waits_for_the_first_released(shm: str)
     w.close()
 
 
+def test_save_waits_for_the_newest_seal_without_asking_and_within_its_budget(shm: str) -> None:
+    """No sealed commit is newer than the one a reader holds: the writer waits
+    for it without a reclaim request, and what it waited is spent from its budget."""
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=2, run_id="r", slot_wait=0.5)
+    _save(w, 1, state)
+    _save(w, 2, state)
+    k1 = _slot_of(shm, 1)
+    fd = os.open(slot_path(shm, 0, k1, "bin"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    seen: list[str] = []
+
+    def reader_finishes() -> None:
+        end = time.monotonic() + 0.2
+        while time.monotonic() < end:
+            seen.extend(f for f in os.listdir(os.path.dirname(slot_path(shm, 0, 0, "bin"))) if f.endswith(".reclaim"))
+            time.sleep(0.005)
+        os.close(fd)
+
+    t = threading.Thread(target=reader_finishes)
+    t.start()
+    assert _save(w, 3, state) is not None and _slot_of(shm, 3) == k1
+    t.join()
+    assert not seen, "nothing newer is sealed: the writer must not ask a seal to stop"
+    assert w._table._refill() <= 0.5 - 0.2 + 0.01, "the wait was spent from the budget"
+    w.close()
+
+
 def test_sealer_yields_a_slot_the_writer_reclaims(monkeypatch: pytest.MonkeyPatch, shm: str) -> None:
-    """A sealer still sealing an old commit gives its slot up mid-seal: the save
-    that needs it neither waits for the whole seal nor is skipped."""
+    """A sealer still sealing a commit older than a sealed one gives its slot up
+    mid-seal: the save that needs it neither waits for the whole seal nor is skipped."""
     from hpresil.checkpoint import sealer as sealer_mod
 
     sealing = threading.Event()
@@ -134,16 +163,17 @@ def test_sealer_yields_a_slot_the_writer_reclaims(monkeypatch: pytest.MonkeyPatc
             return cancelled()
         return integrity.checksum_cancellable(data, look, 4096 if slow.is_set() else chunk)
 
-    monkeypatch.setattr(sealer_mod, "checksum_cancellable", slow_checksum)
     state = {"t": torch.randn(1 << 18)}  # 1 MiB
     w = RamWriter(shm, 0, slots=2, run_id="r", slot_wait=30.0)
     events = ListSink()
-    s = Sealer(shm, events, interval=timedelta(milliseconds=5))
     _save(w, 1, state)
+    _save(w, 2, state)
+    assert Sealer(shm).seal_once()  # the newest first: step 2 is sealed, step 1 not yet
+    monkeypatch.setattr(sealer_mod, "checksum_cancellable", slow_checksum)
+    s = Sealer(shm, events, interval=timedelta(milliseconds=5))
     s.start_background()
     try:
         assert sealing.wait(10)  # the sealer holds step 1's slot
-        _save(w, 2, state)  # the other slot
         t0 = time.monotonic()
         assert _save(w, 3, state) is not None  # step 1's slot, taken back from the sealer
         waited = time.monotonic() - t0

@@ -90,12 +90,13 @@ class CheckpointConfig:
             durable drain reads an older snapshot).
         upload_timeout: bound on one durable upload attempt.
         verify_on_restore: check checksums before trusting a snapshot.
-        slot_wait: how long a save may wait for readers (the sealer yields
-            within one 64 MiB chunk; a peer send or durable read finishes its
-            read) to release a slot when every slot it may overwrite is being
-            read; after that the snapshot is skipped (``checkpoint_skipped``
-            event). Short on purpose: a wait costs training time for sure, a
-            skipped snapshot only when a fault hits before the next one.
+        slot_wait: the longest one save waits for readers (sealer, durable
+            read, peer send) to release a slot when every slot it may
+            overwrite is being read; over time saves wait at most 1 % of the
+            wall clock (:mod:`~hpresil.checkpoint.ram_slots`). After that the
+            snapshot is skipped (``checkpoint_skipped`` event). Short on
+            purpose: a wait costs training time for sure, a skipped snapshot
+            only when a fault hits before the next one.
     """
 
     every: int = 1

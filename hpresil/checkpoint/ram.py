@@ -10,22 +10,9 @@ unchanged. A save copies each tensor with ``copy_`` into a cached view of its
 serialised once per layout). No checksum is computed here: the sealer does
 that after the commit, off the training thread.
 
-Slot choice (double buffering): never the newest commit; preferably not the
-newest snapshot flagged for the durable tier, until a newer one is flagged (the
-sealer and the drainer reach it after newer snapshots under load, and it must
-not be overwritten before they do: else ``durable_every`` is silently skipped);
-then preferably not the newest sealed one (the newest *verified* snapshot
-survives a crash while a newer one is still unsealed); otherwise the oldest.
-With 3 slots that leaves two alternating slots and the durable one. A slot
-locked by a reader (sealer, drainer, peer send) is skipped. When every slot the
-writer may take is locked, it asks for them back: it creates
-``slot<K>.reclaim`` beside each, and waits up to ``slot_wait`` for the first
-to be released. The sealer yields at once (it looks for the request between
-64 MiB chunks and before it locks a slot: sealing a commit that is about to be
-overwritten is wasted work); other readers finish their read. Only then is the
-snapshot skipped (``None``), and the requests are removed either way. A crash
-mid-copy leaves that slot without a record, so it is never trusted, and every
-other slot is untouched.
+Slot choice, and waiting for a slot that readers hold, is
+:mod:`~hpresil.checkpoint.ram_slots`. A crash mid-copy leaves that slot without
+a record, so it is never trusted, and every other slot is untouched.
 
 CUDA tensors are copied device→host into the arena registered as pinned
 memory, with ``non_blocking=True`` on a side stream that first waits for the
@@ -53,7 +40,8 @@ import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
 from hpresil.checkpoint.flatten import Leaf, dtype_from_name, dtype_name, encode_json
-from hpresil.checkpoint.ram_files import ScanCache, cached_parse, drop_newer, read_seal, scan, unlink, write_atomic
+from hpresil.checkpoint.ram_files import drop_newer, scan, unlink, write_atomic
+from hpresil.checkpoint.ram_slots import SlotTable
 from hpresil.errors import StorageError
 
 __all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "signature"]
@@ -204,13 +192,13 @@ class RamWriter:
         rank: global rank.
         slots: number of slots (``CheckpointConfig.slots``).
         run_id: stored in every record.
-        slot_wait: how long ``save`` waits for a reader to release a slot
-            before it skips the snapshot (seconds).
+        slot_wait: the longest one ``save`` waits for a reader to release a
+            slot before it skips the snapshot (seconds; see
+            :mod:`~hpresil.checkpoint.ram_slots`).
     """
 
     def __init__(self, shm_dir: str, rank: int, *, slots: int, run_id: str, slot_wait: float = 0.25) -> None:
         self.shm_dir = shm_dir
-        self.slot_wait = slot_wait
         self.rank = rank
         self.run_id = run_id
         #: set by the Checkpointer after each restore (see CommitRecord.timeline)
@@ -221,68 +209,21 @@ class RamWriter:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self._stream: Any = None
-        self._seal_cache: ScanCache = {}
-        self._unusable: set[int] = set()  # slots that could not be allocated
-        # slot -> (step, created, commit_id) of its current record
-        self._commits: dict[int, tuple[int, float, str]] = {}
-        # slot -> commit_id of a commit flagged for the durable tier
-        self._durable: dict[int, str] = {}
+        self._table = SlotTable(shm_dir, rank, [slot.fd for slot in self._slots], slot_wait)
         for info in scan(shm_dir, [rank]):
             if info.slot < slots:
-                self._commits[info.slot] = (info.record.step, info.record.created, info.record.commit_id)
+                self._table.commits[info.slot] = (info.record.step, info.record.created, info.record.commit_id)
                 if info.record.durable:
-                    self._durable[info.slot] = info.record.commit_id
+                    self._table.durable[info.slot] = info.record.commit_id
 
-    # -- slot choice -----------------------------------------------------
-    def _newest(self, slots: Sequence[int]) -> int | None:
-        have = [k for k in slots if k in self._commits]
-        return max(have, key=lambda k: self._commits[k][:2]) if have else None
+    @property
+    def slot_wait(self) -> float:
+        """The longest one ``save`` waits for a reader to release a slot (seconds)."""
+        return self._table.slot_wait
 
-    def _sealed(self, k: int) -> bool:
-        commit = self._commits.get(k)
-        if commit is None:
-            return False
-        path = slot_path(self.shm_dir, self.rank, k, "seal.json")
-        seal = cached_parse(path, self._seal_cache, lambda: read_seal(path, None, header_only=True))
-        return seal is not None and seal.commit_id == commit[2]
-
-    def _pick_and_lock(self) -> int | None:
-        usable = [k for k in range(len(self._slots)) if k not in self._unusable]
-        newest = self._newest(usable)
-        newest_durable = self._newest([k for k in usable if k in self._durable
-                                       and self._durable[k] == self._commits.get(k, (0, 0.0, ""))[2]])
-        candidates = [k for k in usable if k != newest]
-        newest_sealed = self._newest([k for k in candidates if self._sealed(k)])
-        # Empty slots first, then oldest commit first; the newest sealed one, then the newest durable one last.
-        candidates.sort(key=lambda k: (k == newest_durable, k == newest_sealed, k in self._commits,
-                                       self._commits.get(k, (0, 0.0))[:2]))
-        k = self._try_lock(candidates)
-        if k is not None or not candidates or self.slot_wait <= 0:
-            return k
-        # Every candidate is being read: ask for them back (the durable one only
-        # when there is no other: the drain needs its seal), then wait for the first.
-        asked = [c for c in candidates if c != newest_durable] or candidates
-        requests = [slot_path(self.shm_dir, self.rank, c, "reclaim") for c in asked]
-        for path in requests:
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        try:
-            deadline = time.monotonic() + self.slot_wait
-            while k is None and time.monotonic() < deadline:
-                time.sleep(0.001)
-                k = self._try_lock(candidates)
-        finally:
-            for path in requests:
-                unlink(path)
-        return k
-
-    def _try_lock(self, candidates: Sequence[int]) -> int | None:
-        for k in candidates:
-            try:
-                fcntl.flock(self._slots[k].fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return k
-            except BlockingIOError:
-                continue  # a reader (sealer, drainer, peer send) holds it
-        return None
+    @slot_wait.setter
+    def slot_wait(self, seconds: float) -> None:
+        self._table.slot_wait = seconds
 
     # -- saving ----------------------------------------------------------
     def save(
@@ -304,8 +245,8 @@ class RamWriter:
 
         Returns:
             Bytes of tensor data copied, or ``None`` when every slot that may be
-            overwritten stayed locked by a reader for ``slot_wait`` (the save
-            is skipped).
+            overwritten stayed locked by a reader for as long as this save
+            may wait (the save is skipped).
 
         Raises:
             StorageError: the slot cannot be allocated (``ENOSPC``) or written.
@@ -323,15 +264,15 @@ class RamWriter:
             if not isinstance(l.value, torch.Tensor)
         ]
         while True:
-            k = self._pick_and_lock()
+            k = self._table.pick_and_lock()
             if k is None:
-                log.warning("rank %d step %d: every RAM slot that may be overwritten was still being read after "
-                            "%.1fs; skipping this snapshot", self.rank, step, self.slot_wait)
+                log.warning("rank %d step %d: every RAM slot that may be overwritten is being read (sealer, drain "
+                            "or peer send slower than the saves?); skipping this snapshot", self.rank, step)
                 return None
             slot = self._slots[k]
             # The record goes first: from here until the rename the slot is untrusted.
             unlink(slot_path(self.shm_dir, self.rank, k, "json"))
-            self._commits.pop(k, None)
+            self._table.commits.pop(k, None)
             unlink(slot_path(self.shm_dir, self.rank, k, "seal.json"))
             try:
                 slot.ensure(layout.nbytes)
@@ -339,10 +280,10 @@ class RamWriter:
             except OSError as exc:
                 fcntl.flock(slot.fd, fcntl.LOCK_UN)
                 # Fewer slots still double-buffer; below two, the tier is unusable.
-                self._unusable.add(k)
-                if len(self._slots) - len(self._unusable) >= 2:
+                self._table.unusable.add(k)
+                if len(self._slots) - len(self._table.unusable) >= 2:
                     log.warning("rank %d: RAM slot %d unavailable (%s); continuing with %d slots",
-                                self.rank, k, exc, len(self._slots) - len(self._unusable))
+                                self.rank, k, exc, len(self._slots) - len(self._table.unusable))
                     continue
                 raise StorageError(
                     f"cannot allocate {layout.nbytes / 2**20:.1f} MiB RAM slot {slot.path}: {exc}"
@@ -433,9 +374,9 @@ class RamWriter:
                 write_atomic(slot_path(self.shm_dir, self.rank, k, "json"), text)
             except OSError as exc:
                 raise StorageError(f"cannot write commit record of {slot.path}: {exc}") from exc
-            self._commits[k] = (step, created, commit_id)
+            self._table.commits[k] = (step, created, commit_id)
             if durable:
-                self._durable[k] = commit_id
+                self._table.durable[k] = commit_id
         finally:
             fcntl.flock(slot.fd, fcntl.LOCK_UN)
         if on_commit is not None:
@@ -462,7 +403,7 @@ class RamWriter:
             The dropped steps.
         """
         self.wait()
-        return drop_newer(self.shm_dir, self.rank, step, self._commits)
+        return drop_newer(self.shm_dir, self.rank, step, self._table.commits)
 
     def release(self) -> None:
         """Unmaps and truncates every slot and forgets the records (degrading to
@@ -476,8 +417,8 @@ class RamWriter:
                 os.ftruncate(slot.fd, 0)
             except OSError:
                 pass
-        self._commits.clear()
-        self._durable.clear()
+        self._table.commits.clear()
+        self._table.durable.clear()
         self._layout = None
 
     def close(self) -> None:

@@ -5,10 +5,10 @@ copy; the sealer computes one ``sum64`` per tensor entry
 (:mod:`~hpresil.checkpoint.integrity`, ~3x faster than the copy here) and
 writes ``slot<K>.seal.json`` bound to the record's ``commit_id``, holding
 ``LOCK_SH`` on the slot so the writer cannot reuse it meanwhile (it skips
-locked slots, and asks for them back through ``slot<K>.reclaim``: the
-sealer then abandons that seal between two chunks, since the commit is about
-to be overwritten). Newest commits are sealed first, so a sealer that lags
-behind back-to-back saves costs the writer one chunk's wait, never a snapshot.
+locked slots, waits a little, and asks through ``slot<K>.reclaim`` for
+slots whose commit is older than a sealed one: the sealer then abandons that
+seal between two chunks, see :mod:`~hpresil.checkpoint.ram_slots`). Newest
+commits are sealed first.
 
 The same class runs as a :class:`~hpresil.runtime.api.NodeService` in
 ``hpresil-run`` (all ranks of the node) and, outside it, in a background

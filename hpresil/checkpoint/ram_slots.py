@@ -1,0 +1,127 @@
+"""Which RAM slot a save overwrites, and how long it may wait for one.
+
+Slot choice (double buffering): never the newest commit; preferably not the
+newest snapshot flagged for the durable tier, until a newer one is flagged (the
+sealer and the drainer reach it after newer snapshots under load, and it must
+not be overwritten before they do: else ``durable_every`` is silently skipped);
+then preferably not the newest sealed one (the newest *verified* snapshot
+survives a crash while a newer one is still unsealed); otherwise the oldest.
+With 3 slots that leaves two alternating slots and the durable one.
+
+A slot locked by a reader (sealer, drainer, peer send) is skipped. When every
+slot the writer may take is locked, it waits for the first to be released, up
+to ``slot_wait`` per save and, over time, :data:`WAIT_SHARE` of the wall clock
+(a token bucket that starts full): a sealer slowed down for a moment by a busy
+host costs one short wait instead of a snapshot, and a sealer that is slower
+than the saves themselves skips snapshots instead of slowing every step. Only
+then is the snapshot skipped. While it waits it asks for slots back whose
+commit is older than a sealed one (``slot<K>.reclaim``): sealing those cannot
+give a restore anything newer, and the sealer abandons such a seal between two
+chunks. It never asks for a slot whose seal would be the newest: if yielding
+were the rule, a sealer slower than two saves would never finish a seal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from typing import Sequence
+
+from hpresil.checkpoint.api import slot_path
+from hpresil.checkpoint.ram_files import ScanCache, cached_parse, read_seal, unlink
+
+__all__ = ["SlotTable", "WAIT_SHARE"]
+
+#: The most of the wall clock that saves spend waiting for readers, over time.
+WAIT_SHARE = 0.01
+
+
+class SlotTable:
+    """The writer's view of its slots: their commits, and the choice of one.
+
+    Args:
+        shm_dir: the job's shared-memory directory on this node.
+        rank: global rank.
+        fds: one open descriptor per slot file (also the ``flock`` handles).
+        slot_wait: the longest one save waits for a reader (seconds).
+    """
+
+    def __init__(self, shm_dir: str, rank: int, fds: Sequence[int], slot_wait: float) -> None:
+        self.shm_dir = shm_dir
+        self.rank = rank
+        self.fds = list(fds)
+        self.slot_wait = slot_wait
+        #: slot -> (step, created, commit_id) of its current record
+        self.commits: dict[int, tuple[int, float, str]] = {}
+        #: slot -> commit_id of a commit flagged for the durable tier
+        self.durable: dict[int, str] = {}
+        #: slots that could not be allocated
+        self.unusable: set[int] = set()
+        self._seal_cache: ScanCache = {}
+        self._budget = slot_wait
+        self._budget_at = time.monotonic()
+
+    def newest(self, slots: Sequence[int]) -> int | None:
+        """The slot among ``slots`` holding the newest commit, if any."""
+        have = [k for k in slots if k in self.commits]
+        return max(have, key=lambda k: self.commits[k][:2]) if have else None
+
+    def sealed(self, k: int) -> bool:
+        """Whether slot ``k``'s current commit has its seal."""
+        commit = self.commits.get(k)
+        if commit is None:
+            return False
+        path = slot_path(self.shm_dir, self.rank, k, "seal.json")
+        seal = cached_parse(path, self._seal_cache, lambda: read_seal(path, None, header_only=True))
+        return seal is not None and seal.commit_id == commit[2]
+
+    def pick_and_lock(self) -> int | None:
+        """Takes ``LOCK_EX`` on the slot to overwrite and returns it; ``None``
+        when readers held every candidate for as long as this save may wait."""
+        usable = [k for k in range(len(self.fds)) if k not in self.unusable]
+        newest = self.newest(usable)
+        newest_durable = self.newest([k for k in usable if k in self.durable
+                                      and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
+        candidates = [k for k in usable if k != newest]
+        sealed = [k for k in usable if self.sealed(k)]
+        newest_sealed = self.newest([k for k in candidates if k in sealed])
+        # Empty slots first, then oldest commit first; the newest sealed one, then the newest durable one last.
+        candidates.sort(key=lambda k: (k == newest_durable, k == newest_sealed, k in self.commits,
+                                       self.commits.get(k, (0, 0.0))[:2]))
+        k = self._try_lock(candidates)
+        wait = self._refill()
+        if k is not None or not candidates or wait <= 0:
+            return k
+        top = self.newest(sealed)
+        asked = [c for c in candidates if top is not None and c in self.commits and c != newest_durable
+                 and self.commits[c][:2] < self.commits[top][:2]]
+        requests = [slot_path(self.shm_dir, self.rank, c, "reclaim") for c in asked]
+        t0 = time.monotonic()
+        try:
+            for path in requests:
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            while k is None and time.monotonic() - t0 < wait:
+                time.sleep(0.001)
+                k = self._try_lock(candidates)
+        finally:
+            for path in requests:
+                unlink(path)
+            self._budget -= time.monotonic() - t0
+        return k
+
+    def _refill(self) -> float:
+        """The wait this save may spend (the token bucket, refilled)."""
+        now = time.monotonic()
+        self._budget = min(self.slot_wait, self._budget + (now - self._budget_at) * WAIT_SHARE)
+        self._budget_at = now
+        return self._budget
+
+    def _try_lock(self, candidates: Sequence[int]) -> int | None:
+        for k in candidates:
+            try:
+                fcntl.flock(self.fds[k], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return k
+            except BlockingIOError:
+                continue  # a reader (sealer, drainer, peer send) holds it
+        return None
