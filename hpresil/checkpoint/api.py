@@ -385,7 +385,7 @@ def rank_dir(shm_dir: str, rank: int) -> str:
 
 def slot_path(shm_dir: str, rank: int, slot: int, suffix: Literal["bin", "json", "seal.json", "reclaim"]) -> str:
     """``<shm_dir>/ckpt/rank<R>/slot<K>.<suffix>`` (``reclaim``: the writer's
-    request that readers release the slot, see :mod:`hpresil.checkpoint.ram`)."""
+    request that readers release the slot, see :mod:`hpresil.checkpoint.ram_slots`)."""
     return os.path.join(rank_dir(shm_dir, rank), f"slot{slot}.{suffix}")
 
 
