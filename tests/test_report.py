@@ -31,6 +31,7 @@ def _two_epochs() -> list[dict]:
         _ev(3.1, "checkpoint_saved", rank=0, step=10, tier="ram", blocking_s=0.1, bytes=100),
         _ev(3.2, "progress", step=10, t_step=3.0, step_time_s=0.2),
         _ev(5.1, "progress", step=20, t_step=5.0, step_time_s=0.2),
+        _ev(5.2, "checkpoint_skipped", rank=1, step=20, reason="slots_busy", waited_s=0.25),
         _ev(6, "worker_exit", rank=1, exitcode=-9, signal="SIGKILL"),
         _ev(6, "workers_restart", cause="failure"),
         _ev(8, "workers_start", world_size=2, attempt=1),
@@ -57,8 +58,9 @@ def test_known_answer_failure_restore_and_lost_work() -> None:
     assert r.wall_s == 15 and r.goodput == pytest.approx(0.4)
     assert r.restarts == {"failure": 1} and r.final_step == 30
     assert [(e.base_step, e.fault, e.max_step) for e in r.epochs] == [(0, "exit", 20), (10, "succeeded", 30)]
+    assert r.tiers["ram"].saves == 1 and r.tiers["ram"].skipped == 1
     text = format_report(r)
-    assert "goodput" in text and "40.0 %" in text and "lost work" in text
+    assert "goodput" in text and "40.0 %" in text and "lost work" in text and "skipped" in text
 
 
 def test_hang_membership_and_multi_node_files(tmp_path) -> None:

@@ -335,8 +335,8 @@ class Checkpointer:
             self._degrade(exc)
             return self._save(step, final) if self._staging is not None and durable else False
         if nbytes is None:
-            self.events.emit("checkpoint_skipped", step=step, reason="slots_busy",
-                             waited_s=round(time.perf_counter() - t0, 6))
+            self.events.emit("checkpoint_skipped", step=step, tier="ram" if writer is self._ram else "durable",
+                             reason="slots_busy", waited_s=round(time.perf_counter() - t0, 6))
             return False
         self._last_snapshot = (step, durable)
         blocking = time.perf_counter() - t0

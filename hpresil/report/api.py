@@ -88,10 +88,12 @@ class Epoch:
 
 @dataclasses.dataclass(slots=True)
 class TierStats:
-    """Checkpoint and restore statistics of one tier (``ram``, ``peer``, ``durable``)."""
+    """Checkpoint and restore statistics of one tier (``ram``, ``peer``, ``durable``);
+    ``skipped`` counts saves skipped because readers held every slot."""
 
     tier: str
     saves: int = 0
+    skipped: int = 0
     steps: int = 0
     blocking_s_total: float = 0.0
     blocking_s_max: float = 0.0

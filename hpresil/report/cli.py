@@ -61,12 +61,12 @@ def format_report(report: GoodputReport) -> str:
     lines.append(f"  restarts: {restarts}; hang detections: {report.hang_detections}; stragglers: {report.stragglers}")
     if report.tiers:
         lines.append("  checkpoints per tier:")
-        lines.append(f"    {'tier':8s} {'saves':>6s} {'steps':>6s} {'block mean':>11s} {'block max':>10s} {'per save':>10s}"
+        lines.append(f"    {'tier':8s} {'saves':>6s} {'skipped':>7s} {'steps':>6s} {'block mean':>11s} {'block max':>10s} {'per save':>10s}"
                      f" {'restores':>8s} {'restore max':>11s} {'uploads':>7s} {'MB/s':>7s} {'lag max':>8s} {'degraded':>8s}")
         for name in sorted(report.tiers):
             t = report.tiers[name]
             lines.append(
-                f"    {name:8s} {t.saves:6d} {t.steps:6d} {t.blocking_s_mean:10.4f}s {t.blocking_s_max:9.4f}s "
+                f"    {name:8s} {t.saves:6d} {t.skipped:7d} {t.steps:6d} {t.blocking_s_mean:10.4f}s {t.blocking_s_max:9.4f}s "
                 f"{_mb(t.bytes_per_save):>10s} {t.restores:8d} {t.restore_s_max:10.3f}s {t.uploads:7d} "
                 f"{t.upload_mb_per_s:7.1f} {t.upload_lag_s_max:7.2f}s {t.degraded + t.integrity_failures:8d}"
             )

@@ -225,6 +225,8 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
             st.upload_lag_s_max = max(st.upload_lag_s_max, lag)
             if e.get("committed"):
                 marks.append((ts, "durable", f"step {step}"))
+        elif name == "checkpoint_skipped":
+            tiers.setdefault(tier, TierStats(tier)).skipped += 1
         elif name == "tier_degraded":
             tiers.setdefault(tier, TierStats(tier)).degraded += 1
         elif name == "integrity_failed":
