@@ -458,3 +458,40 @@ def test_checkpointer_reports_a_skipped_snapshot(shm: str) -> None:
     ckpt.close()
     with pytest.raises(ConfigError, match="slot_wait"):
         CheckpointConfig(slot_wait=timedelta(seconds=-1))
+
+
+def _wait_for_a_held_slot(shm: str) -> None:
+    """Child: step 3's save waits (for up to 30 s) for a slot a reader holds."""
+    w = RamWriter(shm, 0, slots=2, run_id="r", slot_wait=30.0)
+    _save(w, 3, {"t": torch.zeros(4)})
+
+
+def test_reclaim_requests_of_a_killed_writer_do_not_outlive_it(shm: str) -> None:
+    """A writer SIGKILLed while it waits for a slot leaves slot<K>.reclaim behind;
+    the rank's next writer removes it, so the sealer seals that slot again."""
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    _save(w, 1, {"t": torch.zeros(4)})
+    _save(w, 2, {"t": torch.zeros(4)})
+    w.close()
+    assert Sealer(shm).seal_once()  # step 2 sealed: the writer may ask for step 1's slot
+    k1 = _slot_of(shm, 1)
+    fd = os.open(slot_path(shm, 0, k1, "bin"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader holds step 1's slot
+    request = slot_path(shm, 0, k1, "reclaim")
+    proc = multiprocessing.get_context("fork").Process(target=_wait_for_a_held_slot, args=(shm,))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(request) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert os.path.exists(request), "the waiting writer asked for the slot"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+    finally:
+        os.close(fd)
+    assert proc.exitcode == -signal.SIGKILL and os.path.exists(request)
+    assert not Sealer(shm).seal_once(), "the orphaned request still stops the sealer"
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    assert not os.path.exists(request)
+    assert Sealer(shm).flush() and all(i.seal is not None for i in scan(shm))
+    w.close()

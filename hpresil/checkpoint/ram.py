@@ -210,6 +210,8 @@ class RamWriter:
         self._pending_error: BaseException | None = None
         self._stream: Any = None
         self._table = SlotTable(shm_dir, rank, [slot.fd for slot in self._slots], slot_wait)
+        for k in range(slots):  # a writer killed while it waited for a slot leaves its requests behind
+            unlink(slot_path(shm_dir, rank, k, "reclaim"))
         for info in scan(shm_dir, [rank]):
             if info.slot < slots:
                 self._table.commits[info.slot] = (info.record.step, info.record.created, info.record.commit_id)
@@ -274,6 +276,7 @@ class RamWriter:
             unlink(slot_path(self.shm_dir, self.rank, k, "json"))
             self._table.commits.pop(k, None)
             unlink(slot_path(self.shm_dir, self.rank, k, "seal.json"))
+            unlink(slot_path(self.shm_dir, self.rank, k, "reclaim"))
             try:
                 slot.ensure(layout.nbytes)
                 break
