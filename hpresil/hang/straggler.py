@@ -7,7 +7,9 @@ name a straggler. Each rank's own work is measured instead: the time inside
 seconds the process burnt per step (from ``/proc``; waiting in a collective
 burns little). Metrics are compared per window of steps; a rank whose metric
 exceeds ``threshold`` x the median of the *other* ranks for ``windows``
-consecutive windows is reported once, and again only after it recovered.
+consecutive windows is reported once, and again only after it recovered for
+``windows`` consecutive windows too (one noisy window must not turn a
+persistent straggler into a stream of reports).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class StragglerDetector:
     def __init__(self, threshold: float, windows: int) -> None:
         self.threshold = threshold
         self.windows = windows
-        self._streak: dict[int, int] = {}
+        self._streak: dict[int, int] = {}  # consecutive slow windows
+        self._calm: dict[int, int] = {}  # consecutive windows that were not slow
         self._reported: set[int] = set()
 
     def observe(self, window: int, metrics: dict[int, float], source: str) -> list[Straggler]:
@@ -54,8 +57,10 @@ class StragglerDetector:
             median = statistics.median(others)
             slow = median > 0 and value > self.threshold * median
             self._streak[rank] = self._streak.get(rank, 0) + 1 if slow else 0
+            self._calm[rank] = 0 if slow else self._calm.get(rank, 0) + 1
             if not slow:
-                self._reported.discard(rank)
+                if self._calm[rank] >= self.windows:
+                    self._reported.discard(rank)
             elif self._streak[rank] >= self.windows and rank not in self._reported:
                 self._reported.add(rank)
                 reports.append(Straggler(rank=rank, window=window, metric=value, median=median,
