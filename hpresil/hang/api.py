@@ -97,7 +97,8 @@ class HangConfig:
         grace: SIGTERM -> SIGKILL delay when killing a hung group.
         gather_timeout: how long to wait for other nodes' diagnostics.
         straggler_threshold: a rank slower than this x the group median ...
-        straggler_windows: ... in this many consecutive windows is reported.
+        straggler_windows: ... in this many consecutive windows is reported (again only
+            after as many consecutive windows that were not slow).
         straggler_window: steps per straggler window.
     """
 
