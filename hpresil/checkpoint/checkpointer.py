@@ -334,17 +334,16 @@ class Checkpointer:
         except StorageError as exc:
             self._degrade(exc)
             return self._save(step, final) if self._staging is not None and durable else False
+        tier = "ram" if writer is self._ram else "durable"  # durable: staged on disk (RAM tier degraded)
         if nbytes is None:
-            self.events.emit("checkpoint_skipped", step=step, tier="ram" if writer is self._ram else "durable",
-                             reason="slots_busy", waited_s=round(time.perf_counter() - t0, 6))
+            self.events.emit("checkpoint_skipped", step=step, tier=tier, reason="slots_busy",
+                             waited_s=round(time.perf_counter() - t0, 6))
             return False
         self._last_snapshot = (step, durable)
         blocking = time.perf_counter() - t0
         if writer is self._ram:
-            tier = "ram"
             self.events.emit("checkpoint_saved", step=step, tier=tier, blocking_s=round(blocking, 6), bytes=nbytes)
-        else:  # staged on disk for the durable tier (RAM tier degraded)
-            tier = "durable"
+        else:
             self.events.emit("checkpoint_saved", step=step, tier=tier, blocking_s=round(blocking, 6), bytes=nbytes, staged=True)
         log.debug("rank %d step %d: saved %.1f MiB to %s in %.4fs", self.rank, step, nbytes / 2**20, tier, blocking)
         return True

@@ -155,12 +155,12 @@ class DurableWriter:
         path = f"{step_dir(step)}/{rank_json(up.rank)}"
         try:
             old = json.loads(self.store.read_bytes(path))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
         except (FileNotFoundError, ValueError) as exc:
             log.warning("durable step %d: committed, but %s is unreadable (%s); replacing the step", step, path, exc)
             return True
-        if not isinstance(old, dict) or old.get("commit_id") == up.rank_obj["commit_id"]:
-            return not isinstance(old, dict)
-        if old.get("timeline", "") == up.rank_obj.get("timeline", ""):
+        if old.get("commit_id") == up.rank_obj["commit_id"] or old.get("timeline", "") == up.rank_obj.get("timeline", ""):
             return False
         log.warning("durable step %d: committed by timeline %r, which the job abandoned by restoring an older "
                     "step; replacing it with timeline %r's", step, old.get("timeline", ""), up.rank_obj.get("timeline", ""))

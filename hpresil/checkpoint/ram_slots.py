@@ -84,8 +84,7 @@ class SlotTable:
         newest_durable = self.newest([k for k in usable if k in self.durable
                                       and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
-        sealed = [k for k in usable if self.sealed(k)]
-        newest_sealed = self.newest([k for k in candidates if k in sealed])
+        newest_sealed = self.newest([k for k in candidates if self.sealed(k)])
         # Empty slots first, then oldest commit first; the newest sealed one, then the newest durable one last.
         candidates.sort(key=lambda k: (k == newest_durable, k == newest_sealed, k in self.commits,
                                        self.commits.get(k, (0, 0.0))[:2]))
@@ -93,7 +92,8 @@ class SlotTable:
         wait = self._refill()
         if k is not None or not candidates or wait <= 0:
             return k
-        top = self.newest(sealed)
+        # Only now (rare) is the newest commit's seal looked up: the sealed commit every request is compared to.
+        top = newest if newest is not None and self.sealed(newest) else newest_sealed
         asked = [c for c in candidates if top is not None and c in self.commits and c != newest_durable
                  and self.commits[c][:2] < self.commits[top][:2]]
         requests = [slot_path(self.shm_dir, self.rank, c, "reclaim") for c in asked]
