@@ -26,7 +26,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -m "not chaos or ci" $(PYTEST_ARGS)
 
-# The chaos fault matrix of issue 11: real faults in real hpresil-run jobs (a few minutes;
+# The chaos fault matrix: real faults in real hpresil-run jobs (a few minutes;
 # `-m ci` is the fast subset). Mounting the tiny filesystems of two cases needs root.
 chaos: venv
 	$(PY) -m pytest -q -m chaos $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ both alike:
   (hpresil before this setting existed);
 * ``slot_wait=250ms`` (the default): the writer waits for the slot, within a
   budget of 1 % of the wall clock, and asks the sealer to abandon seals of
-  commits older than a sealed one (:mod:`hpresil.checkpoint.ram_slots`).
+  commits older than a sealed one (:mod:`hpresil.checkpoint.ram.slots`).
 
 Reports the snapshots kept and sealed and the median and p99 blocking time of
 ``save``, divided by a ``memcpy`` of the same state into warm buffers measured

@@ -51,13 +51,13 @@ def _state(mib: int, tensors: int = 16) -> dict[str, Any]:
 
 def _sealed_snapshot(shm: str, state: dict[str, Any], step: int, durable_url: str | None = None) -> None:
     from hpresil.checkpoint.flatten import flatten
-    from hpresil.checkpoint.ram import RamWriter
-    from hpresil.checkpoint.sealer import Sealer
+    from hpresil.checkpoint.ram.writer import RamWriter
+    from hpresil.checkpoint.ram.sealer import Sealer
 
     writer = RamWriter(shm, 0, slots=3, run_id="bench")
     writer.save(step, flatten(state).leaves, world_size=1, durable=durable_url is not None, durable_url=durable_url, keep=1)
     writer.close()
-    Sealer(shm).flush(timedelta(seconds=60))
+    Sealer(shm_dir=shm).flush(timedelta(seconds=60))
 
 
 # -- child processes -----------------------------------------------------------------------------
@@ -76,8 +76,8 @@ def _raw_receiver(port_q: Any, nbytes: int, rounds: int) -> None:
 
 
 def _peer_server(port_q: Any, shm: str, stop: Any) -> None:
-    from hpresil.peer.api import ReplicatorConfig
-    from hpresil.peer.server import PeerServer
+    from hpresil.checkpoint.peer.api import ReplicatorConfig
+    from hpresil.checkpoint.peer.server import PeerServer
 
     os.makedirs(shm, exist_ok=True)
     srv = PeerServer(shm, lambda: SECRET, ReplicatorConfig(host="127.0.0.1"))
@@ -94,10 +94,10 @@ def _runtime(shm: str, node: str, group_rank: int, store_port: int, replicas: in
 
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper())
 
-    from hpresil.checkpoint.sealer import Sealer
+    from hpresil.checkpoint.ram.sealer import Sealer
     from hpresil.events import NullEventLog
-    from hpresil.peer.api import ReplicatorConfig
-    from hpresil.peer.replicator import Replicator
+    from hpresil.checkpoint.peer.api import ReplicatorConfig
+    from hpresil.checkpoint.peer.replicator import Replicator
     from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
 
     os.environ["HPRESIL_JOB_SECRET"] = SECRET.decode()
@@ -125,8 +125,8 @@ def _runtime(shm: str, node: str, group_rank: int, store_port: int, replicas: in
 def bench_throughput(mib: int, iters: int, tmp: str) -> tuple[float, float]:
     """Median GB/s of raw TCP and of replication, measured alternately (so that
     background load hits both alike); the first two rounds warm the buffers."""
-    from hpresil.checkpoint.ram_files import scan
-    from hpresil.peer.client import PeerClient
+    from hpresil.checkpoint.ram.files import scan
+    from hpresil.checkpoint.peer.client import PeerClient
 
     ctx = mp.get_context("spawn")
     nbytes, rounds = mib * 2**20, iters + 2
@@ -205,13 +205,13 @@ def bench_restore(mib: int, iters: int, tmp: str, use_s3: bool) -> dict[str, flo
     """Median seconds to restore a lost rank from the peer tier and from the
     durable tier (``file://`` on the local disk, page cache warm and evicted;
     S3 on a local SeaweedFS when available)."""
-    from hpresil.checkpoint.durable import DurableSource
-    from hpresil.checkpoint.drain import Drainer
-    from hpresil.checkpoint.ram_files import scan
-    from hpresil.checkpoint.ram_source import RamSource
+    from hpresil.checkpoint.durable.source import DurableSource
+    from hpresil.checkpoint.durable.drain import Drainer
+    from hpresil.checkpoint.ram.files import scan
+    from hpresil.checkpoint.ram.source import RamSource
     from hpresil.checkpoint.restore import restore_state
-    from hpresil.peer.client import PeerClient
-    from hpresil.peer.source import PeerSource
+    from hpresil.checkpoint.peer.client import PeerClient
+    from hpresil.checkpoint.peer.source import PeerSource
 
     ctx = mp.get_context("spawn")
     os.environ["HPRESIL_JOB_SECRET"] = SECRET.decode()
@@ -234,7 +234,7 @@ def bench_restore(mib: int, iters: int, tmp: str, use_s3: bool) -> dict[str, flo
     for i, url in enumerate(urls.values()):
         src = os.path.join(tmp, f"rsrc{i}")
         _sealed_snapshot(src, state, 7, durable_url=url)
-        assert Drainer(src).drain_once(), f"durable drain to {url} failed"
+        assert Drainer(shm_dir=src).drain_once(), f"durable drain to {url} failed"
     q, stop = ctx.Queue(), ctx.Event()
     p = ctx.Process(target=_peer_server, args=(q, holder, stop))
     p.start()

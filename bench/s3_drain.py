@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import torch  # noqa: E402
 
 from hpresil.checkpoint.api import slot_path  # noqa: E402
-from hpresil.checkpoint.drain import DrainConfig, Drainer  # noqa: E402
+from hpresil.checkpoint.durable.drain import DrainConfig, Drainer  # noqa: E402
 from s3 import SeaweedServer, find_weed  # noqa: E402
 from test_durable import Events, write_snapshot  # noqa: E402
 
@@ -96,7 +96,7 @@ def main() -> None:
         # warm-up: the server grows its volumes on the first writes; time neither method with that
         client.upload_fileobj(__import__("io").BytesIO(os.urandom(64 << 20)), server.bucket, "warmup", Config=cfg)
         # one long-lived drainer, as in the node runtime (its store and connections are reused)
-        drainer = Drainer(shm, Events(), config=DrainConfig(storage_options=opts))
+        drainer = Drainer(DrainConfig(storage_options=opts), shm_dir=shm, events=Events())
         url = server.url("bench/drain")
         step = 1
         for rep in range(args.repeat):
@@ -147,7 +147,7 @@ def main() -> None:
                 paths = make_snapshots(shm, args.ranks, args.size_mib, step, url)
                 nbytes = sum(os.path.getsize(p) for p in paths)
                 ev = Events()
-                t = timed(lambda: Drainer(shm, ev, config=DrainConfig(storage_options={"fsync": fsync})).drain_once())
+                t = timed(lambda: Drainer(DrainConfig(storage_options={"fsync": fsync}), shm_dir=shm, events=ev).drain_once())
                 (done,) = ev.named("checkpoint_drained")
                 os.makedirs(f"{dst}/cp-{int(fsync)}", exist_ok=True)
 

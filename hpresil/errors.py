@@ -10,7 +10,6 @@ __all__ = [
     "HpresilError",
     "ConfigError",
     "LaunchError",
-    "RuntimeUnavailableError",
     "CheckpointError",
     "StorageError",
     "IntegrityError",
@@ -37,10 +36,6 @@ class LaunchError(HpresilError):
     """``hpresil-run`` could not start or supervise the worker group."""
 
 
-class RuntimeUnavailableError(HpresilError):
-    """A worker asked for the node runtime but was not started by ``hpresil-run``."""
-
-
 class CheckpointError(HpresilError):
     """Saving or restoring a checkpoint failed."""
 
@@ -62,8 +57,9 @@ class ReshardError(StateMismatchError):
     resharded (DeepSpeed ZeRO partitions); the message names both sizes and the fix."""
 
 
-class NoCheckpointError(CheckpointError):
-    """No tier holds a checkpoint that every rank can load."""
+class NoCheckpointError(StorageError):
+    """No reachable tier holds a checkpoint, and a tier that may hold one cannot
+    be reached: restoring would silently start the job over."""
 
 
 class HealthError(HpresilError):

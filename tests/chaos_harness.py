@@ -306,7 +306,7 @@ def committed(durable_dir: str) -> list[int]:
 
 def verify_durable(url: str, step: int, storage_options: dict[str, Any] | None = None) -> int:
     """Reads every tensor entry of every rank of committed ``step`` through
-    :class:`~hpresil.checkpoint.durable.DurableSource`, which checks each checksum.
+    :class:`~hpresil.checkpoint.durable.source.DurableSource`, which checks each checksum.
 
     Returns:
         The bytes verified.
@@ -314,7 +314,8 @@ def verify_durable(url: str, step: int, storage_options: dict[str, Any] | None =
     Raises:
         IntegrityError, StorageError: the step is corrupt, incomplete or not committed.
     """
-    from hpresil.checkpoint.durable import DurableSource, open_store
+    from hpresil.checkpoint.durable.source import DurableSource
+    from hpresil.checkpoint.durable.stores import open_store
 
     store = open_store(url, **(storage_options or {}))
     try:
@@ -464,7 +465,7 @@ class KillInWindow:
 def ram_slots(shm_dir: str, rank: int) -> list[Any]:
     """``SlotInfo`` of every committed slot of ``rank`` under ``shm_dir`` (the RAM
     tier, or a replica root), oldest first; ``seal`` is set once it is sealed."""
-    from hpresil.checkpoint.ram_files import scan
+    from hpresil.checkpoint.ram.files import scan
 
     return sorted(scan(shm_dir, [rank]), key=lambda i: i.record.step)
 

@@ -1,4 +1,4 @@
-"""The chaos fault matrix (issue 11): worker faults on one node.
+"""The chaos fault matrix: worker faults on one node.
 
 Each case runs the llama example (tiny preset, 2 workers, 30 steps, a RAM
 snapshot every step, durable every 10) under ``hpresil-run``, injects one real

@@ -1,4 +1,4 @@
-"""The chaos fault matrix (issue 11): node faults.
+"""The chaos fault matrix: node faults.
 
 Two simulated nodes: ``hpresil-run`` agents on 127.0.0.1 (``--nnodes 2``, one
 worker each, c10d rendezvous served by node A, peer replication on), running
@@ -20,7 +20,7 @@ from chaos_harness import (
     STEPS, Agent, assert_bitwise, committed, corrupt_slot, final_state, free_port, hold, named, ram_slots, reference,
     restores, shm_root, train_args, two_node_args, verify_durable, wait_for,
 )
-from hpresil.peer.api import replica_root
+from hpresil.checkpoint.peer.api import replica_root
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(300)]
 

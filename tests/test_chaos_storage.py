@@ -1,4 +1,4 @@
-"""The chaos fault matrix (issue 11): faults in the checkpoint tiers themselves.
+"""The chaos fault matrix: faults in the checkpoint tiers themselves.
 
 Corrupted bytes in the RAM arena and in a durable shard, a worker SIGKILLed in
 the middle of its RAM snapshot, a node SIGKILLed in the middle of a durable

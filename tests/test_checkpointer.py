@@ -19,8 +19,8 @@ import torch
 import hpresil
 from hpresil.checkpoint import Checkpointer, RNGState
 from hpresil.checkpoint.flatten import decode_json, encode_json
-from hpresil.checkpoint.ram_files import scan
-from hpresil.checkpoint.sealer import Sealer
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.sealer import Sealer, SealerConfig
 from hpresil.errors import CheckpointError, StateMismatchError
 from hpresil.testing import fail_at, maybe_inject, to_env
 from hpresil.testing import RecordingSink as ListSink
@@ -150,7 +150,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None
 
 
 def test_durable_tier_in_process_drain_and_restore(shm: str, tmp_path: Any) -> None:
-    pytest.importorskip("hpresil.checkpoint.drain")
+    pytest.importorskip("hpresil.checkpoint.durable.drain")
     sink = ListSink()
     model = torch.nn.Linear(6, 4)
     state = {"model": model, "data": {"epoch": 0}}
@@ -293,7 +293,7 @@ def test_sigkill_and_restart_resumes_bitwise_from_ram(world: int, shm: str, tmp_
     if not in_process:
         # Stand in for hpresil-run: workers see $HPRESIL_SHM_DIR and leave sealing to the runtime.
         monkeypatch.setenv("HPRESIL_SHM_DIR", shm)
-        runtime = Sealer(shm, interval=timedelta(milliseconds=10))
+        runtime = Sealer(SealerConfig(interval=timedelta(milliseconds=10)), shm_dir=shm)
         runtime.start_background()
     kill_step = 7
     try:

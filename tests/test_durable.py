@@ -15,9 +15,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from hpresil.checkpoint.api import CommitRecord, Entry, Seal, slot_path
-from hpresil.checkpoint.drain import DrainConfig, Drainer
-from hpresil.checkpoint.durable import DurableSource, open_store
-from hpresil.checkpoint.durable_layout import assign_owners, data_file, step_dir, tensor_envelope
+from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
+from hpresil.checkpoint.durable.source import DurableSource
+from hpresil.checkpoint.durable.stores import open_store
+from hpresil.checkpoint.durable.layout import assign_owners, data_file, step_dir, tensor_envelope
 from hpresil.checkpoint.integrity import checksum
 from hpresil.errors import ConfigError, IntegrityError, StorageError
 from hpresil.testing import RecordingSink as Events
@@ -147,7 +148,7 @@ def drain_world(tmp_path: Any, url: str, states: list[dict[str, torch.Tensor]], 
     for rank, state in enumerate(states):
         write_snapshot(str(tmp_path / "shm"), rank=rank, step=step, world_size=len(states), tensors=state,
                        durable_url=url, **kw)  # fmt: skip
-    assert Drainer(str(tmp_path / "shm"), ev).drain_once()
+    assert Drainer(shm_dir=str(tmp_path / "shm"), events=ev).drain_once()
     return ev
 
 
@@ -198,7 +199,7 @@ def test_sharded_checkpoint_loads_resharded_with_dcp(tmp_path: Any) -> None:
             tensors={"w": full[rows].clone(), "optim.m": moments[rows].clone(), "rng": torch.tensor([rank])},
             shards={"w": ([12, 5], [4 * rank, 0]), "optim.m": ([12, 5], [4 * rank, 0])}, local={"rng"},
         )  # fmt: skip
-    assert Drainer(shm, Events()).drain_once()
+    assert Drainer(shm_dir=shm, events=Events()).drain_once()
     target = {"w": torch.zeros(12, 5), "optim": {"m": torch.zeros(12, 5)}, "rng": torch.tensor([-1])}
     dcp.load(target, checkpoint_id=str(tmp_path / "ckpt" / step_dir(3)))
     assert torch.equal(target["w"], full) and torch.equal(target["optim"]["m"], moments)
@@ -213,8 +214,8 @@ def test_real_ram_tier_snapshot_drains_to_plain_dcp(tmp_path: Any) -> None:
     """RAM writer + sealer (the RAM engineer's code) -> drainer -> dcp.load and DurableSource."""
     from datetime import timedelta
 
-    ram = pytest.importorskip("hpresil.checkpoint.ram")
-    sealer = pytest.importorskip("hpresil.checkpoint.sealer")
+    ram = pytest.importorskip("hpresil.checkpoint.ram.writer")
+    sealer = pytest.importorskip("hpresil.checkpoint.ram.sealer")
     flatten = pytest.importorskip("hpresil.checkpoint.flatten")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -227,8 +228,8 @@ def test_real_ram_tier_snapshot_drains_to_plain_dcp(tmp_path: Any) -> None:
         writer.save(5, flatten.flatten({"model": model, "optim": opt, "extra": {"epoch": 2}}).leaves,
                     world_size=1, durable=True, durable_url=url, keep=2)  # fmt: skip
         writer.wait()
-        assert sealer.Sealer(shm, Events()).flush(timedelta(seconds=10))
-        assert Drainer(shm, Events()).drain_once()
+        assert sealer.Sealer(shm_dir=shm, events=Events()).flush(timedelta(seconds=10))
+        assert Drainer(shm_dir=shm, events=Events()).drain_once()
     finally:
         writer.close()
     fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -251,7 +252,7 @@ def test_incomplete_step_is_invisible_until_last_rank(tmp_path: Any) -> None:
     state = model_state(2)
     write_snapshot(shm, rank=0, step=5, world_size=2, tensors=state, durable_url=url)
     ev = Events()
-    drainer = Drainer(shm, ev)
+    drainer = Drainer(shm_dir=shm, events=ev)
     assert drainer.drain_once()  # uploads rank 0 only: rank 1 lives on "another node"
     assert not ev.named("checkpoint_drained")[0]["committed"]
     assert DurableSource(url).steps() == []
@@ -260,7 +261,7 @@ def test_incomplete_step_is_invisible_until_last_rank(tmp_path: Any) -> None:
     shm2 = str(tmp_path / "shm2")
     write_snapshot(shm2, rank=1, step=5, world_size=2, tensors=state, durable_url=url)
     ev2 = Events()
-    assert Drainer(shm2, ev2).drain_once()
+    assert Drainer(shm_dir=shm2, events=ev2).drain_once()
     assert ev2.named("checkpoint_drained")[0]["committed"]
     assert [r.step for r in DurableSource(url).steps()] == [5]
 
@@ -270,12 +271,12 @@ def test_markers_of_a_crashed_attempt_never_mix_with_a_new_timeline(tmp_path: An
     old, new = model_state(1), model_state(2)
     # attempt A drained rank 1's step 5, then crashed; attempt B (restored earlier) reaches step 5 again
     write_snapshot(str(tmp_path / "a1"), rank=1, step=5, world_size=2, tensors=old, durable_url=url, timeline="A")
-    assert Drainer(str(tmp_path / "a1"), Events()).drain_once()
+    assert Drainer(shm_dir=str(tmp_path / "a1"), events=Events()).drain_once()
     write_snapshot(str(tmp_path / "b0"), rank=0, step=5, world_size=2, tensors=new, durable_url=url, timeline="B")
-    assert Drainer(str(tmp_path / "b0"), Events()).drain_once()
+    assert Drainer(shm_dir=str(tmp_path / "b0"), events=Events()).drain_once()
     assert DurableSource(url).steps() == [], "rank 1's marker is from the abandoned timeline"
     write_snapshot(str(tmp_path / "b1"), rank=1, step=5, world_size=2, tensors=new, durable_url=url, timeline="B")
-    assert Drainer(str(tmp_path / "b1"), Events()).drain_once()
+    assert Drainer(shm_dir=str(tmp_path / "b1"), events=Events()).drain_once()
     src = DurableSource(url)
     assert [r.step for r in src.steps()] == [5]
     got = read_back(src, 5, 1)
@@ -287,7 +288,7 @@ def test_a_step_committed_by_an_abandoned_timeline_is_replaced(tmp_path: Any) ->
     verification, say) as timeline B. B's step 20 replaces A's, drained by the
     same node service that drained A's; B's own commits are never replaced."""
     url, shm = f"file://{tmp_path}/ckpt", str(tmp_path / "shm")
-    drainer = Drainer(shm, Events())
+    drainer = Drainer(shm_dir=shm, events=Events())
     write_snapshot(shm, rank=0, step=10, world_size=1, tensors=model_state(10), durable_url=url, timeline="A", slot=0)
     assert drainer.drain_once()
     write_snapshot(shm, rank=0, step=20, world_size=1, tensors=model_state(1), durable_url=url, timeline="A", slot=1)
@@ -356,7 +357,7 @@ def test_retention_keeps_newest_and_gcs_incomplete(tmp_path: Any) -> None:
     store = open_store(url)
     # an abandoned, uncommitted step from a crashed run
     store.write_bytes(f"{step_dir(1)}/{data_file(0)}", b"junk")
-    drainer = Drainer(shm, Events())
+    drainer = Drainer(shm_dir=shm, events=Events())
     for step in (10, 20, 30, 40):
         write_snapshot(shm, rank=0, step=step, world_size=1, tensors=model_state(step), durable_url=url, keep=2)
         assert drainer.drain_once()
@@ -370,7 +371,7 @@ def test_newest_pending_step_wins(tmp_path: Any) -> None:
     for step in (1, 2, 3):
         write_snapshot(shm, rank=0, step=step, world_size=1, tensors=model_state(step), durable_url=url, slot=step - 1)
     write_snapshot(shm, rank=1, step=4, world_size=2, tensors=model_state(4), durable_url=None, slot=0)  # not durable
-    assert Drainer(shm, Events()).drain_once()
+    assert Drainer(shm_dir=shm, events=Events()).drain_once()
     assert [r.step for r in DurableSource(url).steps()] == [3]
 
 
@@ -414,8 +415,8 @@ def test_drainer_waits_for_writer_lock_and_skips_replaced_slot(tmp_path: Any) ->
     write_snapshot(shm, rank=0, step=1, world_size=1, tensors=model_state(1), durable_url=url, slot=0)
     with open(slot_path(shm, 0, 0, "bin"), "rb") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # a writer owns the slot
-        assert not Drainer(shm, Events()).drain_once()
-    assert Drainer(shm, Events()).drain_once()
+        assert not Drainer(shm_dir=shm, events=Events()).drain_once()
+    assert Drainer(shm_dir=shm, events=Events()).drain_once()
 
 
 def test_node_service_drains_off_the_tick_and_on_stop(tmp_path: Any) -> None:
@@ -563,12 +564,12 @@ def test_s3_server_killed_mid_upload_degrades_then_recovers(
     write_snapshot(shm, rank=0, step=1, world_size=1, tensors=first, durable_url=url, slot=0)
     ev = Events()
     cfg = DrainConfig(backoff_initial=__import__("datetime").timedelta(milliseconds=50))
-    drainer = Drainer(shm, ev, config=cfg)
+    drainer = Drainer(cfg, shm_dir=shm, events=ev)
     assert drainer.drain_once()
 
     big = {"model.w": torch.randn(48 << 20 >> 2)}  # 48 MiB: takes a while on this server
     write_snapshot(shm, rank=0, step=2, world_size=1, tensors=big, durable_url=url, slot=1)
-    from hpresil.checkpoint import durable_s3
+    from hpresil.checkpoint.durable.stores import s3 as durable_s3
 
     uploading = threading.Event()
     real_parts = durable_s3.S3Store._upload_parts

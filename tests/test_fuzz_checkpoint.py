@@ -1,4 +1,4 @@
-"""Fuzz pass over the checkpoint files hpresil reads back (issue 11, item 3).
+"""Fuzz pass over the checkpoint files hpresil reads back (untrusted input).
 
 A real Checkpointer saves two steps to the RAM tier (sealed by the real
 sealer) and drains them to a file:// durable tier (real drainer). Each input
@@ -27,12 +27,12 @@ from fuzzing import Fuzzer, Tally, deadline, quiet
 from hpresil import errors
 from hpresil.checkpoint import Checkpointer
 from hpresil.checkpoint.checkpointer import HANG_KEY, _HangCalibration
-from hpresil.checkpoint.durable import DurableSource
-from hpresil.checkpoint.durable_layout import MANIFEST, data_file, rank_json, step_dir
-from hpresil.checkpoint.durable_store import LocalStore
+from hpresil.checkpoint.durable.source import DurableSource
+from hpresil.checkpoint.durable.layout import MANIFEST, data_file, rank_json, step_dir
+from hpresil.checkpoint.durable.stores.local import LocalStore
 from hpresil.checkpoint.flatten import flatten
-from hpresil.checkpoint.ram_files import scan
-from hpresil.checkpoint.ram_source import RamSource
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.source import RamSource
 from hpresil.checkpoint.restore import restore_state
 from hpresil.testing import RecordingSink
 
@@ -70,7 +70,7 @@ def _values(state: dict[str, Any]) -> dict[str, Any]:
         else:
             out[leaf.key] = (type(v).__name__, repr(v))
     hang = state.get(HANG_KEY)
-    out[HANG_KEY] = repr(sorted(getattr(hang, "_loaded", {}).items()))
+    out[HANG_KEY] = repr(sorted((hang._loaded or {}).items()))
     return out
 
 
@@ -282,7 +282,7 @@ def test_fuzz_drain_never_commits_a_damaged_record(art: Artifacts, tmp_path: Any
     """A RAM record damaged after it was sealed, drained again to the durable tier
     (the step's durable copy removed first): whatever the drainer commits must
     restore to the state that was saved, or not be offered at all."""
-    from hpresil.checkpoint.drain import DrainConfig, Drainer
+    from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
 
     monkeypatch.chdir(tmp_path)  # a damaged durable_url could name a relative directory
     tally = Tally("drain of a damaged RAM record")
@@ -297,7 +297,7 @@ def test_fuzz_drain_never_commits_a_damaged_record(art: Artifacts, tmp_path: Any
             with open(path, "wb") as f:
                 f.write(data)
             with deadline(10, what):
-                Drainer(art.shm, RecordingSink(), config=config).drain_once()  # never raises: failures are events
+                Drainer(config, shm_dir=art.shm, events=RecordingSink()).drain_once()  # never raises: failures are events
             outcome, how = _restore(art, ("durable",), f"drained {what}")
             tally.add(outcome, how)
             art.reset_durable()

@@ -1,4 +1,4 @@
-"""Fuzz pass over what users type (issue 11, item 3): ``hpresil-run``'s command
+"""Fuzz pass over what users type (untrusted input): ``hpresil-run``'s command
 line and ``HPRESIL_*`` defaults, the ``report`` subcommand and the
 ``events.jsonl`` lines it reads, and the ``doctor`` subcommand with the host
 files it reads.

@@ -1,5 +1,4 @@
-"""Fuzz pass over the environment and the small files hpresil reads (issue 11,
-item 3): every ``HPRESIL_*`` variable the node runtime and the workers read
+"""Fuzz pass over the environment and the small files hpresil reads: every ``HPRESIL_*`` variable the node runtime and the workers read
 (through the public reader the code calls), the ``$HPRESIL_FAULTS`` plan,
 label/secret files named by variables, ``scontrol`` output, and the heartbeat
 records in shared memory that the hang watchdog and the progress service read.
@@ -97,13 +96,13 @@ def test_fuzz_runtime_variables(tmp_path: Any) -> None:
     backend), progress, topology overrides, the peer tier's secret, failure
     domain, durable URL, net-env mode."""
     from hpresil.checkpoint.api import CheckpointConfig
-    from hpresil.checkpoint.durable_store import open_store
+    from hpresil.checkpoint.durable.stores import open_store
     from hpresil.hang.config import HANG_OPTIONS, hang_config_from_env
     from hpresil.health.api import ENV_ACTION, ENV_FAKE, ENV_INTERVAL, ENV_MODE, HealthConfig
     from hpresil.health.service import select_backend
     from hpresil.netenv import NetEnvConfig
-    from hpresil.peer import secret
-    from hpresil.peer.api import DOMAIN_ENV, SECRET_ENV, SECRET_FILE_ENV, ReplicatorConfig
+    from hpresil.checkpoint.peer import secret
+    from hpresil.checkpoint.peer.api import DOMAIN_ENV, SECRET_ENV, SECRET_FILE_ENV, ReplicatorConfig
     from hpresil.report.progress import ENV_INTERVAL as PROGRESS, ProgressConfig
     from hpresil.topology.api import TopologyConfig
     from hpresil.topology.backends import ENV_DOMAIN, ENV_FAKE as TOPO_FAKE, ENV_LABELS_FILE, ENV_TRAY, discover
@@ -151,7 +150,7 @@ def test_fuzz_worker_variables(tmp_path: Any) -> None:
     from hpresil import _env
     from hpresil.checkpoint.checkpointer import default_shm_dir
     from hpresil.events import worker_sink
-    from hpresil.peer.source import PeerSource
+    from hpresil.checkpoint.peer.source import PeerSource
     from hpresil.testing import faults
 
     os.makedirs("shm/peer")
@@ -234,7 +233,7 @@ def test_fuzz_fault_plans() -> None:
 def test_fuzz_label_secret_and_scontrol_text(tmp_path: Any) -> None:
     """Files and command output behind the variables: a Kubernetes downward-API
     labels file, the job secret file, and ``scontrol show topology`` output."""
-    from hpresil.peer import secret
+    from hpresil.checkpoint.peer import secret
     from hpresil.topology.api import TopologyConfig
     from hpresil.topology.backends import ENV_LABELS_FILE, discover, parse_slurm_blocks
 

@@ -1,5 +1,5 @@
-"""Fuzz pass over peer replication (issue 11, item 3): mutated frames against a
-live :class:`~hpresil.peer.server.PeerServer`, before and after the HMAC
+"""Fuzz pass over peer replication (untrusted input): mutated frames against a
+live :class:`~hpresil.checkpoint.peer.server.PeerServer`, before and after the HMAC
 handshake, mutated replicas offered with ``put``, and damaged replica files
 read back over TCP by the peer tier's restore path.
 
@@ -29,17 +29,17 @@ import torch
 from fuzzing import Fuzzer, Tally, deadline, quiet
 from hpresil import errors
 from hpresil.checkpoint.flatten import flatten
-from hpresil.checkpoint.ram import RamWriter
-from hpresil.checkpoint.ram_files import scan
-from hpresil.checkpoint.ram_source import RamSource
+from hpresil.checkpoint.ram.writer import RamWriter
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.source import RamSource
 from hpresil.checkpoint.restore import restore_state
-from hpresil.checkpoint.sealer import Sealer
-from hpresil.peer import wire
-from hpresil.peer.api import FRAME, SECRET_ENV, ReplicatorConfig, peer_dir, replica_root
-from hpresil.peer.client import PeerClient
-from hpresil.peer.replicas import arena_bytes
-from hpresil.peer.server import PeerServer
-from hpresil.peer.source import PeerSource
+from hpresil.checkpoint.ram.sealer import Sealer
+from hpresil.checkpoint.peer import wire
+from hpresil.checkpoint.peer.api import FRAME, SECRET_ENV, ReplicatorConfig, peer_dir, replica_root
+from hpresil.checkpoint.peer.client import PeerClient
+from hpresil.checkpoint.ram.pin import arena_bytes
+from hpresil.checkpoint.peer.server import PeerServer
+from hpresil.checkpoint.peer.source import PeerSource
 from hpresil.testing import RecordingSink
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
@@ -84,7 +84,7 @@ class Peer:
         writer = RamWriter(self.src, 0, slots=2, run_id="job")
         writer.save(STEP, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1)
         writer.close()
-        assert Sealer(self.src).flush(timedelta(seconds=5))
+        assert Sealer(shm_dir=self.src).flush(timedelta(seconds=5))
         self.saved = _values(state)
         self.info = scan(self.src)[0]
         self.sink = RecordingSink()
@@ -188,7 +188,7 @@ def _watch(peer: Peer, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Tracebacks]
     """Quiet logs, except the server's tracebacks, which fail the test."""
     monkeypatch.setenv(SECRET_ENV, SECRET.decode())
     handler = _Tracebacks()
-    server_log = logging.getLogger("hpresil.peer.server")
+    server_log = logging.getLogger("hpresil.checkpoint.peer.server")
     old = server_log.level
     server_log.addHandler(handler)
     try:

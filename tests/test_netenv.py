@@ -16,7 +16,7 @@ from hpresil.errors import ConfigError
 from hpresil.netenv import FAMILIES, RULES, HostRoots, NetEnvConfig, detect, make_plan
 from hpresil.netenv.api import Decision, Facts, Plan
 from hpresil.netenv.plan import condition_holds, ifname_selects
-from hpresil.runtime.env import LAUNCHER_DEFAULTS, apply_launcher_env, worker_defaults
+from hpresil.netenv.env import LAUNCHER_DEFAULTS, apply_launcher_env, worker_defaults
 
 HOSTS: dict[str, dict[str, Any]] = {
     k: v for k, v in json.load(open(os.path.join(os.path.dirname(__file__), "data", "netenv", "hosts.json"))).items()

@@ -18,20 +18,20 @@ import torch
 import torch.distributed as dist
 
 from hpresil.checkpoint.flatten import flatten
-from hpresil.checkpoint.ram import RamWriter
-from hpresil.checkpoint.sealer import Sealer
+from hpresil.checkpoint.ram.writer import RamWriter
+from hpresil.checkpoint.ram.sealer import Sealer
 from hpresil.checkpoint.api import CommitRecord, Seal
-from hpresil.checkpoint.ram_files import scan
-from hpresil.checkpoint.ram_source import RamSource
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.source import RamSource
 from hpresil.checkpoint.restore import restore_state
 from hpresil.errors import StorageError
-from hpresil.peer import wire
-from hpresil.peer.api import FRAME, MAGIC, VERSION, AuthError, ReplicatorConfig, replica_root
-from hpresil.peer.client import PeerClient
-from hpresil.peer.placement import plan
-from hpresil.peer.replicator import Replicator
-from hpresil.peer.server import PeerServer
-from hpresil.peer.source import PeerSource
+from hpresil.checkpoint.peer import wire
+from hpresil.checkpoint.peer.api import FRAME, MAGIC, VERSION, AuthError, ReplicatorConfig, replica_root
+from hpresil.checkpoint.peer.client import PeerClient
+from hpresil.checkpoint.peer.placement import plan
+from hpresil.checkpoint.peer.replicator import Replicator
+from hpresil.checkpoint.peer.server import PeerServer
+from hpresil.checkpoint.peer.source import PeerSource
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
 from hpresil.testing import RecordingSink
 
@@ -96,7 +96,7 @@ def _snapshot(shm: str, step: int, rank: int = 0, seed: int = 0, world_size: int
     writer = RamWriter(shm, rank, slots=3, run_id="job")
     writer.save(step, flatten(state).leaves, world_size=world_size, durable=False, durable_url=None, keep=1)
     writer.close()
-    assert Sealer(shm).flush(timedelta(seconds=5))
+    assert Sealer(shm_dir=shm).flush(timedelta(seconds=5))
     return {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from _launch import base_env, events, free_port, script
-from hpresil.checkpoint.ram_files import scan
+from hpresil.checkpoint.ram.files import scan
 from hpresil.errors import StorageError
-from hpresil.peer.api import replica_root
-from hpresil.peer.client import PeerClient
+from hpresil.checkpoint.peer.api import replica_root
+from hpresil.checkpoint.peer.client import PeerClient
 
 pytestmark = pytest.mark.slow
 

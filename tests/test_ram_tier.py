@@ -17,14 +17,15 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from hpresil.checkpoint import Checkpointer, integrity, ram_source
+from hpresil.checkpoint import Checkpointer, integrity
+from hpresil.checkpoint.ram import source as ram_source
 from hpresil.checkpoint.api import CommitRecord, slot_path
 from hpresil.checkpoint.flatten import flatten
 from hpresil.checkpoint.integrity import checksum
-from hpresil.checkpoint.ram import RamWriter
-from hpresil.checkpoint.ram_files import scan
-from hpresil.checkpoint.ram_source import RamSource, read_verified
-from hpresil.checkpoint.sealer import Sealer
+from hpresil.checkpoint.ram.writer import RamWriter
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.source import RamSource, read_verified
+from hpresil.checkpoint.ram.sealer import Sealer, SealerConfig
 from hpresil.errors import ConfigError, IntegrityError
 from hpresil.testing import RecordingSink as ListSink
 
@@ -65,7 +66,7 @@ def test_slot_choice_protects_newest_and_newest_sealed_and_skips_locked(shm: str
     state = {"t": torch.zeros(4)}
     w = RamWriter(shm, 0, slots=3, run_id="r")
     _save(w, 1, state)
-    assert Sealer(shm).flush()
+    assert Sealer(shm_dir=shm).flush()
     _save(w, 2, state)
     _save(w, 3, state)
     s1, s2 = _slot_of(shm, 1), _slot_of(shm, 2)
@@ -91,7 +92,7 @@ def test_save_asks_readers_for_a_slot_and_waits_for_the_first_released(shm: str)
     w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=30.0)
     for step in (1, 2, 3):
         _save(w, step, state)
-    assert Sealer(shm).flush()  # step 3 sealed: sealing 1 or 2 again gives a restore nothing newer
+    assert Sealer(shm_dir=shm).flush()  # step 3 sealed: sealing 1 or 2 again gives a restore nothing newer
     held = {k: os.open(slot_path(shm, 0, k, "bin"), os.O_RDONLY) for k in (_slot_of(shm, 1), _slot_of(shm, 2))}
     for fd in held.values():
         fcntl.flock(fd, fcntl.LOCK_SH)  # two readers hold every slot the writer may take
@@ -149,7 +150,7 @@ def test_save_waits_for_the_newest_seal_without_asking_and_within_its_budget(shm
 def test_sealer_yields_a_slot_the_writer_reclaims(monkeypatch: pytest.MonkeyPatch, shm: str) -> None:
     """A sealer still sealing a commit older than a sealed one gives its slot up
     mid-seal: the save that needs it neither waits for the whole seal nor is skipped."""
-    from hpresil.checkpoint import sealer as sealer_mod
+    from hpresil.checkpoint.ram import sealer as sealer_mod
 
     sealing = threading.Event()
     slow = threading.Event()
@@ -168,9 +169,9 @@ def test_sealer_yields_a_slot_the_writer_reclaims(monkeypatch: pytest.MonkeyPatc
     events = ListSink()
     _save(w, 1, state)
     _save(w, 2, state)
-    assert Sealer(shm).seal_once()  # the newest first: step 2 is sealed, step 1 not yet
+    assert Sealer(shm_dir=shm).seal_once()  # the newest first: step 2 is sealed, step 1 not yet
     monkeypatch.setattr(sealer_mod, "checksum_cancellable", slow_checksum)
-    s = Sealer(shm, events, interval=timedelta(milliseconds=5))
+    s = Sealer(SealerConfig(interval=timedelta(milliseconds=5)), shm_dir=shm, events=events)
     s.start_background()
     try:
         assert sealing.wait(10)  # the sealer holds step 1's slot
@@ -221,7 +222,7 @@ def test_streaming_checksum_matches_integrity(monkeypatch: pytest.MonkeyPatch, s
 
 def _write_then_die(shm: str) -> None:
     """Child: commits step 1, then is SIGKILLed half way through copying step 2."""
-    from hpresil.checkpoint import ram
+    from hpresil.checkpoint.ram import writer as ram
 
     state = {"a": torch.full((1000,), 1.0), "b": torch.full((1000,), 1.0)}
     w = RamWriter(shm, 0, slots=2, run_id="r")
@@ -245,7 +246,7 @@ def test_sigkill_mid_copy_never_damages_the_previous_snapshot(shm: str) -> None:
     assert proc.exitcode == -signal.SIGKILL
     infos = scan(shm)
     assert [i.record.step for i in infos] == [1]  # step 2's slot has no record: never trusted
-    assert Sealer(shm).flush()
+    assert Sealer(shm_dir=shm).flush()
     state = {"a": torch.zeros(1000), "b": torch.zeros(1000)}
     ckpt = Checkpointer(state=state, shm_dir=shm, durable_every=0, run_services=False)
     assert ckpt.restore() == 1
@@ -292,7 +293,7 @@ def test_unsealed_commit_is_unverified(shm: str) -> None:
     ckpt = _ckpt(shm, state, ListSink(), run_services=False)  # nobody seals: like a runtime that lags
     state["w"].fill_(1.0)
     ckpt.save(1)
-    assert Sealer(shm).flush()
+    assert Sealer(shm_dir=shm).flush()
     state["w"].fill_(2.0)
     ckpt.save(2)  # committed, never sealed
     ckpt.close(keep_ram=True)
@@ -346,7 +347,7 @@ def test_shm_with_room_for_two_slots_keeps_double_buffering(tiny_tmpfs: str) -> 
 
 
 def test_full_shm_stages_durable_snapshots_on_disk(tiny_tmpfs: str, tmp_path: Any) -> None:
-    pytest.importorskip("hpresil.checkpoint.drain")
+    pytest.importorskip("hpresil.checkpoint.durable.drain")
     sink = ListSink()
     state = {"w": torch.randn(512, 1024), "step": {"n": 0}}
     url = f"file://{tmp_path}/durable"
@@ -397,7 +398,7 @@ def test_verified_reads_by_preadv_and_by_mapping(shm: str, mapped: bool) -> None
     w = RamWriter(shm, 0, slots=2, run_id="r")
     _save(w, 5, state)
     w.close()
-    assert Sealer(shm).flush()
+    assert Sealer(shm_dir=shm).flush()
     src = RamSource(shm, mapped=mapped)
     (ref,) = src.steps()
     record = src.records(5)[0]
@@ -473,7 +474,7 @@ def test_reclaim_requests_of_a_killed_writer_do_not_outlive_it(shm: str) -> None
     _save(w, 1, {"t": torch.zeros(4)})
     _save(w, 2, {"t": torch.zeros(4)})
     w.close()
-    assert Sealer(shm).seal_once()  # step 2 sealed: the writer may ask for step 1's slot
+    assert Sealer(shm_dir=shm).seal_once()  # step 2 sealed: the writer may ask for step 1's slot
     k1 = _slot_of(shm, 1)
     fd = os.open(slot_path(shm, 0, k1, "bin"), os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)  # a reader holds step 1's slot
@@ -490,8 +491,8 @@ def test_reclaim_requests_of_a_killed_writer_do_not_outlive_it(shm: str) -> None
     finally:
         os.close(fd)
     assert proc.exitcode == -signal.SIGKILL and os.path.exists(request)
-    assert not Sealer(shm).seal_once(), "the orphaned request still stops the sealer"
+    assert not Sealer(shm_dir=shm).seal_once(), "the orphaned request still stops the sealer"
     w = RamWriter(shm, 0, slots=2, run_id="r")
     assert not os.path.exists(request)
-    assert Sealer(shm).flush() and all(i.seal is not None for i in scan(shm))
+    assert Sealer(shm_dir=shm).flush() and all(i.seal is not None for i in scan(shm))
     w.close()

@@ -12,13 +12,13 @@ import torch._dynamo  # noqa: F401  (fully_shard imports it lazily; import once 
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from hpresil.checkpoint.api import CommitRecord, Entry, SnapshotRef
+from hpresil.checkpoint.api import CommitRecord, Entry, SnapshotRef, SnapshotSource
 from hpresil.checkpoint.flatten import dtype_name
 from hpresil.checkpoint.restore import _Reader, choose
 from hpresil.errors import StorageError
 
 
-class DictSource:
+class DictSource(SnapshotSource):
     """An in-memory SnapshotSource: ``chunks[rank][key] = (tensor, global_offset, global_shape)``."""
 
     tier = "durable"

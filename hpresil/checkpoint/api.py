@@ -1,7 +1,9 @@
 """Contract of tiered checkpointing.
 
-Tiers, fastest first: ``ram`` (this node's shared memory), ``peer`` (other
-nodes' RAM, see issue 4) and ``durable`` (fsspec: ``file://`` or ``s3://``).
+Tiers, fastest first: ``ram`` (this node's shared memory,
+:mod:`~hpresil.checkpoint.ram`), ``peer`` (other nodes' RAM,
+:mod:`~hpresil.checkpoint.peer`) and ``durable`` (fsspec: ``file://``,
+``s3://``..., :mod:`~hpresil.checkpoint.durable`).
 
 RAM snapshot format (the interface between the training process, the node
 runtime's sealer/drainer and the restore path). For each global rank ``R``
@@ -45,7 +47,7 @@ import hashlib
 import json
 import os
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
 
 from hpresil.errors import ConfigError, IntegrityError
 
@@ -88,12 +90,16 @@ class CheckpointConfig:
             one commits).
         slots: RAM buffers per rank (at least 2; 3 lets a save proceed while the
             durable drain reads an older snapshot).
-        upload_timeout: bound on one durable upload attempt.
+        upload_timeout: bound on one durable upload attempt of a snapshot
+            (carried in its commit record, so the node runtime's drainer
+            applies it too); an attempt past it is abandoned and retried.
+            :meth:`~hpresil.Checkpointer.close` waits at most this long for
+            the last upload.
         verify_on_restore: check checksums before trusting a snapshot.
         slot_wait: the longest one save waits for readers (sealer, durable
             read, peer send) to release a slot when every slot it may
             overwrite is being read; over time saves wait at most 1 % of the
-            wall clock (:mod:`~hpresil.checkpoint.ram_slots`). After that the
+            wall clock (:mod:`~hpresil.checkpoint.ram.slots`). After that the
             snapshot is skipped (``checkpoint_skipped`` event). Short on
             purpose: a wait costs training time for sure, a skipped snapshot
             only when a fault hits before the next one.
@@ -122,6 +128,8 @@ class CheckpointConfig:
             raise ConfigError(f"keep={self.keep}: keep at least 1 durable checkpoint")
         if self.slot_wait < timedelta(0):
             raise ConfigError(f"slot_wait={self.slot_wait}: must be >= 0 (0 skips a snapshot at once when its slots are busy)")
+        if self.upload_timeout <= timedelta(0):
+            raise ConfigError(f"upload_timeout={self.upload_timeout}: must be > 0")
         if self.slots < 2:
             raise ConfigError(f"slots={self.slots}: double buffering needs slots >= 2")
         if self.durable is None:
@@ -211,6 +219,9 @@ class CommitRecord:
         timeline: id the ranks agreed on at their last restore; a durable
             checkpoint commits only from markers of one timeline, so markers
             left by an attempt that crashed are never mixed with a newer one's.
+        upload_timeout: seconds one durable upload of this snapshot may take
+            (``CheckpointConfig.upload_timeout``); 0 leaves it to the drainer's
+            own bound.
     """
 
     version: int
@@ -227,6 +238,7 @@ class CommitRecord:
     entries: list[Entry]
     created: float
     timeline: str = ""
+    upload_timeout: float = 0.0
 
     def to_json(self) -> str:
         """Serialises the record (see :meth:`from_json`)."""
@@ -277,6 +289,10 @@ _RECORD_FIELDS: dict[str, Any] = {
     "created": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v,
     "timeline": lambda v: isinstance(v, str),
 }
+#: Optional header fields (absent: the dataclass default) and their checks.
+_OPTIONAL_FIELDS: dict[str, Any] = {
+    "upload_timeout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"),
+}
 
 
 def check_record_fields(obj: Any, *, header_only: bool = False) -> None:
@@ -290,10 +306,11 @@ def check_record_fields(obj: Any, *, header_only: bool = False) -> None:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     for name, ok in _RECORD_FIELDS.items():
-        if name == "timeline" and name not in obj:
-            continue  # written since the timeline was introduced
         if name not in obj or not ok(obj[name]):
             raise ValueError(f"field {name!r} is missing or malformed ({obj.get(name)!r})")
+    for name, ok in _OPTIONAL_FIELDS.items():
+        if name in obj and not ok(obj[name]):
+            raise ValueError(f"field {name!r} is malformed ({obj[name]!r})")
     if header_only:
         return
     entries = obj.get("entries")
@@ -385,7 +402,7 @@ def rank_dir(shm_dir: str, rank: int) -> str:
 
 def slot_path(shm_dir: str, rank: int, slot: int, suffix: Literal["bin", "json", "seal.json", "reclaim"]) -> str:
     """``<shm_dir>/ckpt/rank<R>/slot<K>.<suffix>`` (``reclaim``: the writer's
-    request that readers release the slot, see :mod:`hpresil.checkpoint.ram_slots`)."""
+    request that readers release the slot, see :mod:`hpresil.checkpoint.ram.slots`)."""
     return os.path.join(rank_dir(shm_dir, rank), f"slot{slot}.{suffix}")
 
 
@@ -406,10 +423,15 @@ class SnapshotSource(Protocol):
     The restore path asks each source in tier order (ram, peer, durable); all
     ranks agree collectively on the newest step that every rank can load, then
     each rank reads the entries (or the overlapping slices of other ranks'
-    entries, when the world size changed) it needs.
+    entries, when the world size changed) it needs. Sources subclass this
+    Protocol, so the optional hooks below :meth:`read` inherit their defaults.
     """
 
     tier: TierName
+    #: What this tier holds is known on its own node only: before choosing a
+    #: step, every rank's :meth:`share` is gathered and handed to :meth:`pool`
+    #: (one all-gather for all such tiers). The same on every rank.
+    pooled: bool = False
 
     def steps(self) -> list[SnapshotRef]:
         """Snapshots this source can serve, newest first (metadata only, cheap)."""
@@ -430,3 +452,21 @@ class SnapshotSource(Protocol):
             StorageError: the bytes cannot be read.
         """
         ...
+
+    # -- optional hooks ------------------------------------------------------
+    def read_many(self, step: int, items: "Sequence[tuple[int, Entry, torch.Tensor]]") -> None:
+        """:meth:`read` for many ``(rank, entry, out)`` at once; a tier that can
+        read in parallel overrides it (the restore path batches the entries it
+        reads in place). Default: one after the other."""
+        for rank, entry, out in items:
+            self.read(step, rank, entry, out)
+
+    def share(self) -> Any:
+        """With :attr:`pooled`: what this rank contributes (plain JSON values)."""
+        return None
+
+    def pool(self, shares: "Sequence[Any]") -> None:
+        """With :attr:`pooled`: every rank's :meth:`share`, in rank order."""
+
+    def close(self) -> None:
+        """Releases what the restore held (locks, connections, threads)."""

@@ -3,7 +3,7 @@ the fastest tier that every rank can load.
 
 Under ``hpresil-run`` (``$HPRESIL_SHM_DIR`` set) the node runtime seals and
 drains the snapshots; elsewhere (plain ``torchrun``, a single process) the
-Checkpointer runs the :class:`~hpresil.checkpoint.sealer.Sealer` and the
+Checkpointer runs the :class:`~hpresil.checkpoint.ram.sealer.Sealer` and the
 durable drainer on background threads of the training process, over a
 per-job directory ``/dev/shm/hpresil/<run id>/<host>``.
 
@@ -31,13 +31,18 @@ import torch
 
 from hpresil import _env
 from hpresil.checkpoint import flatten as fl
+from hpresil.checkpoint import graceful_stop as stop
 from hpresil.checkpoint.api import CheckpointConfig, SnapshotSource, rank_dir
-from hpresil.checkpoint.ram import RamWriter
-from hpresil.checkpoint.ram_files import drop_newer
-from hpresil.checkpoint.ram_source import RamSource
+from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
+from hpresil.checkpoint.durable.source import DurableSource
+from hpresil.checkpoint.durable.stores import DurableStore, open_store
+from hpresil.checkpoint.peer.source import PeerSource
+from hpresil.checkpoint.ram.files import drop_newer, scan
+from hpresil.checkpoint.ram.sealer import Sealer
+from hpresil.checkpoint.ram.source import RamSource
+from hpresil.checkpoint.ram.writer import RamWriter
 from hpresil.checkpoint.restore import RestoreResult, restore_state
-from hpresil.checkpoint.sealer import Sealer
-from hpresil.errors import ConfigError, StorageError
+from hpresil.errors import ConfigError, NoCheckpointError, StorageError
 from hpresil.hang.heartbeat import get as heartbeat_get
 from hpresil.hang.heartbeat import heartbeat, phase
 from hpresil.events import worker_sink
@@ -83,6 +88,9 @@ class _HangCalibration:
     """The hang watchdog's calibration (slowest step and checkpoint seen) as a
     stateful entry of every checkpoint."""
 
+    def __init__(self) -> None:
+        self._loaded: dict[str, float] | None = None
+
     def state_dict(self) -> dict[str, float]:
         hb = heartbeat_get()
         return hb.calibration() if hb is not None else {"step_max": 0.0, "ckpt_max": 0.0, "n_steps": 0.0}
@@ -92,7 +100,7 @@ class _HangCalibration:
 
     def agree(self) -> None:
         """Seeds this worker's heartbeat with the maximum over all ranks (one tiny all-reduce)."""
-        loaded = getattr(self, "_loaded", None)
+        loaded = self._loaded
         hb = heartbeat_get()
         if loaded is None or hb is None:
             return
@@ -190,7 +198,7 @@ class Checkpointer:
         self.events: EventSink = events or worker_sink()
         self.run_id = _env.get(_env.RUN_ID) or _env.get("TORCHELASTIC_RUN_ID") or os.path.basename(os.path.dirname(self.shm_dir))
         self.durable_url = self._durable_url()
-        self._store: Any = None
+        self._store: DurableStore | None = None
         self._durable_down: str | None = None  # why a restarted worker could not open the durable store
         if self.durable_url is not None:
             try:
@@ -204,9 +212,6 @@ class Checkpointer:
                 self._durable_down = str(exc)
                 log.warning("durable tier unreachable after a restart (%s); restoring from RAM or peers", exc)
                 self.events.emit("tier_degraded", tier="durable", error=str(exc), fallback="ram")
-            else:
-                if self._store is None:
-                    self.durable_url = None
         self._started = False
         self.rank, self.world_size = 0, 1
         self._ram: RamWriter | None = None
@@ -239,7 +244,8 @@ class Checkpointer:
         self._started = True
         try:
             self._ram = RamWriter(self.shm_dir, self.rank, slots=self.config.slots, run_id=self.run_id,
-                                  slot_wait=self.config.slot_wait.total_seconds())
+                                  slot_wait=self.config.slot_wait.total_seconds(),
+                                  upload_timeout=self.config.upload_timeout.total_seconds())
         except OSError as exc:
             self._degrade(exc)
             return
@@ -249,18 +255,14 @@ class Checkpointer:
     def _start_services(self, directory: str) -> None:
         drainer = None
         if self.durable_url is not None:
-            try:
-                from hpresil.checkpoint.drain import Drainer
-            except ImportError as exc:  # the durable tier is optional in minimal installs
-                log.warning("durable drain unavailable (%s); snapshots stay in RAM only", exc)
-            else:
-                drainer = Drainer(directory, self.events)
-                drainer.start(RuntimeContext(run_id=self.run_id, node_id=socket.gethostname(), shm_dir=directory,
-                                             log_dir=_env.get(_env.LOG_DIR) or os.getcwd(), events=self.events))
-                # Only this rank: other local ranks run their own drainer.
-                drainer.on_workers_started(WorkerGroupInfo(attempt=0, group_rank=0, group_world_size=1,
-                                                           world_size=self.world_size, global_ranks=(self.rank,), pids=(os.getpid(),)))
-        sealer = Sealer(directory, self.events, ranks=[self.rank], after_pass=None if drainer is None else drainer.tick)
+            drainer = Drainer(DrainConfig(upload_timeout=self.config.upload_timeout), shm_dir=directory, events=self.events)
+            drainer.start(RuntimeContext(run_id=self.run_id, node_id=socket.gethostname(), shm_dir=directory,
+                                         log_dir=_env.get(_env.LOG_DIR) or os.getcwd(), events=self.events))
+            # Only this rank: other local ranks run their own drainer.
+            drainer.on_workers_started(WorkerGroupInfo(attempt=0, group_rank=0, group_world_size=1,
+                                                       world_size=self.world_size, global_ranks=(self.rank,), pids=(os.getpid(),)))
+        sealer = Sealer(shm_dir=directory, events=self.events, ranks=[self.rank],
+                        after_pass=None if drainer is None else drainer.tick)
         sealer.start_background()
         self._services.append((sealer, drainer))
 
@@ -292,10 +294,8 @@ class Checkpointer:
         the node runtime uploads it within ``--grace-period``). The first call
         installs a SIGTERM handler that only records the request (unless the
         program has its own); every call all-reduces one flag on a CPU group, so
-        all ranks stop at the same step. See :mod:`hpresil.checkpoint.stop`.
+        all ranks stop at the same step. See :mod:`hpresil.checkpoint.graceful_stop`.
         """
-        from hpresil.checkpoint import stop
-
         stop.install_handler()
         if not stop.agree(stop.requested()):
             return False
@@ -308,8 +308,6 @@ class Checkpointer:
             if w is not None:
                 w.wait()
         if not self.run_services and self._ram is not None:  # the node runtime seals it; the drain needs the seal
-            from hpresil.checkpoint.ram_files import scan
-
             deadline = time.monotonic() + 10.0
             while time.monotonic() < deadline and not any(
                     i.record.step == step and i.seal is not None for i in scan(self.shm_dir, [self.rank])):
@@ -372,7 +370,8 @@ class Checkpointer:
         base = _env.get(_env.LOG_DIR) or tempfile.gettempdir()
         self._staging_dir = os.path.join(base, "hpresil-staging", os.path.basename(os.path.dirname(self.shm_dir)), f"rank{self.rank}")
         try:
-            self._staging = RamWriter(self._staging_dir, self.rank, slots=2, run_id=self.run_id)
+            self._staging = RamWriter(self._staging_dir, self.rank, slots=2, run_id=self.run_id,
+                                      upload_timeout=self.config.upload_timeout.total_seconds())
         except OSError as exc2:
             log.error("rank %d: cannot stage checkpoints in %s (%s); checkpointing is off", self.rank, self._staging_dir, exc2)
             return
@@ -388,8 +387,8 @@ class Checkpointer:
         Raises:
             StateMismatchError: the snapshot does not fit the state (names the keys).
             CheckpointError: restoring failed on some rank.
-            StorageError: nothing to restore in RAM or peers while the durable
-                store is unreachable (after a restart).
+            NoCheckpointError: nothing to restore in RAM or peers while the durable
+                store is unreachable (after a restart); a :class:`StorageError`.
         """
         self._start()
         for w in (self._ram, self._staging):
@@ -399,18 +398,15 @@ class Checkpointer:
         if _env.get(_env.SHM_DIR) is not None:
             # Under hpresil-run every rank has a node runtime with a peer
             # server: the same condition on every rank (the tier is pooled collectively).
-            from hpresil.peer.source import PeerSource
-
             sources.append(PeerSource(self.shm_dir, rank=self.rank, world_size=self.world_size))
         if self._store is not None:
-            from hpresil.checkpoint.durable import DurableSource
-
             sources.append(DurableSource(self._store))
         result = restore_state(self.state, sources, events=self.events)
         if result is None and self._durable_down is not None:
             # The durable tier may hold what RAM and peers lack: never start over without asking it.
-            raise StorageError(f"no RAM or peer snapshot to restore and the durable tier is unreachable "
-                               f"({self._durable_down}); not starting from scratch")
+            raise NoCheckpointError(f"no RAM or peer snapshot to restore and the durable tier is unreachable "
+                                    f"({self._durable_down}); not starting from scratch: fix the durable store "
+                                    f"and restart, or pass durable_every=0 to start over")
         self.last_restore = result
         self.state[HANG_KEY].agree()
         timeline = _agree_timeline()
@@ -515,10 +511,5 @@ def _restart_count() -> int:
     return int(raw) if raw.isdigit() else 0
 
 
-def _open_durable(url: str) -> Any:
-    try:
-        from hpresil.checkpoint.durable import open_store
-    except ImportError as exc:
-        log.warning("durable tier unavailable (%s); checkpoints stay in RAM only", exc)
-        return None
+def _open_durable(url: str) -> DurableStore:
     return open_store(url)  # ConfigError / StorageError: fail fast, before training

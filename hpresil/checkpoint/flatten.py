@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import Any
 
-import sys
-
 import torch
 
-from hpresil.errors import CheckpointError
+from hpresil.errors import CheckpointError, IntegrityError, StateMismatchError
 
 #: Keys hpresil adds to the state itself (the hang calibration); snapshots
 #: written without them (older versions, raw RamWriter) still restore.
@@ -265,11 +264,11 @@ def dtype_from_name(name: str) -> torch.dtype:
     """``"float32"`` → ``torch.float32``.
 
     Raises:
-        CheckpointError: not a torch dtype.
+        IntegrityError: not a torch dtype (a damaged or foreign layout).
     """
-    dtype = getattr(torch, name, None)
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"unknown dtype {name!r} in snapshot")
+        raise IntegrityError(f"unknown dtype {name!r} in the snapshot's layout")
     return dtype
 
 
@@ -400,8 +399,6 @@ def prepare(
         StateMismatchError: missing or unexpected keys, or a tensor whose
             dtype or global shape differs; the message names each.
     """
-    from hpresil.errors import StateMismatchError
-
     saved = {e.key: e for e in meta.entries}
     flat = flatten(state)
     extra = [k for k in saved if k not in flat.by_key()]

@@ -28,6 +28,7 @@ overlapping slices copied. Replicated tensors are read from any rank's copy.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -81,13 +82,7 @@ class _Comm:
         ``all_gather_object`` would unpickle bytes that come off the network."""
         if self.dist is None:
             return [obj]
-        import json
-
-        import torch
-
-        from hpresil.checkpoint.flatten import decode_json, encode_json
-
-        data = json.dumps(encode_json(obj), separators=(",", ":")).encode()
+        data = json.dumps(fl.encode_json(obj), separators=(",", ":")).encode()
         size = torch.tensor([len(data)], dtype=torch.int64)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
         self.dist.all_gather(sizes, size)
@@ -97,26 +92,26 @@ class _Comm:
             mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
         self.dist.all_gather(bufs, mine)
-        return [decode_json(json.loads(bytes(b[: int(n.item())].tolist()))) for b, n in zip(bufs, sizes)]
+        return [fl.decode_json(json.loads(bytes(b[: int(n.item())].tolist()))) for b, n in zip(bufs, sizes)]
 
 
 def _pool_shared(sources: Sequence[SnapshotSource], comm: _Comm) -> None:
     """Tiers whose availability is pooled across ranks (the peer tier: what a
     node holds is known on that node only) share it in one all-gather."""
-    shared = [s for s in sources if callable(getattr(s, "pool", None))]
+    shared = [s for s in sources if s.pooled]
     if not shared:
         return
     mine = []
     for source in shared:
         try:
-            mine.append(source.share())  # type: ignore[attr-defined]
+            mine.append(source.share())
         except Exception as exc:  # one rank raising here would leave the others in the collective
             log.warning("%s tier cannot share what it holds: %s", source.tier, exc)
             mine.append(None)
     gathered = comm.all_gather(mine)
     for i, source in enumerate(shared):
         try:
-            source.pool([g[i] for g in gathered])  # type: ignore[attr-defined]
+            source.pool([g[i] for g in gathered])
         except Exception as exc:
             log.warning("%s tier unavailable for restore: %s", source.tier, exc)
 
@@ -238,9 +233,7 @@ def restore_state(
         raise CheckpointError(f"restore gave up after {_MAX_ROUNDS} rounds of failing snapshots")
     finally:
         for source in sources:
-            close = getattr(source, "close", None)
-            if callable(close):
-                close()
+            source.close()
 
 
 def _load_one(
@@ -282,9 +275,9 @@ class _Reader:
         self.same_world = same_world
         self.index = {r: {e.key: e for e in rec.entries} for r, rec in records.items()}
         self.bytes = 0
-        # Reads straight into state tensors are batched when the source can
-        # read many entries in parallel (the RAM tier): see flush().
-        self._batch: list[tuple[int, Entry, torch.Tensor]] | None = [] if hasattr(source, "read_many") else None
+        # Reads straight into state tensors are batched, so a tier that reads
+        # many entries in parallel (RAM, peer) gets them at once: see flush().
+        self._batch: list[tuple[int, Entry, torch.Tensor]] = []
 
     def _read(self, rank: int, entry: Entry, target: torch.Tensor | None = None) -> torch.Tensor:
         """Reads ``entry`` into ``target`` when it can take the bytes directly,
@@ -306,7 +299,7 @@ class _Reader:
         else:
             out = torch.empty(entry.nbytes, dtype=torch.uint8)
         if entry.nbytes:
-            if direct and self._batch is not None:
+            if direct:
                 self._batch.append((rank, entry, out))
             else:
                 self.source.read(self.step, rank, entry, out)
@@ -319,7 +312,7 @@ class _Reader:
         """Performs the batched reads."""
         if self._batch:
             batch, self._batch = self._batch, []
-            self.source.read_many(self.step, batch)  # type: ignore[attr-defined]
+            self.source.read_many(self.step, batch)
 
     def fill(self, key: str, target: torch.Tensor, offset: Sequence[int]) -> None:
         """Fills ``target`` (the local data at ``offset`` of the global tensor)."""

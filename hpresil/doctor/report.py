@@ -12,7 +12,7 @@ from hpresil._parse import parse_bool
 from hpresil.errors import ConfigError
 from hpresil.netenv.api import Decision, Facts, HostRoots, NetEnvConfig, Plan
 from hpresil.netenv.plan import make_plan
-from hpresil.netenv.rules import FAMILIES
+from hpresil.netenv.families import FAMILIES
 
 __all__ = ["main", "build_parser", "render_text"]
 

@@ -26,7 +26,7 @@ from hpresil.hang.config import hang_config_from_env
 from hpresil.hang.diagnose import RankDiag, find_suspects, in_collective
 from hpresil.hang.heartbeat import dump_request_path, fr_dump_path, record_path
 from hpresil.hang.straggler import StragglerDetector
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
 __all__ = ["Watchdog", "phase_timeout"]
 
@@ -104,7 +104,7 @@ class _Rank:
         return (c1 - c0) / (t1 - t0)
 
 
-class Watchdog:
+class Watchdog(NodeService):
     """NodeService ``watchdog``.
 
     Args:

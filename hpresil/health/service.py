@@ -46,7 +46,7 @@ from hpresil.health.api import (
     Verdict,
 )
 from hpresil.health.checks import device_count_finding, evaluate, xid_findings
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
 __all__ = ["HealthService", "select_backend", "VERDICT_FILE"]
 
@@ -82,7 +82,7 @@ class _Job:
         self.report: HealthReport | None = None
 
 
-class HealthService:
+class HealthService(NodeService):
     """GPU health checks as a node service (``name = "health"``).
 
     Args:

@@ -18,7 +18,7 @@ from typing import Any
 
 from hpresil.metrics.api import MetricsConfig
 from hpresil.report.progress import group_beats
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
 __all__ = ["MetricsExporter", "EventTail"]
 
@@ -64,7 +64,7 @@ class EventTail:
         return out
 
 
-class MetricsExporter:
+class MetricsExporter(NodeService):
     """NodeService ``metrics``: off unless ``config.port`` is set.
 
     Args:

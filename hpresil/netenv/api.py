@@ -9,7 +9,7 @@ Three steps, each a pure function of its inputs so tests can feed fake hosts:
    the facts and the current environment into a :class:`Plan` of
    :class:`Decision` records: set, keep (the user's value wins), leave (to the
    aws-ofi-nccl plugin) or warn.
-3. :mod:`hpresil.runtime.env` applies the plan's ``set`` decisions, the one place
+3. :mod:`hpresil.netenv.env` applies the plan's ``set`` decisions, the one place
    hpresil changes the launcher's and the workers' environment.
 """
 
@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from hpresil.errors import ConfigError
+from hpresil.netenv.families import FAMILIES
 
 __all__ = [
     "NetEnvConfig",
@@ -83,8 +84,6 @@ class NetEnvConfig:
     imds_timeout: timedelta = timedelta(milliseconds=200)
 
     def __post_init__(self) -> None:
-        from hpresil.netenv.rules import FAMILIES
-
         choices = ("off", "auto", *FAMILIES)
         if self.mode not in choices:
             raise ConfigError(f"--net-env {self.mode!r}: use one of {', '.join(choices)}")

@@ -18,7 +18,7 @@ import time
 from typing import Mapping
 
 from hpresil.netenv.api import Facts, HostRoots, NetEnvConfig
-from hpresil.netenv.rules import FAMILIES, family_of
+from hpresil.netenv.families import FAMILIES, family_of
 
 __all__ = ["detect", "library_dirs", "plugin_version_of", "IMDS_URL"]
 

@@ -1,22 +1,29 @@
-"""Node service that records the ``--net-env`` plan in ``events.jsonl``.
+"""Node service that records the ``--net-env`` plan in ``events.jsonl`` and
+gives the workers their variables.
 
-The changes themselves are applied by :mod:`hpresil.runtime.env` before the
+The launcher's changes are applied by :mod:`hpresil.netenv.env` before the
 runtime starts and reported there as ``env_change`` events; this service adds
 what the changes alone do not show: what was detected (``net_env``) and every
-warning about a value hpresil kept or about the host (``env_warning``).
+warning about a value hpresil kept or about the host (``env_warning``). It
+also decides the ``workers`` variables (the flight recorder the hang watchdog
+dumps, NCCL's dump on timeout into the log directory), which the runtime puts
+in every worker's environment.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
 
 from hpresil.netenv.api import Plan
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.netenv.env import worker_defaults
+from hpresil.runtime.api import NodeService, RuntimeContext
 
 __all__ = ["NetEnvReport"]
 
+log = logging.getLogger(__name__)
 
-class NetEnvReport:
+
+class NetEnvReport(NodeService):
     """Emits the plan's summary and findings once, at runtime start.
 
     Args:
@@ -27,8 +34,14 @@ class NetEnvReport:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
+        self._worker_env: dict[str, str] = {}
 
     def start(self, ctx: RuntimeContext) -> None:
+        self._worker_env, changes = worker_defaults(ctx.log_dir)
+        for change in changes:
+            log.info("worker env %s: unset -> %s (%s)", change.name, change.new, change.reason)
+            ctx.events.emit("env_change", scope="workers", name=change.name, old=change.old, new=change.new,
+                            reason=change.reason)
         plan, facts = self.plan, self.plan.facts
         counts: dict[str, int] = {}
         for d in plan.decisions:
@@ -45,14 +58,6 @@ class NetEnvReport:
             ctx.events.emit("env_warning", rule=d.rule, name=d.variable, value=d.current, severity=d.severity,
                             reason=d.reason, source=d.source)
 
-    def on_workers_started(self, group: WorkerGroupInfo) -> None:
-        """Nothing to do: the environment is fixed for the job."""
-
-    def on_workers_stopped(self, group: WorkerGroupInfo) -> None:
-        """Nothing to do."""
-
-    def tick(self) -> None:
-        """Nothing to do."""
-
-    def stop(self, timeout: timedelta) -> None:
-        """Nothing to do."""
+    def worker_env(self) -> dict[str, str]:
+        """The ``workers`` variables the user left unset."""
+        return dict(self._worker_env)

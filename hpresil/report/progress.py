@@ -27,7 +27,7 @@ from hpresil.errors import ConfigError
 from hpresil.hang.api import Beat
 from hpresil.hang.heartbeat import record_path
 from hpresil.hang.probe import read_beat
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
 __all__ = ["ProgressConfig", "ProgressService", "group_beats", "ENV_INTERVAL"]
 
@@ -78,7 +78,7 @@ def group_beats(shm_dir: str, group: WorkerGroupInfo) -> list[Beat]:
     return beats
 
 
-class ProgressService:
+class ProgressService(NodeService):
     """NodeService ``progress`` (see the module docstring).
 
     Args:

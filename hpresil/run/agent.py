@@ -24,6 +24,7 @@ from hpresil.elastic.membership import Liveness, restart_cause
 from hpresil.run.failure import guard_error_files
 from hpresil.runtime.api import WorkerGroupInfo
 from hpresil.runtime.node import NodeRuntime
+from hpresil.topology.service import TopologyService
 
 __all__ = ["HpresilAgent"]
 
@@ -117,8 +118,8 @@ class HpresilAgent(LocalElasticAgent):
         # Topology-aware ranks: nodes of one NVLink domain get contiguous global
         # ranks (hpresil.topology.service); torch's order when the service is off.
         for service in self._runtime.services:
-            if service.name == "topology":
-                workers = service.assign(store, group_rank, group_world_size, workers)  # type: ignore[attr-defined]
+            if isinstance(service, TopologyService):
+                workers = service.assign(store, group_rank, group_world_size, workers)
         return workers
 
     def _set_local_rank_env(self, worker_env: dict[str, str | None], local_rank: int, spec: WorkerSpec) -> None:

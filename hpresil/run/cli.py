@@ -25,9 +25,9 @@ from torch.distributed.run import config_from_args, get_args_parser, parse_min_m
 from hpresil._parse import parse_bool
 from hpresil.errors import ConfigError, NodeUnhealthyError
 from hpresil.hang.config import HANG_OPTIONS, hang_config
-from hpresil.peer.api import PEER_OPTIONS
+from hpresil.checkpoint.peer.api import PEER_OPTIONS
 from hpresil.netenv.api import Plan
-from hpresil.runtime.env import apply_launcher_env
+from hpresil.netenv.env import apply_launcher_env
 from hpresil.runtime.api import RuntimeConfig
 
 __all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS", "SUBCOMMANDS", "run_subcommand"]
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from hpresil.run.launch import launch_agent
     from hpresil.runtime.node import NodeRuntime
     from hpresil.netenv.service import NetEnvReport
-    from hpresil.runtime.services import default_services
+    from hpresil.run.services import default_services
 
     net_plan = _net_env_plan(args)
     env_changes = apply_launcher_env(plan=net_plan)
@@ -277,17 +277,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         config.start_method = "forkserver"
     node_id = runtime_config.node_id or socket.gethostname()
     log_dir = _job_log_dir(args, str(config.run_id), node_id)
-    configs: dict[str, object] = {"hpresil.hang.watchdog": hang}
-    from hpresil.peer.api import config_from_options
+    configs: dict[str, object] = {"watchdog": hang}
+    from hpresil.checkpoint.peer.api import config_from_options
 
-    configs["hpresil.peer.replicator"] = config_from_options(args.replicas, args.peer_host, args.peer_port)
+    configs["replicator"] = config_from_options(args.replicas, args.peer_host, args.peer_port)
     from hpresil.topology.api import TopologyConfig
 
-    configs["hpresil.topology.service"] = TopologyConfig(mode=args.topology)
+    configs["topology"] = TopologyConfig(mode=args.topology)
     if port is not None:
         from hpresil.metrics.api import MetricsConfig
 
-        configs["hpresil.metrics.exporter"] = MetricsConfig(port=int(port))
+        configs["metrics"] = MetricsConfig(port=int(port))
     try:
         runtime = NodeRuntime(runtime_config, run_id=str(config.run_id), log_dir=log_dir, services=[*default_services(configs), NetEnvReport(net_plan)])
     except OSError as exc:  # the job log directory is created here

@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from hpresil.checkpoint.ram_files import write_atomic
+from hpresil.checkpoint.ram.files import write_atomic
 
 __all__ = ["explain_failure", "guard_error_files", "is_peer_loss", "pick_root_cause", "process_running",
            "traceback_from_stderr", "traceback_from_error_file"]

@@ -31,7 +31,7 @@ from hpresil.elastic.api import ElasticConfig
 from hpresil.elastic.membership import lost_after_from_rdzv, tuned_rdzv_configs
 from hpresil.errors import ConfigError, LaunchError, NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
-from hpresil.runtime.env import EnvChange
+from hpresil.netenv.env import EnvChange
 from hpresil.run.failure import explain_failure
 from hpresil.run.logs import render_exceptions_eagerly
 from hpresil.runtime.node import NodeRuntime

@@ -3,7 +3,7 @@
 torch's log formatter (``torch._logging._internal.TorchLogsFormatter``) imports
 ``torch._dynamo`` the first time it formats a record that carries an exception,
 to read one config flag. The elastic agent logs every worker failure with
-``logger.exception``, so an agent's first failure used to pay a full
+``logger.exception``, so without this filter an agent's first failure pays a full
 ``torch._dynamo`` import — 0.7–1.3 s on the 2-core test host, more on a busy
 node — in its main thread, before it could stop, restart or tell the other
 nodes anything (the agent does not need dynamo for anything else).

@@ -95,26 +95,55 @@ class WorkerGroupInfo:
 
 class NodeService(Protocol):
     """A plugin of the node runtime. Every hook must return quickly and never raise
-    for expected faults (log, emit an event, degrade instead)."""
+    for expected faults (log, emit an event, degrade instead).
+
+    Services subclass this Protocol, so the optional hooks below it inherit
+    their no-op defaults; a service overrides what it takes part in. The
+    runtime builds each default service as ``cls(config)`` or ``cls()``
+    (:mod:`hpresil.run.services`): a service's constructor takes its own
+    config dataclass first, then keyword-only arguments for use outside the
+    runtime.
+    """
 
     name: str
 
     def start(self, ctx: RuntimeContext) -> None:
         """Called once before the first worker starts."""
-        ...
 
     def on_workers_started(self, group: WorkerGroupInfo) -> None:
         """Called after each (re)start of the local worker group."""
-        ...
 
     def on_workers_stopped(self, group: WorkerGroupInfo) -> None:
         """Called after the local worker group stopped (failure, restart or end)."""
-        ...
 
     def tick(self) -> None:
         """Called every ``service_interval`` from the runtime's service thread."""
-        ...
 
     def stop(self, timeout: timedelta) -> None:
         """Called once at job end; finish or abandon pending work within ``timeout``."""
-        ...
+
+    # -- optional hooks: the defaults take no part --------------------------
+    def flush(self, timeout: timedelta) -> bool:
+        """Finishes work on the snapshots stopped workers left, within ``timeout``
+        (the sealer seals them); returns whether nothing is left."""
+        return True
+
+    def drain_once(self) -> bool:
+        """One pass of copying snapshots onward (the durable drain); returns
+        whether it did something, so the runtime calls it until it does not."""
+        return False
+
+    def verdict(self) -> Any | None:
+        """Why this node must leave the job (a fatal GPU finding: it has
+        ``message``, ``exit_code``, ``findings`` and ``error()``), or ``None``."""
+        return None
+
+    def worker_env(self) -> dict[str, str]:
+        """Variables every worker of every attempt gets (asked once, after
+        :meth:`start`); the user's own values win."""
+        return {}
+
+    def unsaved(self) -> str | None:
+        """After :meth:`stop`: what only this node's shared memory still holds
+        (the runtime then keeps it), or ``None``."""
+        return None

@@ -78,11 +78,6 @@ class NodeRuntime:
         """
         os.makedirs(self.log_dir, exist_ok=True)
         self.shm.create()
-        from hpresil.runtime.env import worker_defaults
-
-        self._worker_defaults, changes = worker_defaults(self.log_dir)
-        for change in changes:
-            log.info("worker env %s: unset -> %s (%s)", change.name, change.new, change.reason)
         self.events.emit(
             "runtime_start",
             run_id=self.run_id,
@@ -92,9 +87,6 @@ class NodeRuntime:
             log_dir=self.log_dir,
             services=[s.name for s in self.services],
         )
-        for change in changes:
-            self.events.emit("env_change", scope="workers", name=change.name, old=change.old, new=change.new,
-                             reason=change.reason)
         ctx = self.context
         for service in self.services:
             try:
@@ -103,6 +95,8 @@ class NodeRuntime:
             except Exception:  # a broken optional service must not stop the job
                 log.exception("service %s failed to start; continuing without it", service.name)
                 self.events.emit("service_failed", service=service.name, phase="start")
+        for service in self._started:
+            self._worker_defaults.update(service.worker_env())
         self._thread = threading.Thread(target=self._loop, name="hpresil-runtime", daemon=True)
         self._thread.start()
 
@@ -136,30 +130,26 @@ class NodeRuntime:
         deadline = time.monotonic() + timeout.total_seconds()
         with self._lock:
             services = list(self._started)
-        for hook in ("flush", "drain_once"):
-            for service in services:
-                fn = getattr(service, hook, None)
-                if not callable(fn):
-                    continue
-                try:
-                    if hook == "flush":
-                        fn(timedelta(seconds=max(0.0, deadline - time.monotonic())))
-                    else:
-                        while fn() and time.monotonic() < deadline:
-                            pass
-                except Exception:
-                    log.exception("service %s failed to settle", service.name)
+        for service in services:
+            try:
+                service.flush(timedelta(seconds=max(0.0, deadline - time.monotonic())))
+            except Exception:
+                log.exception("service %s failed to settle", service.name)
+        for service in services:
+            try:
+                while service.drain_once() and time.monotonic() < deadline:
+                    pass
+            except Exception:
+                log.exception("service %s failed to settle", service.name)
 
     def leave_verdict(self) -> object | None:
         """The first verdict a service gives that this node must leave the job
         (e.g. a fatal GPU finding), or ``None``. A verdict has ``message``,
         ``exit_code``, ``findings`` and ``error()``."""
         for service in list(self._started):
-            verdict = getattr(service, "verdict", None)
-            if callable(verdict):
-                result = verdict()
-                if result is not None:
-                    return result
+            result = service.verdict()
+            if result is not None:
+                return result
         return None
 
     def _each(self, hook: str, *args: object) -> None:
@@ -199,10 +189,9 @@ class NodeRuntime:
             left = max(0.0, deadline - time.monotonic())
             try:
                 service.stop(timedelta(seconds=left))
-                # Optional hook: what only the shared memory still holds (e.g. the drainer's
-                # final snapshot when the durable tier was down at job end).
-                check = getattr(service, "unsaved", None)
-                reason = check() if callable(check) else None
+                # What only the shared memory still holds (e.g. the drainer's final
+                # snapshot when the durable tier was down at job end).
+                reason = service.unsaved()
                 if reason:
                     unsaved.append(f"{service.name}: {reason}")
             except Exception:

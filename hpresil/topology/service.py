@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any, Sequence
 
 from hpresil.errors import TopologyError
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 from hpresil.topology.api import MAP_FILE, NodeTopology, TopologyConfig, TopologyMap
 from hpresil.topology.backends import discover
 from hpresil.topology.order import node_order, rank_bases
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "hpresil/topology/node/"
 
 
-class TopologyService:
+class TopologyService(NodeService):
     """Discovers this node's NVLink domain and orders ranks by domain (``name = "topology"``).
 
     Args:

@@ -30,10 +30,10 @@ from typing import Any, Iterator
 import torch
 
 from hpresil.checkpoint.api import CommitRecord, Seal, slot_path
-from hpresil.checkpoint.ram_files import (
+from hpresil.checkpoint.ram.pin import arena_bytes, pin
+from hpresil.checkpoint.ram.files import (
     SlotInfo,
     frombuffer,
-    lock_shared,
     read_record,
     read_seal,
     scan,
@@ -41,17 +41,12 @@ from hpresil.checkpoint.ram_files import (
     write_atomic,
 )
 from hpresil.errors import StorageError
-from hpresil.peer.api import replica_root
-from hpresil.peer import wire
+from hpresil.checkpoint.peer.api import replica_root
+from hpresil.checkpoint.peer import wire
 
 __all__ = ["ReplicaStore", "Incoming", "validate"]
 
 log = logging.getLogger(__name__)
-
-
-def arena_bytes(record: CommitRecord) -> int:
-    """Bytes of the arena a record's tensor entries occupy."""
-    return max((e.offset + e.nbytes for e in record.entries if e.kind == "tensor"), default=0)
 
 
 def validate(rank: Any, record: CommitRecord, seal: Seal, nbytes: Any, limit: int) -> str | None:
@@ -241,20 +236,8 @@ class ReplicaStore:
             StorageError: not held, locked by a writer for ``timeout``, or replaced.
         """
         root, info = self.find(rank, commit_id)
-        path = slot_path(root, rank, info.slot, "bin")
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise StorageError(f"cannot open {path}: {exc}") from exc
-        try:
-            if not lock_shared(fd, timeout):
-                raise StorageError(f"{path} stayed locked by a writer for {timeout}s")
-            current = read_record(slot_path(root, rank, info.slot, "json"), header_only=True)
-            if current is None or current.commit_id != commit_id:
-                raise StorageError(f"snapshot of rank {rank} commit {commit_id} was replaced")
-            yield fd, os.fstat(fd).st_size
-        finally:
-            os.close(fd)  # drops the lock
+        with pin(root, info, timeout=timeout) as held:
+            yield held.fd, held.size
 
     def close(self) -> None:
         """Unmaps the slot files."""

@@ -1,10 +1,10 @@
 """Contract of peer replication: the peer tier of tiered checkpointing.
 
-Every node runtime runs a :class:`~hpresil.peer.server.PeerServer` (TCP) and
-a :class:`~hpresil.peer.replicator.Replicator` service. After the sealer seals
+Every node runtime runs a :class:`~hpresil.checkpoint.peer.server.PeerServer` (TCP) and
+a :class:`~hpresil.checkpoint.peer.replicator.Replicator` service. After the sealer seals
 a RAM snapshot, the replicator streams it (arena bytes, commit record, seal)
-to ``replicas`` peer nodes chosen by :func:`~hpresil.peer.placement.place`.
-A restore reads from peers through :class:`~hpresil.peer.source.PeerSource`
+to ``replicas`` peer nodes chosen by :func:`~hpresil.checkpoint.peer.placement.place`.
+A restore reads from peers through :class:`~hpresil.checkpoint.peer.source.PeerSource`
 (tier ``"peer"``, between ``"ram"`` and ``"durable"``).
 
 Files on each node (``<shm_dir>`` is the job's shared-memory directory)::
@@ -109,8 +109,8 @@ def peer_dir(shm_dir: str) -> str:
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ReplicatorConfig:
-    """Settings of peer replication (the :class:`~hpresil.peer.replicator.Replicator`
-    service and its :class:`~hpresil.peer.server.PeerServer`).
+    """Settings of peer replication (the :class:`~hpresil.checkpoint.peer.replicator.Replicator`
+    service and its :class:`~hpresil.checkpoint.peer.server.PeerServer`).
 
     Attributes:
         replicas: peer nodes that receive a copy of each snapshot (0 disables

@@ -29,12 +29,12 @@ from typing import Any, Sequence
 import torch
 
 from hpresil import _env
-from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, TierName
-from hpresil.checkpoint.ram_files import scan
+from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, SnapshotSource, TierName
+from hpresil.checkpoint.ram.files import scan
 from hpresil.errors import ConfigError, IntegrityError, StorageError
-from hpresil.peer import secret as job_secret
-from hpresil.peer.api import peer_dir, replica_root
-from hpresil.peer.client import PeerClient
+from hpresil.checkpoint.peer import secret as job_secret
+from hpresil.checkpoint.peer.api import peer_dir, replica_root
+from hpresil.checkpoint.peer.client import PeerClient
 
 __all__ = ["PeerSource"]
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _Cand = tuple[float, str, str, str, int]  # created, commit id, timeline, host, port
 
 
-class PeerSource:
+class PeerSource(SnapshotSource):
     """Snapshots held in any node's RAM or replicas, read over TCP.
 
     Args:
@@ -56,6 +56,7 @@ class PeerSource:
     """
 
     tier: TierName = "peer"
+    pooled = True
 
     def __init__(self, shm_dir: str, *, rank: int, world_size: int,
                  ready_timeout: timedelta = timedelta(seconds=30),

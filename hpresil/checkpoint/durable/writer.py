@@ -1,7 +1,7 @@
-"""The durable tier: checkpoints in DCP's layout on fsspec storage (``file://``, ``s3://``).
+"""Writing the durable tier: checkpoints in DCP's layout on a :class:`~.stores.api.DurableStore`.
 
-Writing (:class:`DurableWriter`, driven by :class:`hpresil.checkpoint.drain.Drainer`)
-is a three-phase, multi-writer commit that needs no coordination between nodes:
+:class:`DurableWriter`, driven by :class:`~hpresil.checkpoint.durable.drain.Drainer`,
+runs a three-phase, multi-writer commit that needs no coordination between nodes:
 
 1. each node uploads its local ranks' data files ``__<R>_0.distcp``;
 2. then each rank's ``.hpresil/rank<R>.json`` (layout, checksums, item
@@ -11,12 +11,12 @@ is a three-phase, multi-writer commit that needs no coordination between nodes:
    deterministically from the rank markers, so concurrent committers write
    the same bytes.
 
-Readers (:class:`DurableSource`, and ``torch.distributed.checkpoint.load``
-when the user follows the manifest) only trust steps whose manifest exists and
-parses. Retention runs after a commit: committed steps beyond ``keep`` are
-deleted oldest first (manifest first, so readers never see half a deletion),
-never the newest one; uncommitted directories older than the newest commit
-are garbage.
+Readers (:class:`~hpresil.checkpoint.durable.source.DurableSource`, and
+``torch.distributed.checkpoint.load`` when the user follows the manifest) only
+trust steps whose manifest exists and parses. Retention runs after a commit:
+committed steps beyond ``keep`` are deleted oldest first (manifest first, so
+readers never see half a deletion), never the newest one; uncommitted
+directories older than the newest commit are garbage.
 """
 
 from __future__ import annotations
@@ -24,13 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import torch
-
-from hpresil.checkpoint.api import CommitRecord, Entry, SnapshotRef, TierName
-from hpresil.checkpoint.durable_layout import (
+from hpresil.checkpoint.durable.layout import (
     META_DIR,
     build_dcp_metadata,
     build_manifest,
@@ -38,17 +34,12 @@ from hpresil.checkpoint.durable_layout import (
     parse_manifest,
     parse_step_dir,
     rank_json,
-    record_from_obj,
     step_dir,
 )
-from hpresil.checkpoint.durable_store import Buffer, DurableStore, open_store
-from hpresil.checkpoint.integrity import checksum
-from hpresil.errors import CheckpointError, IntegrityError, StorageError
+from hpresil.checkpoint.durable.stores.api import Buffer, DurableStore
+from hpresil.errors import IntegrityError, StorageError
 
-if TYPE_CHECKING:
-    from hpresil.events.api import EventSink
-
-__all__ = ["open_store", "DurableStore", "DurableWriter", "DurableSource", "RankUpload"]
+__all__ = ["DurableWriter", "RankUpload", "digest", "list_committed"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +49,7 @@ class RankUpload:
 
     Args:
         rank_obj: the ``rank<R>.json`` object from
-            :func:`~hpresil.checkpoint.durable_layout.plan_rank_file`.
+            :func:`~hpresil.checkpoint.durable.layout.plan_rank_file`.
         buffers: the data file's content, in order.
     """
 
@@ -86,10 +77,6 @@ class DurableWriter:
 
     def __init__(self, store: DurableStore) -> None:
         self.store = store
-
-    def is_committed(self, step: int) -> bool:
-        """True when ``step``'s manifest exists (it is never rewritten)."""
-        return "manifest.json" in self.store.list_dir(f"{step_dir(step)}/{META_DIR}")
 
     def started_elsewhere(self, step: int, mine: Iterable[int]) -> bool:
         """True when ``step`` is not committed and a rank outside ``mine`` (another
@@ -205,7 +192,7 @@ class DurableWriter:
                 return False
             recs[r] = obj
         self._check_owners(step, recs)
-        digests = {r: _digest(blobs[f"{sdir}/{w}"]) for r, w in enumerate(wanted)}  # type: ignore[arg-type]
+        digests = {r: digest(blobs[f"{sdir}/{w}"]) for r, w in enumerate(wanted)}  # type: ignore[arg-type]
         self.store.write_bytes(f"{sdir}/.metadata", build_dcp_metadata(recs, run_id=run_id or "", step=step))
         self.store.write_bytes(f"{sdir}/{manifest_json()}", build_manifest(recs, world_size=world_size, digests=digests))
         log.info("durable step %d committed in %s (%d ranks)", step, self.store.url, world_size)
@@ -223,10 +210,6 @@ class DurableWriter:
                         f"{owner}; ranks disagree on which entries are replicated"
                     )
 
-    def committed_steps(self) -> list[int]:
-        """Steps whose manifest parses, newest first."""
-        return [s for s, _ in _committed(self.store)]
-
     def retain(self, keep: int) -> list[int]:
         """Deletes committed steps beyond the newest ``keep`` and stale uncommitted ones.
 
@@ -234,7 +217,7 @@ class DurableWriter:
             The steps deleted.
         """
         keep = max(1, keep)
-        committed = _committed(self.store)
+        committed = list_committed(self.store)
         if not committed:
             return []
         newest = committed[0][0]
@@ -256,11 +239,13 @@ class DurableWriter:
         return sorted(doomed + stale)
 
 
-def _digest(blob: bytes) -> str:
+def digest(blob: bytes) -> str:
+    """``sha256:<hex>`` of a rank marker, as the manifest records it."""
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
-def _committed(store: DurableStore) -> list[tuple[int, dict[str, Any]]]:
+def list_committed(store: DurableStore) -> list[tuple[int, dict[str, Any]]]:
+    """Committed steps of ``store`` (their manifest parses) with the manifest, newest first."""
     steps = sorted((s for n in store.list_dir("") if (s := parse_step_dir(n)) is not None), reverse=True)
     paths = {s: f"{step_dir(s)}/{manifest_json()}" for s in steps}
     blobs = store.read_many(list(paths.values()))
@@ -274,136 +259,3 @@ def _committed(store: DurableStore) -> list[tuple[int, dict[str, Any]]]:
         except IntegrityError as exc:
             log.warning("skipping durable step %d in %s: %s", s, store.url, exc)
     return out
-
-
-class DurableSource:
-    """The durable tier as a :class:`~hpresil.checkpoint.api.SnapshotSource`.
-
-    Args:
-        store: the store, or a URL for :func:`open_store`.
-        events: where ``integrity_failed`` is reported.
-    """
-
-    tier: TierName = "durable"
-
-    def __init__(self, store: DurableStore | str, events: "EventSink | None" = None) -> None:
-        self.store = open_store(store) if isinstance(store, str) else store
-        self.events = events
-        self._lock = threading.Lock()
-        self._manifests: dict[int, dict[str, Any]] = {}
-        self._ranks: dict[int, dict[int, dict[str, Any]]] = {}
-
-    def steps(self) -> list[SnapshotRef]:
-        """Committed steps, newest first."""
-        found = _committed(self.store)
-        with self._lock:
-            self._manifests = dict(found)
-            self._ranks = {s: v for s, v in self._ranks.items() if s in self._manifests}
-        return [
-            SnapshotRef(tier="durable", step=s, world_size=int(m["world_size"]), ranks=frozenset(range(int(m["world_size"]))))
-            for s, m in found
-        ]
-
-    def _manifest(self, step: int) -> dict[str, Any]:
-        with self._lock:
-            if step in self._manifests:
-                return self._manifests[step]
-        try:
-            blob = self.store.read_bytes(f"{step_dir(step)}/{manifest_json()}")
-        except FileNotFoundError as exc:
-            raise StorageError(f"durable step {step} is not committed in {self.store.url}") from exc
-        manifest = parse_manifest(blob, step)
-        with self._lock:
-            self._manifests[step] = manifest
-        return manifest
-
-    def _rank_objs(self, step: int) -> dict[int, dict[str, Any]]:
-        with self._lock:
-            if step in self._ranks:
-                return self._ranks[step]
-        manifest = self._manifest(step)
-        world = int(manifest["world_size"])
-        paths = {r: f"{step_dir(step)}/{rank_json(r)}" for r in range(world)}
-        blobs = self.store.read_many(list(paths.values()))
-        objs: dict[int, dict[str, Any]] = {}
-        for r, p in paths.items():
-            blob = blobs.get(p)
-            if blob is None:
-                raise StorageError(f"durable step {step}: {p} is missing from {self.store.url}")
-            sealed = manifest["ranks"][str(r)].get("sha256")
-            if sealed is not None and sealed != _digest(blob):
-                raise IntegrityError(f"durable step {step}: {p} changed since the step was committed")
-            try:
-                obj = json.loads(blob)
-            except (ValueError, RecursionError) as exc:
-                raise IntegrityError(f"durable step {step}: {p} is not JSON") from exc
-            if not isinstance(obj, dict) or obj.get("commit_id") != manifest["ranks"][str(r)]["commit_id"]:
-                raise IntegrityError(f"durable step {step}: {p} does not match the manifest's commit of rank {r}")
-            objs[r] = obj
-        with self._lock:
-            self._ranks[step] = objs
-        return objs
-
-    def records(self, step: int) -> dict[int, CommitRecord]:
-        """Layouts of every rank of ``step``.
-
-        Raises:
-            StorageError: the step is not committed or its files are unreadable.
-            IntegrityError: its rank records are malformed.
-        """
-        return {r: record_from_obj(obj) for r, obj in self._rank_objs(step).items()}
-
-    def _locate(self, step: int, rank: int, key: str) -> dict[str, Any]:
-        objs = self._rank_objs(step)
-        if rank not in objs:
-            raise StorageError(f"durable step {step} has no rank {rank}")
-        for _ in range(2):  # a replicated entry points to its owner, one hop
-            e = next((e for e in objs[rank]["entries"] if e["key"] == key), None)
-            if e is None:
-                raise StorageError(f"durable step {step} rank {rank} has no entry {key!r}")
-            if "loc" in e:
-                return e
-            rank = int(e["owner"])
-            if rank not in objs:
-                raise IntegrityError(f"durable step {step}: owner rank {rank} of {key!r} is missing")
-        raise IntegrityError(f"durable step {step}: entry {key!r} has no location")
-
-    def read(self, step: int, rank: int, entry: Entry, out: torch.Tensor) -> None:
-        """Reads ``entry`` of ``rank`` at ``step`` into ``out`` and verifies its checksum.
-
-        Raises:
-            IntegrityError: the bytes fail their checksum (an ``integrity_failed``
-                event is emitted).
-            StorageError: the bytes cannot be read.
-        """
-        if entry.kind != "tensor":
-            raise CheckpointError(f"entry {entry.key!r} is a JSON value: take it from records(), not read()")
-        try:
-            e = self._locate(step, rank, entry.key)
-            nbytes, loc = int(e["nbytes"]), e["loc"]
-            fname, data_offset = loc["file"], int(loc["data_offset"])
-            if not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or data_offset < 0:
-                raise ValueError(f"bad location {loc!r}")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise IntegrityError(f"durable step {step} rank {rank}: malformed location of {entry.key!r}: {exc}") from exc
-        if nbytes != out.numel() * out.element_size() or nbytes != entry.nbytes:
-            raise IntegrityError(
-                f"durable step {step} rank {rank} entry {entry.key!r}: {nbytes} bytes stored, "
-                f"{entry.nbytes} expected, out holds {out.numel() * out.element_size()}"
-            )
-        if out.numel():
-            raw = out.reshape(-1) if out.dtype == torch.uint8 else out.reshape(-1).view(torch.uint8)
-            try:
-                self.store.read_into(f"{step_dir(step)}/{fname}", data_offset, memoryview(raw.numpy()).cast("B"))
-            except FileNotFoundError as exc:
-                raise StorageError(f"durable step {step}: data file {fname} is missing from {self.store.url}") from exc
-        got = checksum(out)
-        if got != e.get("checksum"):
-            if self.events is not None:
-                self.events.emit(
-                    "integrity_failed", tier="durable", step=step, rank=rank, key=entry.key, expected=e.get("checksum"), got=got
-                )
-            raise IntegrityError(
-                f"durable step {step} rank {rank} entry {entry.key!r} fails its checksum "
-                f"({got} != {e.get('checksum')}): the file {loc['file']} is corrupt; restore from another step"
-            )

@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Iterable, MutableMapping
+from typing import Iterable, MutableMapping
 
-if TYPE_CHECKING:
-    from hpresil.netenv.api import Decision, Plan
+from hpresil.netenv.api import Decision, Facts, Plan
+from hpresil.netenv.plan import evaluate
+from hpresil.netenv.rules import RULES
 
 __all__ = ["EnvChange", "LAUNCHER_DEFAULTS", "apply_launcher_env", "worker_defaults"]
 
@@ -35,16 +36,11 @@ class EnvChange:
 
 
 def _table(scope: str, environ: MutableMapping[str, str], log_dir: str | None = None) -> list[Decision]:
-    from hpresil.netenv.api import Facts
-    from hpresil.netenv.plan import evaluate
-
     # launcher/workers rules apply to every host, so no detection is needed.
     return evaluate(Facts(), environ, scopes=(scope,), log_dir=log_dir)  # type: ignore[arg-type]
 
 
 def _launcher_defaults() -> tuple[tuple[str, str, str], ...]:
-    from hpresil.netenv.rules import RULES
-
     return tuple((r.variable, r.value, r.reason) for r in RULES  # type: ignore[misc]
                  if r.scope == "launcher" and r.action == "set")
 
@@ -115,6 +111,6 @@ def worker_defaults(log_dir: str, environ: MutableMapping[str, str] | None = Non
     """
     env = os.environ if environ is None else environ
     out: dict[str, str] = {}
-    # NodeRuntime logs and reports these changes itself.
+    # The net-env node service logs and reports these changes itself.
     changes = _apply(_table("workers", env, log_dir), out, None)
     return out, changes

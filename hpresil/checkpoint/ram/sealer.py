@@ -7,7 +7,7 @@ writes ``slot<K>.seal.json`` bound to the record's ``commit_id``, holding
 ``LOCK_SH`` on the slot so the writer cannot reuse it meanwhile (it skips
 locked slots, waits a little, and asks through ``slot<K>.reclaim`` for
 slots whose commit is older than a sealed one: the sealer then abandons that
-seal between two chunks, see :mod:`~hpresil.checkpoint.ram_slots`). Newest
+seal between two chunks, see :mod:`~hpresil.checkpoint.ram.slots`). Newest
 commits are sealed first.
 
 The same class runs as a :class:`~hpresil.runtime.api.NodeService` in
@@ -20,7 +20,7 @@ services.
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import logging
 import mmap
 import os
@@ -33,25 +33,43 @@ import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Seal, record_digest, slot_path
 from hpresil.checkpoint.integrity import checksum_cancellable
-from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read_record, scan, write_atomic
+from hpresil.checkpoint.ram.files import SlotInfo, frombuffer, scan, write_atomic
+from hpresil.checkpoint.ram.pin import SlotGone, pin
+from hpresil.errors import ConfigError, IntegrityError
 from hpresil.events import NullEventLog
 from hpresil.events.api import EventSink
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
-__all__ = ["Sealer"]
+__all__ = ["Sealer", "SealerConfig"]
 
 log = logging.getLogger(__name__)
 
 
-class Sealer:
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SealerConfig:
+    """Settings of the :class:`Sealer`.
+
+    Attributes:
+        interval: how often the sealing thread looks for commits without being woken.
+    """
+
+    interval: timedelta = timedelta(milliseconds=200)
+
+    def __post_init__(self) -> None:
+        if self.interval <= timedelta(0):
+            raise ConfigError(f"interval={self.interval}: must be > 0")
+
+
+class Sealer(NodeService):
     """Writes seals for committed, unsealed RAM snapshots.
 
     Args:
-        shm_dir: the job's shared-memory directory (``None`` when run as a
-            node service: :meth:`start` provides it).
-        events: where ``checkpoint_sealed`` goes.
+        config: tuning; defaults are fine (the node runtime builds services as
+            ``cls(config)``).
+        shm_dir: the job's shared-memory directory (as a node service:
+            :meth:`start` provides it).
+        events: where ``checkpoint_sealed`` goes (as a node service: the runtime's).
         ranks: seal only these ranks' directories (default: all).
-        interval: how often the background thread looks without being woken.
         after_pass: called on the thread after every pass (the in-process
             Checkpointer ticks its drainer from here).
     """
@@ -60,17 +78,17 @@ class Sealer:
 
     def __init__(
         self,
+        config: SealerConfig | None = None,
+        *,
         shm_dir: str | None = None,
         events: EventSink | None = None,
-        *,
         ranks: Sequence[int] | None = None,
-        interval: timedelta = timedelta(milliseconds=200),
         after_pass: Callable[[], None] | None = None,
     ) -> None:
+        self.config = config or SealerConfig()
         self.shm_dir = shm_dir
         self.events: EventSink = events or NullEventLog()
         self.ranks = None if ranks is None else list(ranks)
-        self.interval = interval
         self.after_pass = after_pass
         self._lock = threading.Lock()  # one sealing pass at a time
         self._wake = threading.Event()
@@ -122,7 +140,7 @@ class Sealer:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.interval.total_seconds())
+            self._wake.wait(self.config.interval.total_seconds())
             self._wake.clear()
             try:
                 while not self._stop.is_set() and self.seal_once():
@@ -175,53 +193,43 @@ class Sealer:
         if os.path.exists(reclaim):
             return False  # the writer wants this slot back: its commit is about to go
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            with pin(self.shm_dir, info, timeout=None, full=True) as held:
+                record = held.record
+                t0 = time.perf_counter()
+                buf = self._map(path, held.fd, held.size)
+                sums: dict[str, str] = {}
+                wanted = _Throttled(lambda: os.path.exists(reclaim), 0.002)
+                for e in record.entries:
+                    if e.kind != "tensor":
+                        continue
+                    got = checksum_cancellable(buf[e.offset : e.offset + e.nbytes], wanted)
+                    if got is None:
+                        log.debug("rank %d step %d: slot %d reclaimed by the writer; seal abandoned",
+                                  record.rank, record.step, info.slot)
+                        return False
+                    sums[e.key] = got
+                seal = Seal(
+                    version=FORMAT_VERSION,
+                    commit_id=record.commit_id,
+                    step=record.step,
+                    rank=record.rank,
+                    checksums=sums,
+                    sealed=time.time(),
+                    record=record_digest(record),
+                )
+                # Written while still holding the lock: the writer unlinks seals
+                # only under LOCK_EX, so a seal can never outlive its record's data.
+                write_atomic(slot_path(self.shm_dir, info.rank, info.slot, "seal.json"), seal.to_json())
+                duration = time.perf_counter() - t0
+        except SlotGone:
+            return False  # the writer is reusing it; the record is about to go
+        except IntegrityError as exc:
+            log.error("rank %d step %d: %s; not sealing", info.rank, info.record.step, exc)
+            self._bad.add(info.record.commit_id)
             return False
-        try:
-            if not lock_shared(fd, None):
-                return False  # the writer is reusing it; the record is about to go
-            current = read_record(slot_path(self.shm_dir, info.rank, info.slot, "json"))
-            if current is None or current.commit_id != info.record.commit_id:
-                return False
-            record = current
-            t0 = time.perf_counter()
-            size = os.fstat(fd).st_size
-            if size < record.nbytes:
-                log.error("rank %d step %d: %s shorter than its record; not sealing", record.rank, record.step, path)
-                self._bad.add(record.commit_id)
-                return False
-            buf = self._map(path, fd, size)
-            sums: dict[str, str] = {}
-            wanted = _Throttled(lambda: os.path.exists(reclaim), 0.002)
-            for e in record.entries:
-                if e.kind != "tensor":
-                    continue
-                got = checksum_cancellable(buf[e.offset : e.offset + e.nbytes], wanted)
-                if got is None:
-                    log.debug("rank %d step %d: slot %d reclaimed by the writer; seal abandoned",
-                              record.rank, record.step, info.slot)
-                    return False
-                sums[e.key] = got
-            seal = Seal(
-                version=FORMAT_VERSION,
-                commit_id=record.commit_id,
-                step=record.step,
-                rank=record.rank,
-                checksums=sums,
-                sealed=time.time(),
-                record=record_digest(record),
-            )
-            # Written while still holding the lock: the writer unlinks seals
-            # only under LOCK_EX, so a seal can never outlive its record's data.
-            write_atomic(slot_path(self.shm_dir, info.rank, info.slot, "seal.json"), seal.to_json())
-            duration = time.perf_counter() - t0
         except OSError as exc:
             log.warning("rank %d step %d: cannot seal %s: %s", info.rank, info.record.step, path, exc)
             return False
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
         log.debug("rank %d step %d: sealed slot %d in %.3fs", record.rank, record.step, info.slot, duration)
         self.events.emit(
             "checkpoint_sealed",

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from hpresil.errors import ConfigError
-from hpresil.peer.api import SECRET_ENV, SECRET_FILE_ENV, peer_dir
+from hpresil.checkpoint.peer.api import SECRET_ENV, SECRET_FILE_ENV, peer_dir
 
 __all__ = ["from_env", "load", "write_file", "agree", "STORE_KEY"]
 

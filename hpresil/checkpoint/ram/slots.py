@@ -29,7 +29,7 @@ import time
 from typing import Sequence
 
 from hpresil.checkpoint.api import slot_path
-from hpresil.checkpoint.ram_files import ScanCache, cached_parse, read_seal, unlink
+from hpresil.checkpoint.ram.files import ScanCache, cached_parse, read_seal, unlink
 
 __all__ = ["SlotTable", "WAIT_SHARE"]
 

@@ -2,11 +2,11 @@
 
 It runs in the node runtime, never in the training process, so ``save()``
 keeps its blocking time. At start it opens the node's
-:class:`~hpresil.peer.server.PeerServer`. After every (re)start of the worker
+:class:`~hpresil.checkpoint.peer.server.PeerServer`. After every (re)start of the worker
 group it settles the job secret, publishes ``{node, host, port, domain}``
 under ``hpresil/peer/node/<group rank>`` in the round's rendezvous store,
 reads the other nodes' entries, and computes its targets with
-:func:`~hpresil.peer.placement.place`. Then, every ``scan_interval``, the
+:func:`~hpresil.checkpoint.peer.placement.place`. Then, every ``scan_interval``, the
 newest sealed snapshot of each local rank is offered to one sender thread
 per target; a sender streams what its peer lacks (newest only: a peer that
 fell behind skips intermediate steps).
@@ -28,15 +28,15 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from hpresil.checkpoint.ram_files import SlotInfo, scan, write_atomic
+from hpresil.checkpoint.ram.files import SlotInfo, scan, write_atomic
 from hpresil.events import NullEventLog
 from hpresil.events.api import EventSink
-from hpresil.peer import secret as job_secret
-from hpresil.peer.api import ReplicatorConfig, peer_dir
-from hpresil.peer.client import PeerClient
-from hpresil.peer.placement import place
-from hpresil.peer.server import PeerServer
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.checkpoint.peer import secret as job_secret
+from hpresil.checkpoint.peer.api import ReplicatorConfig, peer_dir
+from hpresil.checkpoint.peer.client import PeerClient
+from hpresil.checkpoint.peer.placement import place
+from hpresil.checkpoint.peer.server import PeerServer
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
 __all__ = ["Replicator"]
 
@@ -147,7 +147,7 @@ class _Sender:
                                error=error[:500], attempt=self._failures, retry_in_s=delay)
 
 
-class Replicator:
+class Replicator(NodeService):
     """Node service: the peer server plus replication of sealed snapshots.
 
     Args:

@@ -18,7 +18,8 @@ import logging
 import os
 from typing import Any, Sequence
 
-from hpresil.checkpoint.durable_store import Buffer, FsspecStore, buffer_nbytes
+from hpresil.checkpoint.durable.stores.api import Buffer, buffer_nbytes
+from hpresil.checkpoint.durable.stores.generic import FsspecStore
 from hpresil.errors import ConfigError, StorageError
 
 __all__ = ["S3Store", "open_s3"]
@@ -216,7 +217,7 @@ async def _all_or_nothing(coros: list[Any]) -> list[Any]:
 
 
 def open_s3(url: str, rest: str, options: dict[str, Any], probe_timeout: float) -> S3Store:
-    """Opens and probes ``s3://<rest>`` (see :func:`~hpresil.checkpoint.durable_store.open_store`)."""
+    """Opener of ``s3://`` and ``s3a://`` URLs (see :mod:`~.api`): opens and probes ``s3://<rest>``."""
     bucket = rest.split("/", 1)[0]
     if not bucket or any(c in bucket for c in " \\?#"):
         raise ConfigError(f"durable URL {url!r} has no valid bucket: use s3://BUCKET/PREFIX")

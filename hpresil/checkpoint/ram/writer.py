@@ -11,7 +11,7 @@ serialised once per layout). No checksum is computed here: the sealer does
 that after the commit, off the training thread.
 
 Slot choice, and waiting for a slot that readers hold, is
-:mod:`~hpresil.checkpoint.ram_slots`. A crash mid-copy leaves that slot without
+:mod:`~hpresil.checkpoint.ram.slots`. A crash mid-copy leaves that slot without
 a record, so it is never trusted, and every other slot is untouched.
 
 CUDA tensors are copied device→host into the arena registered as pinned
@@ -40,8 +40,8 @@ import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
 from hpresil.checkpoint.flatten import Leaf, dtype_from_name, dtype_name, encode_json
-from hpresil.checkpoint.ram_files import drop_newer, scan, unlink, write_atomic
-from hpresil.checkpoint.ram_slots import SlotTable
+from hpresil.checkpoint.ram.files import drop_newer, scan, unlink, write_atomic
+from hpresil.checkpoint.ram.slots import SlotTable
 from hpresil.errors import StorageError
 
 __all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "signature"]
@@ -194,13 +194,17 @@ class RamWriter:
         run_id: stored in every record.
         slot_wait: the longest one ``save`` waits for a reader to release a
             slot before it skips the snapshot (seconds; see
-            :mod:`~hpresil.checkpoint.ram_slots`).
+            :mod:`~hpresil.checkpoint.ram.slots`).
+        upload_timeout: stored in every record (seconds; see
+            :attr:`~hpresil.checkpoint.api.CommitRecord.upload_timeout`).
     """
 
-    def __init__(self, shm_dir: str, rank: int, *, slots: int, run_id: str, slot_wait: float = 0.25) -> None:
+    def __init__(self, shm_dir: str, rank: int, *, slots: int, run_id: str, slot_wait: float = 0.25,
+                 upload_timeout: float = 0.0) -> None:
         self.shm_dir = shm_dir
         self.rank = rank
         self.run_id = run_id
+        self.upload_timeout = upload_timeout
         #: set by the Checkpointer after each restore (see CommitRecord.timeline)
         self.timeline = ""
         os.makedirs(rank_dir(shm_dir, rank), mode=0o700, exist_ok=True)
@@ -369,6 +373,7 @@ class RamWriter:
                 "keep": keep,
                 "created": created,
                 "timeline": self.timeline,
+                "upload_timeout": self.upload_timeout,
             }
             parts = [layout.entries_json] if layout.entries_json else []
             parts += [json.dumps(e, separators=(",", ":")) for e in json_entries]

@@ -1,12 +1,12 @@
 """Drains RAM snapshots to the durable tier, off the training path.
 
 The :class:`Drainer` runs in the node runtime (a :class:`~hpresil.runtime.api.NodeService`
-named ``"drain"``) or in-process (``Drainer(shm_dir, events).drain_once()``). Each
+named ``"drain"``) or in-process (``Drainer(shm_dir=..., events=...).drain_once()``). Each
 pass scans ``<shm_dir>/ckpt/rank*/slot*.json`` for committed, sealed records with
 ``durable=True``, picks the newest step that every local rank holds (older pending
 steps are skipped), takes ``LOCK_SH`` on each rank's slot arena, re-reads the
 record to confirm its ``commit_id``, streams the arena to storage through
-:class:`~hpresil.checkpoint.durable.DurableWriter`, and releases the locks. The
+:class:`~hpresil.checkpoint.durable.writer.DurableWriter`, and releases the locks. The
 node that completes the set of rank markers commits the step and applies
 retention (``keep`` from the record).
 
@@ -17,25 +17,23 @@ committed is touched by a failed upload.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import fcntl
 import importlib
 import logging
-import mmap
-import os
 import threading
 import time
 from datetime import timedelta
 from typing import Any
 
-from hpresil.checkpoint.api import CommitRecord, Seal, record_digest, slot_path
-from hpresil.checkpoint.durable import DurableWriter, RankUpload
-from hpresil.checkpoint.durable_layout import ArenaSlice, assign_owners, plan_rank_file
-from hpresil.checkpoint.durable_store import Buffer, DurableStore, open_store
-from hpresil.checkpoint.ram_files import ScanCache, SlotInfo, lock_shared, read_record, read_seal, scan
-from hpresil.errors import ConfigError, IntegrityError
+from hpresil.checkpoint.durable.writer import DurableWriter, RankUpload
+from hpresil.checkpoint.durable.layout import ArenaSlice, assign_owners, plan_rank_file
+from hpresil.checkpoint.durable.stores import Buffer, DurableStore, open_store
+from hpresil.checkpoint.ram.files import ScanCache, SlotInfo, scan
+from hpresil.checkpoint.ram.pin import Pinned, SlotGone, pin
+from hpresil.errors import ConfigError
 from hpresil.events.api import EventSink
-from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
 __all__ = ["DrainConfig", "Drainer"]
 
@@ -47,10 +45,11 @@ class DrainConfig:
 
     Attributes:
         scan_interval: how often ``tick()`` looks for new snapshots.
-        upload_timeout: bound on one upload attempt of one step.
+        upload_timeout: bound on one upload attempt of one step, unless its
+            records carry their own (``CheckpointConfig.upload_timeout``).
         backoff_initial: wait before the first retry after a failure.
         backoff_max: the longest wait between retries (doubling from ``backoff_initial``).
-        storage_options: passed to :func:`~hpresil.checkpoint.durable_store.open_store`
+        storage_options: passed to :func:`~hpresil.checkpoint.durable.stores.open_store`
             (e.g. ``part_size``, ``concurrency`` for s3).
     """
 
@@ -70,84 +69,26 @@ class DrainConfig:
             )
 
 
-class _Pinned:
-    """A rank's slot arena held with ``LOCK_SH`` and mapped read-only, with its
-    full record (entries) and seal (checksums) read under the lock."""
-
-    def __init__(self, shm_dir: str, snap: SlotInfo) -> None:
-        rank, slot = snap.rank, snap.slot
-        self.fd = os.open(slot_path(shm_dir, rank, slot, "bin"), os.O_RDONLY)
-        self.mm: mmap.mmap | None = None
-        try:
-            if not lock_shared(self.fd, 0.1):  # the writer holds LOCK_EX only while it commits
-                raise BlockingIOError(f"slot {slot} of rank {rank} is being written")
-            current = read_record(slot_path(shm_dir, rank, slot, "json"))
-            seal = read_seal(slot_path(shm_dir, rank, slot, "seal.json"), None)
-            if current is None or current.commit_id != snap.record.commit_id:
-                raise BlockingIOError(f"slot {slot} of rank {rank} was replaced")
-            if seal is None or seal.commit_id != current.commit_id:
-                raise BlockingIOError(f"slot {slot} of rank {rank} lost its seal")
-            if seal.record and seal.record != record_digest(current):
-                raise IntegrityError(f"commit record of rank {rank} step {current.step} changed since it was sealed; "
-                                     "not copying it to the durable tier")
-            self.record: CommitRecord = current
-            self.seal: Seal = seal
-            size = os.fstat(self.fd).st_size
-            need = max((e.offset + e.nbytes for e in current.entries if e.kind == "tensor"), default=0)
-            if size < need:
-                raise BlockingIOError(f"arena of rank {rank} slot {slot} is {size} bytes, record needs {need}")
-            if size:
-                # MAP_POPULATE: fault the (already resident) shm pages in one go, not one by one while uploading
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                self.mm = mmap.mmap(self.fd, size, flags=flags, prot=mmap.PROT_READ)
-        except BaseException:
-            self.release()
-            raise
-
-    def view(self, piece: ArenaSlice) -> memoryview:
-        assert self.mm is not None
-        return memoryview(self.mm)[piece.offset : piece.offset + piece.nbytes]
-
-    def release(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-            self.fd = -1
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:  # a failed upload's traceback still holds a view; GC unmaps it
-                pass
-            self.mm = None
-
-
-
-class Drainer:
+class Drainer(NodeService):
     """Copies sealed RAM snapshots marked ``durable`` to the durable tier.
 
     Args:
-        shm_dir: the job's shared-memory directory (``$HPRESIL_SHM_DIR``); set
-            by :meth:`start` when run as a node service. A :class:`DrainConfig`
-            here is taken as ``config`` (the node runtime builds services as
+        config: tuning; defaults are fine (the node runtime builds services as
             ``cls(config)``).
+        shm_dir: the job's shared-memory directory (``$HPRESIL_SHM_DIR``; as a
+            node service: :meth:`start` provides it).
         events: where ``checkpoint_drained`` and ``tier_degraded`` go.
-        config: tuning; defaults are fine.
     """
 
     name = "drain"
 
     def __init__(
         self,
-        shm_dir: str | DrainConfig | None = None,
-        events: EventSink | None = None,
-        *,
         config: DrainConfig | None = None,
+        *,
+        shm_dir: str | None = None,
+        events: EventSink | None = None,
     ) -> None:
-        if isinstance(shm_dir, DrainConfig):
-            shm_dir, config = None, config or shm_dir
         self.shm_dir = shm_dir
         self.events = events
         self.config = config or DrainConfig()
@@ -362,12 +303,14 @@ class Drainer:
         if not first.durable_url:
             raise ConfigError(f"step {step}: snapshot is marked durable but has no durable_url; set CheckpointConfig.durable")
         t0 = time.monotonic()
-        pinned: list[_Pinned] = []
-        try:
+        with contextlib.ExitStack() as held:
+            pinned: list[Pinned] = []
             for snap in snaps.values():
                 try:
-                    pinned.append(_Pinned(self.shm_dir or "", snap))
-                except (BlockingIOError, FileNotFoundError) as exc:
+                    # the writer holds LOCK_EX only while it commits
+                    pinned.append(held.enter_context(pin(self.shm_dir or "", snap, timeout=0.1, full=True,
+                                                         sealed=True, mapped=True)))
+                except SlotGone as exc:
                     log.debug("durable drain of step %d waits: %s", step, exc)
                     return False
             # The store named by the full record, checked against its seal (the scan read headers only).
@@ -376,15 +319,14 @@ class Drainer:
             # Every node derives the same owners from the layout (the scan read headers only).
             owners = assign_owners(min(pinned, key=lambda p: p.record.rank).record.entries, first.world_size)
             uploads = []
-            for pin in pinned:
-                segments, rank_obj = plan_rank_file(pin.record, pin.seal.checksums, owners)
-                bufs: list[Buffer] = [pin.view(s) if isinstance(s, ArenaSlice) else s for s in segments]
+            for p in pinned:
+                assert p.seal is not None
+                segments, rank_obj = plan_rank_file(p.record, p.seal.checksums, owners)
+                bufs: list[Buffer] = [p.view(s.offset, s.nbytes) if isinstance(s, ArenaSlice) else s for s in segments]
                 uploads.append(RankUpload(rank_obj, bufs))
-            nbytes, ranks = writer.upload(step, uploads, timeout=self.config.upload_timeout.total_seconds())
+            timeout = first.upload_timeout or self.config.upload_timeout.total_seconds()
+            nbytes, ranks = writer.upload(step, uploads, timeout=timeout)
             del uploads, bufs
-        finally:
-            for pin in pinned:
-                pin.release()
         committed = writer.try_commit(step, first.world_size)
         if committed:
             writer.retain(first.keep)

@@ -21,16 +21,18 @@ there now.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import torch
 
-from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, TierName, record_digest, slot_path
-from hpresil.checkpoint.ram_files import SlotInfo, frombuffer, lock_shared, read_record, scan
+from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, SnapshotSource, TierName, record_digest
+from hpresil.checkpoint.integrity import Checksum
+from hpresil.checkpoint.ram.files import SlotInfo, scan
+from hpresil.checkpoint.ram.pin import Pinned, pin
 from hpresil.errors import IntegrityError, StorageError
 from hpresil.runtime.shm import huge_page_mode
 
@@ -40,19 +42,10 @@ log = logging.getLogger(__name__)
 
 #: Bytes per read-and-sum task: small enough that the sum reads from cache
 #: right behind the copy, large enough to amortise the syscall (4 MiB measured
-#: best here); a multiple of 8 so that word sums can be added up.
+#: best here); a multiple of 8 so that the chunks' checksums can be merged.
 CHUNK = 4 << 20
-_MASK = (1 << 64) - 1
 #: Below this many bytes a batch is read serially: handing chunks to threads costs more than it saves.
 _PARALLEL_MIN = 16 << 20
-
-
-def _sum_words(words: torch.Tensor) -> int:
-    try:
-        view = words.view(torch.int64)
-    except RuntimeError:  # destination not 8-byte aligned: sum an aligned copy
-        view = words.clone().view(torch.int64)
-    return int(view.sum(dtype=torch.int64).item())
 
 
 def read_batch(
@@ -80,7 +73,7 @@ def read_batch(
         views.append(memoryview(out.numpy()) if n else memoryview(b""))
         tasks += [(idx, lo) for lo in range(0, n, CHUNK)]
 
-    def chunk(task: tuple[int, int]) -> int:
+    def chunk(task: tuple[int, int]) -> Checksum | None:
         idx, lo = task
         fd, offset, out, expected, _ = items[idx]
         n = out.numel()
@@ -97,27 +90,17 @@ def read_batch(
             if r <= 0:
                 raise StorageError(f"snapshot file ends at {offset + lo + got}, entry needs {offset + n}")
             got += r
-        whole = n - n % 8
-        if expected is None or lo >= whole:
-            return 0
-        return _sum_words(out[lo : min(hi, whole)])
+        return None if expected is None else Checksum().update(out[lo:hi])
 
     parallel = pool is not None and len(tasks) > 1 and sum(out.numel() for _, _, out, _, _ in items) >= _PARALLEL_MIN
     sums = pool.map(chunk, tasks) if parallel else map(chunk, tasks)
-    totals = [0] * len(items)
-    for (idx, _), s in zip(tasks, sums):
-        totals[idx] += s
+    totals = [Checksum() for _ in items]
+    for (idx, _), part in zip(tasks, sums):
+        if part is not None:
+            totals[idx].merge(part)
     for (fd, offset, out, expected, key), total in zip(items, totals):
-        if expected is None:
-            continue
-        n = out.numel()
-        whole = n - n % 8
-        if n > whole:
-            tail = bytes(out[whole:].tolist()) + b"\0" * (8 - (n - whole))
-            total += int.from_bytes(tail, "little", signed=True)
-        got = f"sum64:{total & _MASK:016x}:{n}"
-        if got != expected:
-            raise IntegrityError(f"{key}: checksum {got} != sealed {expected}")
+        if expected is not None and total.hexdigest() != expected:
+            raise IntegrityError(f"{key}: checksum {total.hexdigest()} != sealed {expected}")
 
 
 def read_verified(
@@ -133,7 +116,7 @@ def read_verified(
     read_batch([(fd, offset, out, expected, "entry")], pool)
 
 
-class RamSource:
+class RamSource(SnapshotSource):
     """Snapshots in this node's shared-memory directory (every rank saved here).
 
     Args:
@@ -162,9 +145,10 @@ class RamSource:
         self._threads = threads or max(1, min(4, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
         self._huge = huge_page_mode(shm_dir) in ("always", "within_size") if mapped is None else mapped
-        self._maps: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}  # fd -> mapping (huge-page tmpfs)
+        self._maps: dict[int, torch.Tensor] = {}  # fd -> view of its mapping (huge-page tmpfs)
         self._infos: dict[int, dict[int, SlotInfo]] = {}  # step -> rank -> newest slot
-        self._open: dict[tuple[int, int], int] = {}  # (rank, slot) -> locked fd
+        self._open: dict[tuple[int, int], Pinned] = {}  # (rank, slot) -> pinned slot
+        self._held = contextlib.ExitStack()
         self._cache: dict[str, Any] = {}
         self._full: dict[tuple[int, str], CommitRecord] = {}
         self._seals: dict[tuple[int, str], Seal] = {}
@@ -247,44 +231,33 @@ class RamSource:
             batch.append((fd, entry.offset, out, expected, f"rank {rank} step {step} {entry.key}"))
         if self._pool is None and self._threads > 1:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="hpresil-read")
-        read_batch(batch, self._pool, {fd: view for fd, (_, view) in self._maps.items()})
+        read_batch(batch, self._pool, self._maps)
 
     def _locked(self, info: SlotInfo) -> int:
         key = (info.rank, info.slot)
-        fd = self._open.get(key)
-        if fd is not None:
-            return fd
-        path = slot_path(self.shm_dir, info.rank, info.slot, "bin")
+        held = self._open.get(key)
+        if held is None:
+            # Held until close(): the writer then cannot reuse the slot mid-restore.
+            held = self._pin(info, mapped=self._huge)
+            self._open[key] = held
+            if held.mm is not None:
+                self._maps[held.fd] = held.tensor()
+        return held.fd
+
+    def _pin(self, info: SlotInfo, *, mapped: bool) -> Pinned:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            return self._held.enter_context(pin(self.shm_dir, info, timeout=self.lock_timeout, mapped=mapped))
         except OSError as exc:
-            raise StorageError(f"cannot open RAM snapshot {path}: {exc}") from exc
-        if not lock_shared(fd, self.lock_timeout):
-            os.close(fd)
-            raise StorageError(f"RAM snapshot {path} stayed locked by a writer for {self.lock_timeout}s")
-        current = read_record(slot_path(self.shm_dir, info.rank, info.slot, "json"), header_only=True)
-        if current is None or current.commit_id != info.record.commit_id:
-            os.close(fd)
-            raise StorageError(f"RAM snapshot {path} (step {info.record.step}) was overwritten since it was listed")
-        size = os.fstat(fd).st_size
-        if size < info.record.nbytes:
-            os.close(fd)
-            raise IntegrityError(f"RAM snapshot {path} is shorter than its record's {info.record.nbytes} bytes")
-        if self._huge and size:
-            try:
-                mm = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-                self._maps[fd] = (mm, frombuffer(mm))
-            except OSError as exc:  # fall back to preadv
-                log.info("cannot map %s (%s); reading it with preadv", path, exc)
-        self._open[key] = fd
-        return fd
+            if not mapped or isinstance(exc, StorageError):
+                raise
+            log.info("cannot map %s (%s); reading it with preadv", info.path(self.shm_dir), exc)
+            return self._pin(info, mapped=False)
 
     def close(self) -> None:
         """Releases the slot locks and reader threads."""
-        self._maps.clear()  # dropping the views and mappings unmaps them
-        for fd in self._open.values():
-            os.close(fd)  # closing the last descriptor drops the flock
+        self._maps.clear()
         self._open.clear()
+        self._held.close()  # unlocks and unmaps every pinned slot
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

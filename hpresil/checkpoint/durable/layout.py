@@ -36,6 +36,7 @@ from typing import Any, Iterable, Union
 import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, CommitRecord, Entry, check_record_fields
+from hpresil.checkpoint.flatten import decode_json, dtype_from_name
 from hpresil.errors import CheckpointError, IntegrityError
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "build_dcp_metadata",
     "build_manifest",
     "parse_manifest",
-    "dtype_from_name",
 ]
 
 LAYOUT_VERSION = 1
@@ -102,18 +102,6 @@ def rank_json(rank: int) -> str:
 def manifest_json() -> str:
     """Path (relative to the step directory) of the commit marker."""
     return MANIFEST
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``.
-
-    Raises:
-        IntegrityError: the name is not a torch dtype.
-    """
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise IntegrityError(f"unknown dtype {name!r} in checkpoint layout")
-    return dtype
 
 
 def record_from_obj(obj: Any) -> CommitRecord:
@@ -192,10 +180,6 @@ def tensor_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
     return bytes(sink.buf[:start]), bytes(sink.buf[start:])
 
 
-def _json_size(value: Any) -> int:
-    return len(json.dumps(value, default=str))
-
-
 def assign_owners(entries: Iterable[Entry], world_size: int) -> dict[str, int]:
     """Chooses the rank that writes each replicated entry.
 
@@ -223,12 +207,7 @@ def assign_owners(entries: Iterable[Entry], world_size: int) -> dict[str, int]:
 
 def _json_blob(value: Any) -> bytes:
     # dcp.load unpickles this: store the decoded Python value (tuples, bytes...)
-    try:
-        from hpresil.checkpoint.flatten import decode_json
-
-        value = decode_json(value)
-    except ImportError:  # pragma: no cover - the codec ships with the RAM tier
-        pass
+    value = decode_json(value)
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()

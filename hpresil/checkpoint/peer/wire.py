@@ -4,7 +4,7 @@ Payloads are never buffered whole: a sender streams arena bytes with
 ``sendfile`` from the slot file, a receiver ``recv_into``s them straight into
 their destination (a replica slot, or a tensor being restored) in 4 MiB
 chunks and sums each chunk while it is still in cache, so verifying the
-``sum64`` checksums costs a fraction of the transfer.
+checksums (:class:`~hpresil.checkpoint.integrity.Checksum`) costs a fraction of the transfer.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import os
 import socket
 from typing import Any
 
-import numpy as np
 import torch
 
-from hpresil.peer.api import FRAME, MAGIC, MAX_HELLO, VERSION, AuthError, FrameError
+from hpresil.checkpoint.integrity import Checksum
+from hpresil.checkpoint.peer.api import FRAME, MAGIC, MAX_HELLO, VERSION, AuthError, FrameError
 
 __all__ = [
     "send_frame",
@@ -33,9 +33,8 @@ __all__ = [
     "CHUNK",
 ]
 
-#: Bytes received (and summed) per step; a multiple of 8 (see integrity.sum64).
+#: Bytes received (and summed) per step.
 CHUNK = 4 << 20
-_MASK = (1 << 64) - 1
 
 
 def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes | memoryview | None = None,
@@ -120,38 +119,25 @@ def expect(sock: socket.socket, op: str, max_header: int, max_payload: int = 0) 
     return header, plen
 
 
-def _sum(words: torch.Tensor) -> int:
-    # numpy, not torch: same wrap-around sum modulo 2**64 at the same speed, but
-    # single-threaded. torch's OpenMP workers spin after each parallel sum and
-    # took CPU from the receiving thread (replication at ~30% of raw TCP on 2 cores).
-    return int(np.add.reduce(words.numpy().view(np.uint64), dtype=np.uint64))
-
-
 def recv_verified(sock: socket.socket, out: torch.Tensor, expected: str | None) -> bool:
     """Receives ``out.numel()`` bytes into the ``uint8`` tensor ``out``, summing
     each chunk as it lands.
 
     Returns:
-        Whether the ``sum64`` of the bytes equals ``expected`` (True when ``None``).
+        Whether the checksum of the bytes equals ``expected`` (True when ``None``).
 
     Raises:
         FrameError: the connection closed early.
     """
     n = out.numel()
     view = memoryview(out.numpy()) if n else memoryview(b"")
-    whole = n - n % 8
-    total = 0
+    running = Checksum()
     for lo in range(0, n, CHUNK):
         hi = min(lo + CHUNK, n)
         recv_into(sock, view[lo:hi])
-        if expected is not None and lo < whole:
-            total += _sum(out[lo : min(hi, whole)])
-    if expected is None:
-        return True
-    if n > whole:
-        tail = bytes(out[whole:].tolist()) + b"\0" * (8 - (n - whole))
-        total += int.from_bytes(tail, "little", signed=True)
-    return f"sum64:{total & _MASK:016x}:{n}" == expected
+        if expected is not None:
+            running.update(out[lo:hi])
+    return expected is None or running.hexdigest() == expected
 
 
 def skip(sock: socket.socket, n: int) -> None:

@@ -21,9 +21,9 @@ from hpresil.checkpoint.api import CommitRecord, Seal, record_digest
 from hpresil.errors import HpresilError, StorageError
 from hpresil.events import NullEventLog
 from hpresil.events.api import EventSink
-from hpresil.peer import wire
-from hpresil.peer.api import AuthError, FrameError, ReplicatorConfig
-from hpresil.peer.replicas import Incoming, ReplicaStore, validate
+from hpresil.checkpoint.peer import wire
+from hpresil.checkpoint.peer.api import AuthError, FrameError, ReplicatorConfig
+from hpresil.checkpoint.peer.replicas import Incoming, ReplicaStore, validate
 
 __all__ = ["PeerServer"]
 

@@ -1,23 +1,22 @@
 """The client side of the peer protocol (format in :mod:`.api`): used by the
-replicator to push replicas and by :class:`~hpresil.peer.source.PeerSource`
+replicator to push replicas and by :class:`~hpresil.checkpoint.peer.source.PeerSource`
 to fetch snapshots during a restore. One connection, requests in sequence."""
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 
-from hpresil.checkpoint.api import CommitRecord, Seal, record_digest, slot_path
-from hpresil.checkpoint.ram_files import SlotInfo, lock_shared, read_record, read_seal
+from hpresil.checkpoint.api import CommitRecord, Seal, record_digest
+from hpresil.checkpoint.ram.files import SlotInfo
+from hpresil.checkpoint.ram.pin import SlotGone, arena_bytes, pin
 from hpresil.errors import IntegrityError, StorageError
-from hpresil.peer import wire
-from hpresil.peer.api import MAX_HELLO
-from hpresil.peer.replicas import arena_bytes
+from hpresil.checkpoint.peer import wire
+from hpresil.checkpoint.peer.api import MAX_HELLO
 
 __all__ = ["PeerClient"]
 
@@ -99,40 +98,29 @@ class PeerClient:
         Raises:
             StorageError, OSError: the transfer failed (the connection is closed).
         """
-        path = slot_path(root, info.rank, info.slot, "bin")
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return "gone"
         try:
             # Held for the whole transfer: the writer skips a slot being read.
-            if not lock_shared(fd, 1.0):
-                return "gone"
-            record = read_record(slot_path(root, info.rank, info.slot, "json"))
-            if record is None or record.commit_id != info.record.commit_id:
-                return "gone"
-            seal = read_seal(slot_path(root, info.rank, info.slot, "seal.json"), record.commit_id)
-            if seal is None:
-                return "gone"
-            nbytes = arena_bytes(record)
-            if os.fstat(fd).st_size < nbytes:
-                raise IntegrityError(f"{path} is shorter than its record's {nbytes} bytes")
-            header = {"op": "put", "rank": record.rank, "record": record.to_json(), "seal": seal.to_json(), "nbytes": nbytes}
-            sock, reply, _ = self._request(header, "put")
-            if not reply.get("accept"):
-                return str(reply.get("reason") or "refused")
-            try:
-                wire.send_frame(sock, {"op": "data"}, payload_len=nbytes)
-                wire.send_file(sock, fd, 0, nbytes)
-                done, _ = wire.expect(sock, "put_done", MAX_HELLO)
-            except BaseException:
-                self.close()
-                raise
-            if not done.get("ok"):
-                raise StorageError(f"peer {self.host}:{self.port} rejected the replica: {done.get('error')}")
-            return "sent"
-        finally:
-            os.close(fd)
+            with pin(root, info, timeout=1.0, full=True, sealed=True) as held:
+                record, seal = held.record, held.seal
+                assert seal is not None
+                nbytes = arena_bytes(record)
+                header = {"op": "put", "rank": record.rank, "record": record.to_json(), "seal": seal.to_json(),
+                          "nbytes": nbytes}
+                sock, reply, _ = self._request(header, "put")
+                if not reply.get("accept"):
+                    return str(reply.get("reason") or "refused")
+                try:
+                    wire.send_frame(sock, {"op": "data"}, payload_len=nbytes)
+                    wire.send_file(sock, held.fd, 0, nbytes)
+                    done, _ = wire.expect(sock, "put_done", MAX_HELLO)
+                except BaseException:
+                    self.close()
+                    raise
+        except SlotGone:
+            return "gone"
+        if not done.get("ok"):
+            raise StorageError(f"peer {self.host}:{self.port} rejected the replica: {done.get('error')}")
+        return "sent"
 
     # -- restore ---------------------------------------------------------
     def list(self) -> list[list[Any]]:
