@@ -1,5 +1,5 @@
 """Pure parts of bench/goodput.py: the fault schedule, Young/Daly, and the goodput
-arithmetic over a step log (tested in tests/test_goodput_bench.py).
+arithmetic over a step log (tested in tests/report/test_goodput_bench.py).
 
 The step log is what ``examples/llama/train.py --step-log`` writes (rank 0, one
 JSON line each): ``{"t", "event": "start", "step", "world", "restore_s"}`` when

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "topology"))
 
 from hpresil.mesh import MeshConfig, compute_layout  # noqa: E402
 from hpresil.topology import simulated  # noqa: E402

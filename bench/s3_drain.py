@@ -33,13 +33,14 @@ from typing import Any, Callable
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "checkpoint"))
 
 import torch  # noqa: E402
 
 from hpresil.checkpoint.api import slot_path  # noqa: E402
 from hpresil.checkpoint.durable.drain import DrainConfig, Drainer  # noqa: E402
 from s3 import SeaweedServer, find_weed  # noqa: E402
-from test_durable import Events, write_snapshot  # noqa: E402
+from test_durable_tier import Events, write_snapshot  # noqa: E402
 
 
 def make_snapshots(shm: str, ranks: int, size_mib: int, step: int, url: str) -> list[str]:

@@ -98,8 +98,8 @@ class HealthService(NodeService):
     def __init__(
         self,
         config: HealthConfig | None = None,
-        backend: HealthBackend | None = None,
         *,
+        backend: HealthBackend | None = None,
         threaded: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

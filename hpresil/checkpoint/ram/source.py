@@ -247,8 +247,8 @@ class RamSource(SnapshotSource):
     def _pin(self, info: SlotInfo, *, mapped: bool) -> Pinned:
         try:
             return self._held.enter_context(pin(self.shm_dir, info, timeout=self.lock_timeout, mapped=mapped))
-        except OSError as exc:
-            if not mapped or isinstance(exc, StorageError):
+        except OSError as exc:  # the mapping failed (pin raises no other OSError)
+            if not mapped:
                 raise
             log.info("cannot map %s (%s); reading it with preadv", info.path(self.shm_dir), exc)
             return self._pin(info, mapped=False)

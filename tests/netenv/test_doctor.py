@@ -12,7 +12,7 @@ import pytest
 from _launch import base_env
 from hpresil.doctor import main
 from hpresil.netenv import RULES
-from test_netenv import build_host
+from fake_hosts import build_host
 
 
 @pytest.fixture(autouse=True)

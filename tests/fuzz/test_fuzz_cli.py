@@ -278,7 +278,7 @@ def test_fuzz_doctor_arguments_and_host_files(tmp_path: Any, monkeypatch: pytest
     """The doctor's options and ``HPRESIL_NET_ENV*``, and the host files detection
     reads (DMI product name, kernel release, EFA installer list, the plugin's
     version string, libfabric.pc, GPU information) damaged on a fake p5 host."""
-    from test_netenv import build_host
+    from fake_hosts import build_host
 
     for name in ("LD_LIBRARY_PATH", "NCCL_NET_PLUGIN", "HPRESIL_NET_ENV", "HPRESIL_NET_ENV_IMDS"):
         monkeypatch.delenv(name, raising=False)

@@ -18,21 +18,17 @@ import pytest
 import torch
 
 from hpresil.checkpoint import Checkpointer, integrity
-from hpresil.checkpoint.ram import source as ram_source
 from hpresil.checkpoint.api import CommitRecord, slot_path
 from hpresil.checkpoint.flatten import flatten
-from hpresil.checkpoint.integrity import checksum
-from hpresil.checkpoint.ram.writer import RamWriter
+from hpresil.checkpoint.integrity import Checksum, checksum
+from hpresil.checkpoint.ram import source as ram_source
 from hpresil.checkpoint.ram.files import scan
-from hpresil.checkpoint.ram.source import RamSource, read_verified
+from hpresil.checkpoint.ram.pin import SlotGone, pin
 from hpresil.checkpoint.ram.sealer import Sealer, SealerConfig
+from hpresil.checkpoint.ram.source import RamSource, read_verified
+from hpresil.checkpoint.ram.writer import RamWriter
 from hpresil.errors import ConfigError, IntegrityError
 from hpresil.testing import RecordingSink as ListSink
-
-
-
-
-
 
 
 def _save(w: RamWriter, step: int, state: dict[str, Any]) -> int | None:
@@ -496,3 +492,51 @@ def test_reclaim_requests_of_a_killed_writer_do_not_outlive_it(shm: str) -> None
     assert not os.path.exists(request)
     assert Sealer(shm_dir=shm).flush() and all(i.seal is not None for i in scan(shm))
     w.close()
+
+
+def test_pin_holds_the_listed_commit_and_refuses_a_reused_held_or_short_slot(shm: str) -> None:
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    _save(w, 1, {"t": torch.arange(16.0)})
+    assert Sealer(shm_dir=shm).flush()
+    (info,) = scan(shm, [0])
+    with pin(shm, info, timeout=None, full=True, sealed=True, mapped=True) as held:
+        assert held.record.commit_id == info.record.commit_id and held.seal is not None
+        assert held.record.entries and held.tensor()[: 64].view(torch.float32)[:16].equal(torch.arange(16.0))
+        with open(slot_path(shm, 0, info.slot, "bin"), "rb") as f:  # a writer cannot take it meanwhile
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(slot_path(shm, 0, info.slot, "bin"), "rb") as f:  # released at the end of the block
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SlotGone, match="held by a writer"):
+            with pin(shm, info, timeout=None):
+                pass
+    _save(w, 2, {"t": torch.arange(16.0)})
+    assert Sealer(shm_dir=shm).flush()
+    assert _save(w, 3, {"t": torch.arange(16.0)})  # reuses step 1's slot
+    with pytest.raises(SlotGone, match="replaced"):
+        with pin(shm, info, timeout=None):
+            pass
+    w.close()
+    newest = max(scan(shm, [0]), key=lambda i: i.record.step)
+    os.truncate(slot_path(shm, 0, newest.slot, "bin"), 8)
+    with pytest.raises(IntegrityError, match="shorter"):
+        with pin(shm, newest, timeout=None):
+            pass
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 7, 8, 13, 64, 1000, 4099])
+def test_streaming_checksum_in_any_pieces_and_merged_parts_equals_the_whole(nbytes: int) -> None:
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    whole = checksum(data)
+    gen = torch.Generator().manual_seed(nbytes)
+    c, pos = Checksum(), 0
+    while pos < nbytes:  # pieces of any length, fed in order
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        c.update(data[pos : pos + n])
+        pos += n
+    assert c.hexdigest() == whole and c.nbytes == nbytes
+    cut = nbytes // 2 // 8 * 8  # parts summed apart (on other threads) merge when the first ends on a word
+    assert Checksum().update(data[:cut]).merge(Checksum().update(data[cut:])).hexdigest() == whole
+    if nbytes % 8 and nbytes > 8:
+        with pytest.raises(ValueError, match="multiple of 8"):
+            Checksum().update(data[:-1]).merge(Checksum().update(data[-1:]))

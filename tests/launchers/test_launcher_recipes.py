@@ -4,7 +4,7 @@ Manifests are checked against field lists of the CRDs they use
 (``launchers/schemas``), shell scripts with ``bash -n`` (and shellcheck when
 installed), the sbatch script by running it with stand-ins for srun/scontrol
 and hpresil-run's real parser, and the Dockerfile by parsing it (no docker
-daemon in CI; the signal path is tested in ``test_launchers_signal.py``).
+daemon in CI; the signal path is tested in ``tests/launchers/test_container_signal.py``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from _launch import free_port, script
+from _launch import REPO, free_port, script
 from hpresil.run.cli import main
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("TEST_SENTINEL_PARENT", "FOOBAR")
     monkeypatch.setenv("HPRESIL_SHM_ROOT", str(tmp_path / "shm"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setenv("PYTHONPATH", REPO)
 
 
 def _touched(d) -> set[str]:

@@ -8,7 +8,7 @@ checkpoint is intact, and the final parameters equal bit for bit those of an
 uninterrupted run with the same seed. Every case of the matrix can be bitwise:
 none changes the world size (a resharded restore would change the reduction
 order). Run the matrix with ``make chaos``; ``-m ci`` runs its fast subset.
-Shared tools: tests/chaos_harness.py.
+Shared tools: tests/chaos/chaos_harness.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Deterministic, seeded mutation of what hpresil reads from outside its process
-(untrusted input), shared by the ``tests/test_fuzz_*.py`` files.
+(untrusted input), shared by the ``tests/fuzz/test_fuzz_*.py`` files.
 
 Every fuzz target starts from a real, valid artifact made by the real code (a
 RAM snapshot, a durable commit, a frame a real client sends, a valid command

@@ -500,7 +500,6 @@ def test_nvml_backend_reads_and_classifies(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.slow
 def test_hpresil_run_with_fake_unhealthy_gpu(tmp_path) -> None:
-    sys.path.insert(0, os.path.dirname(__file__))
     from _launch import base_env, events, hpresil_run, script
 
     logs = tmp_path / "logs"

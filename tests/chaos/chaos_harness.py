@@ -1,4 +1,4 @@
-"""Harness of the chaos fault matrix (tests/test_chaos*.py, ``make chaos``).
+"""Harness of the chaos fault matrix (tests/chaos/test_chaos_*.py, ``make chaos``).
 
 Every case runs the llama example (``examples/llama/train.py --preset tiny``,
 2 workers) under real ``hpresil-run`` agents, injects a real fault (a signal,

@@ -4,7 +4,7 @@ Corrupted bytes in the RAM arena and in a durable shard, a worker SIGKILLed in
 the middle of its RAM snapshot, a node SIGKILLed in the middle of a durable
 upload, shared memory full, the durable directory's disk full, and the S3
 server crashing and coming back. Each case runs the llama example under
-``hpresil-run`` (see tests/test_chaos.py) and checks detection, the tier and
+``hpresil-run`` (see tests/chaos/test_chaos_workers.py) and checks detection, the tier and
 step restored, completion, the last good checkpoint, and bitwise final state.
 
 Cases that need a durable step committed before the fault *hold* the job at

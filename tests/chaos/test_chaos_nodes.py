@@ -2,7 +2,7 @@
 
 Two simulated nodes: ``hpresil-run`` agents on 127.0.0.1 (``--nnodes 2``, one
 worker each, c10d rendezvous served by node A, peer replication on), running
-the llama example as in tests/test_chaos.py (a RAM snapshot every 5 steps
+the llama example as in tests/chaos/test_chaos_workers.py (a RAM snapshot every 5 steps
 here). Node B's agent is SIGKILLed
 alone, or node B dies whole with its RAM and node A's replicas of its rank are
 corrupted; a replacement agent for node B joins after node A declared it lost.

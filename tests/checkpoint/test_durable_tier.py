@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -17,8 +18,10 @@ import torch.distributed.checkpoint as dcp
 from hpresil.checkpoint.api import CommitRecord, Entry, Seal, slot_path
 from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
 from hpresil.checkpoint.durable.source import DurableSource
-from hpresil.checkpoint.durable.stores import open_store
 from hpresil.checkpoint.durable.layout import assign_owners, data_file, step_dir, tensor_envelope
+from hpresil.checkpoint.durable.stores import open_store, register_store
+from hpresil.checkpoint.durable.stores.generic import FsspecStore
+from hpresil.checkpoint.durable.stores.local import LocalStore
 from hpresil.checkpoint.integrity import checksum
 from hpresil.errors import ConfigError, IntegrityError, StorageError
 from hpresil.testing import RecordingSink as Events
@@ -45,6 +48,7 @@ def write_snapshot(
     local: set[str] | None = None,
     run_id: str = "run",
     timeline: str = "",
+    upload_timeout: float = 0.0,
 ) -> CommitRecord:
     """Writes a committed, sealed RAM snapshot in the format of ``hpresil.checkpoint.api``.
 
@@ -78,7 +82,7 @@ def write_snapshot(
     rec = CommitRecord(
         version=1, commit_id=uuid.uuid4().hex, run_id=run_id, step=step, rank=rank, world_size=world_size,
         slot=slot, nbytes=pos, durable=durable_url is not None, durable_url=durable_url, keep=keep,
-        entries=entries, created=time.time(), timeline=timeline,
+        entries=entries, created=time.time(), timeline=timeline, upload_timeout=upload_timeout,
     )  # fmt: skip
     for suffix, text in (
         ("json", rec.to_json()),
@@ -601,3 +605,70 @@ def test_s3_server_killed_mid_upload_degrades_then_recovers(
     assert [r.step for r in src.steps()] == [2, 1]
     assert torch.equal(read_back(src, 2, 0)["model.w"], big["model.w"])
     assert torch.equal(read_back(src, 1, 0)["model.w"], first["model.w"])
+
+
+def test_store_registry_opens_by_scheme_and_takes_new_backends(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpresil.checkpoint.durable import stores
+
+    assert isinstance(open_store(f"file://{tmp_path}/a"), LocalStore)
+    assert isinstance(open_store("memory://hpresil-registry-test"), FsspecStore)  # any fsspec scheme: the fallback
+    seen: list[tuple[str, str, dict[str, Any], float]] = []
+
+    def opener(url: str, rest: str, options: dict[str, Any], probe_timeout: float) -> Any:
+        seen.append((url, rest, options, probe_timeout))
+        return LocalStore(str(tmp_path / "tuned"))
+
+    monkeypatch.setattr(stores, "_OPENERS", dict(stores._OPENERS))  # registrations stay in this test
+    register_store("tuned", opener)
+    store = open_store("TUNED://bucket/run", probe_timeout=3.0, part_size=1)
+    assert isinstance(store, LocalStore) and seen == [("TUNED://bucket/run", "bucket/run", {"part_size": 1}, 3.0)]
+    with pytest.raises(ConfigError, match="not a URL scheme"):
+        register_store("no/slash", opener)
+
+
+def test_local_store_stops_writing_past_the_upload_bound(tmp_path: Any) -> None:
+    store = open_store(f"file://{tmp_path}/d")
+    with pytest.raises(StorageError, match="upload_timeout"):
+        store.write_files([("f", [b"x" * 8, b"y" * 8])], timeout=-1.0)
+    assert store.write_files([("f", [b"x" * 8])], timeout=60.0) == 8
+
+
+@pytest.mark.slow
+def test_record_upload_timeout_bounds_an_upload_to_a_frozen_s3(s3_env: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CheckpointConfig.upload_timeout`` travels in the commit record, so a drainer
+    built with its own 10-minute default abandons an upload to a SIGSTOPped S3
+    server after the record's 1 s instead (and retries later)."""
+    from hpresil.checkpoint.durable.stores import s3 as durable_s3
+
+    url = s3_env.url(f"frozen-{uuid.uuid4().hex[:6]}")
+    shm = str(tmp_path / "shm")
+    state = {"model.w": torch.randn(16 << 20 >> 2)}
+    write_snapshot(shm, rank=0, step=1, world_size=1, tensors=state, durable_url=url, slot=0, upload_timeout=1.0)
+    real_parts = durable_s3.S3Store._upload_parts
+    frozen: list[int] = []
+
+    async def parts(self: Any, *a: Any, **k: Any) -> Any:
+        if not frozen:  # freeze the server as the first part goes out
+            os.kill(s3_env.proc.pid, signal.SIGSTOP)
+            frozen.append(s3_env.proc.pid)
+        return await real_parts(self, *a, **k)
+
+    monkeypatch.setattr(durable_s3.S3Store, "_upload_parts", parts)
+    ev = Events()
+    drainer = Drainer(shm_dir=shm, events=ev)
+    assert drainer.config.upload_timeout.total_seconds() == 600
+    result: list[bool] = []
+    th = threading.Thread(target=lambda: result.append(drainer.drain_once()), daemon=True)
+    th.start()
+    try:
+        th.join(45)  # far below the drainer's own bound and botocore's 60 s read timeout
+        assert not th.is_alive(), "the upload to the frozen server was not abandoned"
+        assert result == [False] and frozen
+        (deg,) = ev.named("tier_degraded")
+        assert deg["tier"] == "durable" and deg["step"] == 1 and "Timeout" in deg["error"]
+    finally:
+        if frozen:
+            os.kill(frozen[0], signal.SIGCONT)
+    drainer._retry_at = 0.0
+    assert drainer.drain_once()  # the server is back: the snapshot is still there to upload
+    assert torch.equal(read_back(DurableSource(url), 1, 0)["model.w"], state["model.w"])
