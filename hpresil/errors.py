@@ -45,7 +45,16 @@ class StorageError(CheckpointError):
 
 
 class IntegrityError(CheckpointError):
-    """A snapshot failed its integrity check (checksum, size or layout)."""
+    """A snapshot failed its integrity check (checksum, size, layout, or a file
+    its commit promised is missing).
+
+    Attributes:
+        file: the damaged or missing file, where one is to blame.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
 
 
 class StateMismatchError(CheckpointError):

@@ -34,6 +34,7 @@ from hpresil.checkpoint import flatten as fl
 from hpresil.checkpoint import graceful_stop as stop
 from hpresil.checkpoint.api import CheckpointConfig, SnapshotSource, rank_dir
 from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
+from hpresil.checkpoint.durable.shared import shared_by_all_nodes
 from hpresil.checkpoint.durable.source import DurableSource
 from hpresil.checkpoint.durable.stores import DurableStore, open_store
 from hpresil.checkpoint.peer.source import PeerSource
@@ -200,6 +201,7 @@ class Checkpointer:
         self.durable_url = self._durable_url()
         self._store: DurableStore | None = None
         self._durable_down: str | None = None  # why a restarted worker could not open the durable store
+        self._shared_checked = False  # whether every node sees the same durable store was checked
         if self.durable_url is not None:
             try:
                 self._store = _open_durable(self.durable_url)
@@ -410,6 +412,7 @@ class Checkpointer:
         self.last_restore = result
         self.state[HANG_KEY].agree()
         timeline = _agree_timeline()
+        self._check_durable_shared(timeline)
         for w in (self._ram, self._staging):
             if w is not None:
                 w.timeline = timeline
@@ -435,6 +438,29 @@ class Checkpointer:
         if dropped:
             log.info("rank %d: dropped RAM snapshots of abandoned steps %s", self.rank, dropped)
         return step
+
+    def _check_durable_shared(self, token: str) -> None:
+        """Warns once, on every rank, when the nodes write to different durable
+        stores: no durable step could ever commit (see
+        :mod:`~hpresil.checkpoint.durable.shared`)."""
+        import torch.distributed as dist
+
+        # The same decision on every rank: the check is collective.
+        if self.durable_url is None or self._shared_checked or self.world_size < 2:
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        self._shared_checked = True
+        if shared_by_all_nodes(self._store, rank=self.rank, node_leader=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+                               token=token, any_rank=stop.agree):
+            return
+        default = "" if self.config.durable else (" (the default: a directory in each node's own log dir; "
+                                                  "set HPRESIL_DURABLE or Checkpointer(durable=...))")
+        message = (f"durable URL {self.durable_url}{default} is not shared by all nodes: some node cannot see "
+                   f"rank 0's files there, so no durable step can ever commit (each node holds only its own "
+                   f"ranks). Use storage every node reaches: durable='s3://bucket/prefix' or a shared file system")
+        log.warning("rank %d: %s", self.rank, message)
+        self.events.emit("tier_degraded", tier="durable", reason="not_shared", error=message)
 
     # -- shutdown --------------------------------------------------------
     def wait(self, timeout: timedelta = timedelta(seconds=60)) -> None:

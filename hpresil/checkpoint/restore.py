@@ -183,6 +183,7 @@ def restore_state(
     _pool_shared(sources, comm)
     avail = _availability(sources)
     tried: list[int] = []
+    skipped: list[str] = []  # steps chosen and found unusable, with the first failing rank's reason
     try:
         for _ in range(_MAX_ROUNDS):
             chosen = choose(comm.all_gather(avail), comm.world)
@@ -205,7 +206,8 @@ def restore_state(
                 for per_tier in avail.values():
                     per_tier.pop((step, ws), None)
             statuses = comm.all_gather(status)
-            fatal = [(r, s) for r, s in enumerate(statuses) if s is not None and s[0] != "retry"]
+            failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+            fatal = [(r, s) for r, s in failed if s[0] != "retry"]
             if fatal:
                 r, (kind, msg) = fatal[0]
                 cls = StateMismatchError if kind == "mismatch" else CheckpointError
@@ -223,13 +225,17 @@ def restore_state(
                     duration_s=round(res.duration_s, 6),
                     bytes=nbytes,
                     world_size_saved=ws,
+                    **({"skipped": skipped} if skipped else {}),
                 )
                 log.info(
-                    "rank %d: restored step %d from %s (%.1f MiB in %.3fs, saved at world size %d)",
+                    "rank %d: restored step %d from %s (%.1f MiB in %.3fs, saved at world size %d)%s",
                     comm.rank, step, tier, nbytes / 2**20, res.duration_s, ws,
+                    "; skipped newer " + "; ".join(skipped) if skipped else "",
                 )
                 return res
-            log.warning("rank %d: step %d unusable on some rank; choosing again", comm.rank, step)
+            r, (_, msg) = failed[0]
+            skipped.append(f"step {step} (rank {r}: {msg})")
+            log.warning("rank %d: step %d unusable on rank %d (%s); choosing again", comm.rank, step, r, msg)
         raise CheckpointError(f"restore gave up after {_MAX_ROUNDS} rounds of failing snapshots")
     finally:
         for source in sources:
@@ -246,6 +252,7 @@ def _load_one(
     events: EventSink,
 ) -> tuple[tuple[str, str] | None, tuple[TierName, int] | None]:
     """Loads ``step`` from the first tier that works; returns (status, (tier, bytes))."""
+    why: list[str] = []
     for t in tiers:
         source = sources[t]
         try:
@@ -253,15 +260,18 @@ def _load_one(
             return None, (source.tier, nbytes)
         except IntegrityError as exc:
             log.error("rank %d: %s snapshot of step %d failed verification: %s", comm.rank, source.tier, step, exc)
-            events.emit("integrity_failed", step=step, tier=source.tier, error=str(exc))
+            events.emit("integrity_failed", step=step, tier=source.tier, rank=comm.rank, error=str(exc),
+                        **({"file": exc.file} if exc.file else {}))
+            why.append(f"{source.tier}: failed verification: {exc}")
         except StorageError as exc:
             log.warning("rank %d: cannot read step %d from %s: %s", comm.rank, step, source.tier, exc)
+            why.append(f"{source.tier}: {exc}")
         except StateMismatchError as exc:
             return ("mismatch", str(exc)), None
         except Exception as exc:  # shared so that no rank waits forever in the next collective
             log.exception("rank %d: restore of step %d from %s failed", comm.rank, step, source.tier)
             return ("error", f"{type(exc).__name__}: {exc}"), None
-    return ("retry", f"no tier could serve step {step}"), None
+    return ("retry", f"no tier could serve step {step} ({'; '.join(why) or 'none holds it'})"), None
 
 
 class _Reader:

@@ -35,6 +35,7 @@ EVENT_NAMES = frozenset(
         "checkpoint_sealed",
         "checkpoint_drained",
         "tier_degraded",
+        "tier_restored",
         "integrity_failed",
         "hang_detected",
         "straggler",

@@ -40,6 +40,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import time
 import traceback
 from types import TracebackType
@@ -236,19 +237,71 @@ def warm_entrypoint(args: argparse.Namespace, mode: str, preload: Sequence[str])
                  else f"PYTHON_EXEC={python} is not this interpreter")
         return None
     entry = ScriptMain(args.training_script, module=bool(args.module))
-    start_fork_server(preload)
+    try:
+        start_fork_server(preload)
+    except (OSError, AttributeError) as exc:
+        log.warning("warm start off: the fork server cannot be started in this process (%s: %s); workers start "
+                    "as fresh interpreters", type(exc).__name__, exc)
+        return None
     return entry, list(args.training_script_args)
 
 
 def start_fork_server(preload: Sequence[str]) -> None:
     """Starts the ``multiprocessing`` fork server with ``preload`` imported in it
-    (in the background: the first fork waits for the imports to finish)."""
+    (in the background: the first fork waits for the imports to finish).
+
+    Raises:
+        OSError: it cannot be started.
+    """
     from multiprocessing import forkserver
 
+    _forget_inherited_fork_server()
     multiprocessing.set_forkserver_preload(list(preload))
     started = time.monotonic()
     forkserver.ensure_running()
     log.info("warm start: fork server started in %.3f s, preloading %s", time.monotonic() - started, ", ".join(preload))
+
+
+def _forget_inherited_fork_server() -> None:
+    """Drops a fork server this process inherited rather than started.
+
+    A process forked after a launch in its parent (a test that launches twice,
+    a notebook, a program embedding the launcher) inherits multiprocessing's
+    record of the parent's fork server. That server is not this process's
+    child, so ``ensure_running`` fails on it (``waitpid``: ``ChildProcessError``)
+    and forking through it would mix the two launches. Forgetting the record
+    makes ``ensure_running`` start a server of this process's own; the
+    inherited descriptors are closed here (the parent keeps its own copies).
+
+    Raises:
+        AttributeError: this Python's ``multiprocessing.forkserver`` lacks the
+            state this relies on (the caller turns warm start off).
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    pid = server._forkserver_pid
+    if pid is None:
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+        return  # our own child (alive, or reaped now: ensure_running starts a new one)
+    except ChildProcessError:
+        pass
+    log.info("warm start: this process inherited the fork server of process %d; starting its own", pid)
+    if server._forkserver_alive_fd is not None:
+        try:
+            os.close(server._forkserver_alive_fd)
+        except OSError:
+            pass
+    # A new lock too: a thread of the parent may have held the old one when this process was forked.
+    server._lock = threading.Lock()
+    server._forkserver_alive_fd = None
+    server._forkserver_address = None
+    server._forkserver_pid = None
+    server._inherited_fds = None
+    if hasattr(server, "_forkserver_authkey"):  # Python 3.14+
+        server._forkserver_authkey = None
 
 
 def _noop() -> None:

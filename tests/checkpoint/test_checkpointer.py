@@ -314,3 +314,50 @@ def test_sigkill_and_restart_resumes_bitwise_from_ram(world: int, shm: str, tmp_
 def test_public_api_exports() -> None:
     assert hpresil.Checkpointer is Checkpointer and hpresil.RNGState is RNGState
     threading.enumerate()  # no background threads required to import
+
+
+# -- a durable store every node must share -------------------------------------------------------
+
+def _node_worker(rank: int, init: str, durable: str, shm: str, out: str) -> None:
+    """One rank on its own simulated node (LOCAL_RANK 0), with its own view of ``durable``."""
+    import logging
+
+    import torch.distributed as dist
+
+    os.environ["LOCAL_RANK"] = "0"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    sink = ListSink()
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: warnings.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("hpresil.checkpoint.checkpointer").addHandler(handler)
+    ckpt = Checkpointer({"w": torch.zeros(3)}, durable=durable, durable_every=1, shm_dir=shm, events=sink,
+                        run_services=True)
+    ckpt.restore()
+    ckpt.restore()  # checked once per process
+    ckpt.close(keep_ram=False)
+    dist.destroy_process_group()
+    json.dump({"events": sink.named("tier_degraded"), "warnings": warnings}, open(out, "w"))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_durable_url_not_shared_by_all_nodes_is_reported_at_start(tmp_path: Any, shared: bool) -> None:
+    procs = []
+    for rank in range(2):
+        durable = f"file://{tmp_path}/{'shared' if shared else f'node{rank}'}/ckpt"
+        p = _FORK.Process(target=_node_worker, args=(rank, str(tmp_path / "init"), durable,
+                                                      str(tmp_path / f"shm{rank}"), str(tmp_path / f"out{rank}")))
+        p.start()
+        procs.append(p)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for rank in range(2):
+        got = json.load(open(tmp_path / f"out{rank}"))
+        if shared:
+            assert got["events"] == [] and not [w for w in got["warnings"] if "not shared" in w]
+            assert not os.listdir(tmp_path / "shared" / "ckpt" / ".hpresil" / "shared"), "the marker is removed"
+        else:
+            (ev,) = got["events"]  # every rank hears it, once
+            assert ev["tier"] == "durable" and ev["reason"] == "not_shared" and "s3://" in ev["error"]
+            assert len([w for w in got["warnings"] if "is not shared by all nodes" in w]) == 1

@@ -355,6 +355,42 @@ def test_checkpointer_replaces_a_corrupted_durable_step_when_it_reaches_it_again
     assert torch.equal(model.weight, trained)
 
 
+def test_a_deleted_data_file_of_the_newest_step_is_reported_and_the_step_before_restored(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A committed step whose ``.distcp`` file is gone: restore falls back to the step
+    before, emits ``integrity_failed`` naming the tier, step and file, and says so in
+    its log line."""
+    from hpresil.checkpoint import Checkpointer
+
+    url = f"file://{tmp_path}/ckpt"
+    model = torch.nn.Linear(4, 4)
+    ckpt = Checkpointer({"model": model}, durable=url, durable_every=10, every=10, shm_dir=str(tmp_path / "shm1"),
+                        events=Events(), run_services=True)
+    ckpt.restore()
+    for step in (10, 20):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ckpt.save(step)
+        ckpt.wait()
+        if step == 10:
+            at_10 = model.weight.detach().clone()
+    ckpt.close(keep_ram=False)
+    os.unlink(tmp_path / "ckpt" / step_dir(20) / data_file(0))
+    ev = Events()
+    fresh = Checkpointer({"model": model}, durable=url, durable_every=10, every=10, shm_dir=str(tmp_path / "shm2"),
+                         events=ev, run_services=True)
+    with caplog.at_level("INFO", logger="hpresil.checkpoint.restore"):
+        assert fresh.restore() == 10
+    fresh.close(keep_ram=False)
+    assert torch.equal(model.weight, at_10)
+    (bad,) = ev.named("integrity_failed")
+    assert bad["tier"] == "durable" and bad["step"] == 20 and bad["file"] == f"{step_dir(20)}/{data_file(0)}"
+    (restored,) = ev.named("checkpoint_restored")
+    assert restored["step"] == 10 and "missing" in restored["skipped"][0]
+    line = next(r.getMessage() for r in caplog.records if "restored step 10" in r.getMessage())
+    assert "skipped newer step 20" in line and data_file(0) in line
+
+
 def test_retention_keeps_newest_and_gcs_incomplete(tmp_path: Any) -> None:
     url = f"file://{tmp_path}/ckpt"
     shm = str(tmp_path / "shm")
@@ -671,4 +707,73 @@ def test_record_upload_timeout_bounds_an_upload_to_a_frozen_s3(s3_env: Any, tmp_
             os.kill(frozen[0], signal.SIGCONT)
     drainer._retry_at = 0.0
     assert drainer.drain_once()  # the server is back: the snapshot is still there to upload
+    assert torch.equal(read_back(DurableSource(url), 1, 0)["model.w"], state["model.w"])
+
+
+def test_s3_retention_deletes_each_old_step_once(s3_env: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """On a real S3 server, retention lists what is really there: a deleted step is
+    not deleted (nor reported) again at the next commit, and the bucket ends with the
+    kept steps only."""
+    url = s3_env.url(f"keep-{uuid.uuid4().hex[:6]}")
+    shm = str(tmp_path / "shm")
+    drainer = Drainer(shm_dir=shm, events=Events())
+    with caplog.at_level("INFO", logger="hpresil.checkpoint.durable.writer"):
+        for step in range(10, 90, 10):
+            write_snapshot(shm, rank=0, step=step, world_size=1, tensors=model_state(step), durable_url=url, keep=2)
+            assert drainer.drain_once()
+    gone: list[int] = []
+    for r in caplog.records:
+        if r.getMessage().startswith("durable retention"):
+            doomed, stale = r.args[1], r.args[2]  # type: ignore[index]
+            gone += [*doomed, *stale]
+    assert sorted(gone) == list(range(10, 70, 10)), gone  # each old step deleted once
+    store = open_store(url)
+    assert sorted(n for n in store.list_dir("") if n.startswith("step")) == [step_dir(70), step_dir(80)]
+    assert [r.step for r in DurableSource(url).steps()] == [80, 70]
+
+
+@pytest.mark.slow
+def test_a_frozen_s3_server_is_reported_stalled_and_restored_when_it_thaws(
+        s3_env: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGSTOP of the S3 server mid-upload: ``tier_degraded`` (durable, stalled) once
+    no part has gone through for ``stall_after``, ``tier_restored`` when SIGCONT lets
+    the parts through, and the step commits."""
+    from datetime import timedelta
+
+    from hpresil.checkpoint.durable.stores import s3 as durable_s3
+
+    url = s3_env.url(f"stall-{uuid.uuid4().hex[:6]}")
+    shm = str(tmp_path / "shm")
+    state = {"model.w": torch.randn(24 << 20 >> 2)}  # 3 parts of 8 MiB
+    write_snapshot(shm, rank=0, step=1, world_size=1, tensors=state, durable_url=url, slot=0)
+    real_parts = durable_s3.S3Store._upload_parts
+    frozen: list[int] = []
+
+    async def parts(self: Any, *a: Any, **k: Any) -> Any:
+        if not frozen:
+            os.kill(s3_env.proc.pid, signal.SIGSTOP)
+            frozen.append(s3_env.proc.pid)
+        return await real_parts(self, *a, **k)
+
+    monkeypatch.setattr(durable_s3.S3Store, "_upload_parts", parts)
+    ev = Events()
+    drainer = Drainer(DrainConfig(stall_after=timedelta(seconds=1)), shm_dir=shm, events=ev)
+    result: list[bool] = []
+    th = threading.Thread(target=lambda: result.append(drainer.drain_once()), daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not ev.named("tier_degraded") and time.monotonic() < deadline:
+            drainer.tick()  # the node runtime ticks services every 50 ms
+            time.sleep(0.05)
+        (deg,) = ev.named("tier_degraded")
+        assert deg["tier"] == "durable" and deg["reason"] == "stalled" and deg["step"] == 1 and th.is_alive()
+    finally:
+        if frozen:
+            os.kill(frozen[0], signal.SIGCONT)
+    th.join(60)
+    assert result == [True]
+    (restored,) = ev.named("tier_restored")
+    assert restored["tier"] == "durable" and restored["step"] == 1 and restored["stalled_s"] >= 1
+    assert ev.named("checkpoint_drained")[0]["committed"]
     assert torch.equal(read_back(DurableSource(url), 1, 0)["model.w"], state["model.w"])

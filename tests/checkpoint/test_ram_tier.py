@@ -277,9 +277,13 @@ def test_corrupt_newest_snapshot_is_skipped_and_its_timeline_dropped(shm: str) -
     assert ckpt.restore() == 2
     assert torch.equal(state["w"], torch.full((64,), 2.0))
     assert sink.named("integrity_failed")[0]["step"] == 3 and sink.named("integrity_failed")[0]["tier"] == "ram"
-    assert sink.named("checkpoint_restored")[-1] == {
-        "step": 2, "tier": "ram", "duration_s": sink.named("checkpoint_restored")[-1]["duration_s"], "bytes": 256, "world_size_saved": 1,
+    restored = sink.named("checkpoint_restored")[-1]
+    assert restored == {
+        "step": 2, "tier": "ram", "duration_s": restored["duration_s"], "bytes": 256, "world_size_saved": 1,
+        "skipped": restored["skipped"],
     }
+    (skipped,) = restored["skipped"]  # the newer step it passed over, and why
+    assert skipped.startswith("step 3 (rank 0:") and "failed verification" in skipped
     assert 3 not in {i.record.step for i in scan(shm)}  # abandoned timeline
     ckpt.close(keep_ram=True)
 

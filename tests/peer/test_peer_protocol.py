@@ -304,3 +304,94 @@ def test_frame_limits_after_auth(server) -> None:
     assert sock.recv(10) == b""  # closed
     assert "exceeds the limit" in sink.named("peer_refused")[-1]["reason"]
     assert _client(srv).list() == []
+
+
+# -- hostile traffic ----------------------------------------------------------------------------
+
+def _drip(port: int, stop: Any, cut: list[float], started: float) -> None:
+    """One attacker: connects and sends one byte of a valid-looking hello every 2-3 s, for as long
+    as the server lets it; records when the server cut it."""
+    hello = FRAME.pack(MAGIC, VERSION, 0, 0, 40, 0) + b'{"op":"hello","node":"drip","nonce":"00"}'
+    rng = random.Random(port + len(cut))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for byte in hello:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+            s.settimeout(rng.uniform(2.0, 3.0))
+            try:
+                if s.recv(1) == b"":  # closed by the server
+                    break
+            except socket.timeout:
+                if stop.is_set():
+                    return
+                continue
+            except OSError:
+                break
+        cut.append(time.monotonic() - started)
+
+
+@pytest.mark.slow
+def test_slow_drip_flood_never_locks_out_an_authenticated_peer(tmp_path) -> None:
+    """40 connections that drip a byte every 2-3 s: each is cut within the handshake bound
+    (``connect_timeout``) and reported, and a legitimate peer replicates throughout."""
+    import threading
+
+    shm, src = str(tmp_path / "srv"), str(tmp_path / "src")
+    os.makedirs(shm)
+    sink = RecordingSink()
+    cfg = ReplicatorConfig(host="127.0.0.1", connect_timeout=timedelta(seconds=2), io_timeout=timedelta(seconds=5),
+                           max_connections=4, max_handshakes=8)
+    srv = PeerServer(shm, lambda: SECRET, cfg, sink, node="srv")
+    srv.start()
+    stop = threading.Event()
+    cut: list[float] = []
+    started = time.monotonic()
+    attackers = [threading.Thread(target=_drip, args=(srv.address[1], stop, cut, started), daemon=True) for _ in range(40)]
+    try:
+        for t in attackers:
+            t.start()
+        sent = []
+        for step in range(1, 9):  # a legitimate peer keeps replicating while the flood goes on
+            _snapshot(src, step)
+            info = max(scan(src, [0]), key=lambda i: i.record.step)
+            client = _client(srv)
+            sent.append(client.put(src, info))
+            client.close()
+            time.sleep(0.5)
+        assert sent == ["sent"] * 8
+        for t in attackers:
+            t.join(15)
+        assert len(cut) == 40, "every slow connection is cut by the server"
+        kinds = collections.Counter(e["kind"] for e in sink.named("peer_refused"))
+        assert kinds["flood"] >= 20  # 40 at once: the oldest made room for new ones (20 reported a minute)
+        # fewer than max_handshakes: each is cut by the bound on the whole handshake
+        cut.clear()
+        before = len(sink.named("peer_refused"))
+        started = time.monotonic()
+        slow = [threading.Thread(target=_drip, args=(srv.address[1], stop, cut, started), daemon=True) for _ in range(3)]
+        for t in slow:
+            t.start()
+        for t in slow:
+            t.join(15)
+        assert len(cut) == 3 and all(c < 10 for c in cut)  # the drip would take ~100 s: cut at the 2 s bound
+        slow_reasons = [e["reason"] for e in sink.named("peer_refused")[before:] if e["kind"] == "slow"]
+        assert len(slow_reasons) == 3 and all("did not authenticate within 2s" in r for r in slow_reasons)
+        assert srv.refused >= 43
+    finally:
+        stop.set()
+        srv.stop()
+
+
+def test_malformed_put_of_an_authenticated_peer_is_answered_and_reported(server) -> None:
+    srv, sink, _ = server
+    client = _client(srv)
+    sock = client.connect()
+    wire.send_frame(sock, {"op": "put", "rank": 0, "record": "{}", "seal": "{}", "nbytes": 0})
+    reply, _ = wire.expect(sock, "put", 1 << 20)
+    assert reply["accept"] is False and "malformed put" in reply["reason"]
+    (ev,) = sink.named("peer_refused")
+    assert ev["peer"] == "test" and "malformed put" in ev["reason"]
+    assert client.list() == []  # the connection stays usable
+    client.close()

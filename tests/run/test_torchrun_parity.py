@@ -144,3 +144,22 @@ def test_is_torchelastic_launched_and_env_init(tmp_path) -> None:
           "--master_addr=localhost", *_common(tmp_path), script("touch_rank.py"), f"--check-elastic={out}",
           "--init-env"])
     assert out.read_text() == "True"
+
+
+def test_multiple_agents_forked_after_a_launch(tmp_path) -> None:
+    """PyTorch's ``test_launch_elastic_multiple_agents``: an agent forked from a
+    process that has launched before (and so holds a fork server) launches too."""
+    first = tmp_path / "first"
+    first.mkdir()
+    main(["--nnodes=1", "--nproc-per-node=1", "--standalone", *_common(tmp_path), script("touch_rank.py"),
+          f"--touch-dir={first}"])
+    d = tmp_path / "t"
+    d.mkdir()
+    args = ["--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+            "--rdzv_id=forked", *_common(tmp_path), script("touch_rank.py"), f"--touch-dir={d}"]
+    other = mp.get_context("fork").Process(target=_agent, args=(args,))
+    other.start()
+    main(args)
+    other.join(60)
+    assert other.exitcode == 0
+    assert _touched(first) == {"0"} and _touched(d) == {"0", "1", "2", "3"}

@@ -109,3 +109,12 @@ def test_preload_list_and_entry_pickling() -> None:
         os.environ.clear()
         os.environ.update(saved)
     assert copy.__qualname__ == "train.py" and copy.target == "train.py" and not copy.module
+
+
+def test_a_process_forked_after_a_launch_starts_its_own_fork_server(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script("fork_after_launch.py")], env=base_env(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -49,6 +49,11 @@ class DrainConfig:
             records carry their own (``CheckpointConfig.upload_timeout``).
         backoff_initial: wait before the first retry after a failure.
         backoff_max: the longest wait between retries (doubling from ``backoff_initial``).
+        stall_after: an upload that takes no piece (an S3 part, a written
+            buffer) for this long is reported (``tier_degraded``, ``reason:
+            stalled``) while it goes on; ``tier_restored`` when bytes flow
+            again. A frozen server is otherwise silent until the transport's
+            read timeout (60 s for S3) or ``upload_timeout``.
         storage_options: passed to :func:`~hpresil.checkpoint.durable.stores.open_store`
             (e.g. ``part_size``, ``concurrency`` for s3).
     """
@@ -57,16 +62,28 @@ class DrainConfig:
     upload_timeout: timedelta = timedelta(minutes=10)
     backoff_initial: timedelta = timedelta(seconds=1)
     backoff_max: timedelta = timedelta(seconds=60)
+    stall_after: timedelta = timedelta(seconds=15)
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.upload_timeout <= timedelta(0) or self.scan_interval <= timedelta(0):
-            raise ConfigError("scan_interval and upload_timeout must be > 0")
+        if self.upload_timeout <= timedelta(0) or self.scan_interval <= timedelta(0) or self.stall_after <= timedelta(0):
+            raise ConfigError("scan_interval, upload_timeout and stall_after must be > 0")
         if not timedelta(0) < self.backoff_initial <= self.backoff_max:
             raise ConfigError(
                 f"backoff_initial={self.backoff_initial} backoff_max={self.backoff_max}: "
                 "need 0 < backoff_initial <= backoff_max"
             )
+
+
+@dataclasses.dataclass(slots=True)
+class _Transfer:
+    """The upload in flight: its step, when a piece last went through, bytes so far."""
+
+    step: int
+    url: str
+    last: float
+    bytes: int = 0
+    stalled: float | None = None  # when its stall began, once reported
 
 
 class Drainer(NodeService):
@@ -107,6 +124,7 @@ class Drainer(NodeService):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._warm = False
+        self._transfer: _Transfer | None = None
 
     # ------------------------------------------------------------ NodeService
 
@@ -125,8 +143,10 @@ class Drainer(NodeService):
         """Nothing to do: snapshots stay in shared memory and keep draining."""
 
     def tick(self) -> None:
-        """Hands a drain pass to the worker thread when one is due; never blocks."""
+        """Reports a stalled upload; hands a drain pass to the worker thread when
+        one is due. Never blocks."""
         now = time.monotonic()
+        self._check_stall(now)
         if now < self._next_scan or now < self._retry_at or not self._idle.is_set():
             return
         self._next_scan = now + self.config.scan_interval.total_seconds()
@@ -325,7 +345,11 @@ class Drainer(NodeService):
                 bufs: list[Buffer] = [p.view(s.offset, s.nbytes) if isinstance(s, ArenaSlice) else s for s in segments]
                 uploads.append(RankUpload(rank_obj, bufs))
             timeout = first.upload_timeout or self.config.upload_timeout.total_seconds()
-            nbytes, ranks = writer.upload(step, uploads, timeout=timeout)
+            self._transfer = _Transfer(step=step, url=first.durable_url or "", last=time.monotonic())
+            try:
+                nbytes, ranks = writer.upload(step, uploads, timeout=timeout, progress=self._progress)
+            finally:
+                self._transfer = None
             del uploads, bufs
         committed = writer.try_commit(step, first.world_size)
         if committed:
@@ -355,6 +379,32 @@ class Drainer(NodeService):
             committed=committed,
         )
         return True
+
+    def _check_stall(self, now: float) -> None:
+        transfer = self._transfer
+        limit = self.config.stall_after.total_seconds()
+        if transfer is None or transfer.stalled is not None or now - transfer.last <= limit:
+            return
+        transfer.stalled = transfer.last
+        idle = now - transfer.last
+        log.warning("durable upload of step %d to %s has made no progress for %.0fs (%d bytes so far); "
+                    "still waiting (upload_timeout bounds it)", transfer.step, transfer.url, idle, transfer.bytes)
+        self._emit("tier_degraded", tier="durable", reason="stalled", step=transfer.step, stalled_s=round(idle, 1),
+                   bytes=transfer.bytes, error=f"no upload progress for {idle:.0f}s")
+
+    def _progress(self, nbytes: int) -> None:
+        transfer = self._transfer
+        if transfer is None:
+            return
+        now = time.monotonic()
+        transfer.last = now
+        transfer.bytes += nbytes
+        stalled, transfer.stalled = transfer.stalled, None
+        if stalled is not None:
+            log.info("durable upload of step %d to %s is moving again after %.0fs", transfer.step, transfer.url,
+                     now - stalled)
+            self._emit("tier_restored", tier="durable", reason="stalled", step=transfer.step,
+                       stalled_s=round(now - stalled, 1))
 
     def _degraded(self, step: int | None, exc: BaseException) -> None:
         self._failures += 1

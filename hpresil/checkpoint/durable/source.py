@@ -80,10 +80,11 @@ class DurableSource(SnapshotSource):
         for r, p in paths.items():
             blob = blobs.get(p)
             if blob is None:
-                raise StorageError(f"durable step {step}: {p} is missing from {self.store.url}")
+                raise IntegrityError(f"durable step {step} is committed but {p} is missing from {self.store.url}",
+                                     file=p)
             sealed = manifest["ranks"][str(r)].get("sha256")
             if sealed is not None and sealed != digest(blob):
-                raise IntegrityError(f"durable step {step}: {p} changed since the step was committed")
+                raise IntegrityError(f"durable step {step}: {p} changed since the step was committed", file=p)
             try:
                 obj = json.loads(blob)
             except (ValueError, RecursionError) as exc:
@@ -100,7 +101,7 @@ class DurableSource(SnapshotSource):
 
         Raises:
             StorageError: the step is not committed or its files are unreadable.
-            IntegrityError: its rank records are malformed.
+            IntegrityError: its rank records are missing or malformed.
         """
         return {r: record_from_obj(obj) for r, obj in self._rank_objs(step).items()}
 
@@ -147,7 +148,9 @@ class DurableSource(SnapshotSource):
             try:
                 self.store.read_into(f"{step_dir(step)}/{fname}", data_offset, memoryview(raw.numpy()).cast("B"))
             except FileNotFoundError as exc:
-                raise StorageError(f"durable step {step}: data file {fname} is missing from {self.store.url}") from exc
+                path = f"{step_dir(step)}/{fname}"
+                raise IntegrityError(f"durable step {step} is committed but its data file {path} is missing from "
+                                     f"{self.store.url}", file=path) from exc
         got = checksum(out)
         if got != e.get("checksum"):
             if self.events is not None:
@@ -156,5 +159,6 @@ class DurableSource(SnapshotSource):
                 )
             raise IntegrityError(
                 f"durable step {step} rank {rank} entry {entry.key!r} fails its checksum "
-                f"({got} != {e.get('checksum')}): the file {loc['file']} is corrupt; restore from another step"
+                f"({got} != {e.get('checksum')}): the file {loc['file']} is corrupt; restore from another step",
+                file=f"{step_dir(step)}/{fname}",
             )

@@ -36,7 +36,7 @@ from hpresil.checkpoint.durable.layout import (
     rank_json,
     step_dir,
 )
-from hpresil.checkpoint.durable.stores.api import Buffer, DurableStore
+from hpresil.checkpoint.durable.stores.api import Buffer, DurableStore, Progress
 from hpresil.errors import IntegrityError, StorageError
 
 __all__ = ["DurableWriter", "RankUpload", "digest", "list_committed"]
@@ -87,7 +87,8 @@ class DurableWriter:
         own = {rank_json(r).rsplit("/", 1)[-1] for r in mine}
         return any(n.startswith("rank") and n.endswith(".json") and n not in own for n in names)
 
-    def upload(self, step: int, uploads: Sequence[RankUpload], *, timeout: float | None = None) -> tuple[int, list[int]]:
+    def upload(self, step: int, uploads: Sequence[RankUpload], *, timeout: float | None = None,
+               progress: Progress | None = None) -> tuple[int, list[int]]:
         """Uploads ranks' data files, then their markers (phase 1 and 2).
 
         Ranks whose marker already holds the same ``commit_id`` are skipped; a
@@ -125,7 +126,7 @@ class DurableWriter:
         if not todo:
             return 0, []
         nbytes = self.store.write_files(
-            [(f"{sdir}/{up.rank_obj['file']}", up.buffers) for up in todo], timeout=timeout
+            [(f"{sdir}/{up.rank_obj['file']}", up.buffers) for up in todo], timeout=timeout, progress=progress
         )
         for up in todo:
             # the marker vouches for the data file: check the store really holds all of it

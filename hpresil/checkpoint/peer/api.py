@@ -125,9 +125,14 @@ class ReplicatorConfig:
             failed transfer).
         max_snapshot_bytes: largest arena accepted from a peer.
         max_header_bytes: largest JSON header accepted after authentication.
-        max_connections: concurrent connections the server serves; more are closed.
+        max_connections: authenticated connections the server serves at once; more
+            are told "busy" and closed.
+        max_handshakes: connections that may be authenticating at once; a new
+            one drops the oldest, so unauthenticated sockets never hold a slot
+            that an authenticated peer needs.
         scan_interval: how often the replicator looks for newly sealed snapshots.
-        connect_timeout: bound on connecting and authenticating to a peer.
+        connect_timeout: bound on connecting and authenticating to a peer; the
+            server cuts a new connection that has not authenticated by then.
         io_timeout: bound on any single send/receive making no progress.
         discovery_timeout: how long to wait for every node's address per round.
         backoff_initial: wait before retrying a failed peer.
@@ -143,6 +148,7 @@ class ReplicatorConfig:
     max_snapshot_bytes: int = 1 << 40
     max_header_bytes: int = 64 << 20
     max_connections: int = 32
+    max_handshakes: int = 16
     scan_interval: timedelta = timedelta(milliseconds=200)
     connect_timeout: timedelta = timedelta(seconds=5)
     io_timeout: timedelta = timedelta(seconds=30)
@@ -159,6 +165,8 @@ class ReplicatorConfig:
             raise ConfigError(f"slots={self.slots}: keeping the last good replica during a transfer needs slots >= 2")
         if self.max_connections < 1:
             raise ConfigError(f"max_connections={self.max_connections}: must be >= 1")
+        if self.max_handshakes < 1:
+            raise ConfigError(f"max_handshakes={self.max_handshakes}: must be >= 1")
         if self.max_header_bytes < MAX_HELLO:
             raise ConfigError(f"max_header_bytes={self.max_header_bytes}: must be >= {MAX_HELLO}")
         for name in ("scan_interval", "connect_timeout", "io_timeout", "discovery_timeout", "backoff_initial"):

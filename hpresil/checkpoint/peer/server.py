@@ -1,11 +1,15 @@
 """The peer server: receives replicas and serves snapshots to restoring ranks.
 
-One thread per connection, at most ``max_connections`` at once (more are
-closed on accept). Every connection starts with the HMAC handshake under a
-short timeout and tiny frame limits; a client that sends garbage, truncates a
-frame, exceeds a limit or does not know the job secret is logged, reported as
-a ``peer_refused`` event and disconnected, and the server goes on serving the
-next client. Nothing received is ever unpickled: headers are JSON, payloads
+One thread per connection. A new connection first has to authenticate (the
+HMAC handshake, tiny frame limits) within ``connect_timeout`` in all, however
+slowly its bytes drip in; at most ``max_handshakes`` connections handshake at
+once, and a new one makes room by dropping the oldest. Only an authenticated
+connection takes one of the ``max_connections`` slots, so a flood of
+unauthenticated sockets can delay a peer by one handshake at most and never
+takes its slot. A client that sends garbage, truncates a frame, exceeds a
+limit, is too slow to authenticate or does not know the job secret is logged,
+reported as a ``peer_refused`` event and disconnected, and the server goes on
+serving the next client. Nothing received is ever unpickled: headers are JSON, payloads
 are bytes that land in a replica slot and are checked against the seal.
 """
 
@@ -58,11 +62,16 @@ class PeerServer:
         self._sock: socket.socket | None = None
         self._slots = threading.BoundedSemaphore(self.config.max_connections)
         self._conns: set[socket.socket] = set()
+        # connections still authenticating -> (accepted at, remote address), oldest first
+        self._pending: dict[socket.socket, tuple[float, Any]] = {}
+        # why the server cut a pending connection (kind, reason), for the serving thread's refusal
+        self._cut: dict[socket.socket, tuple[str, str]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._refusals: list[float] = []
-        #: connections refused so far (tests and metrics)
+        self._refusals: dict[str, list[float]] = {}  # kind -> times reported in the last minute
+        self._suppressed: dict[str, int] = {}  # kind -> refusals not reported since
+        #: connections and requests refused so far (tests and metrics)
         self.refused = 0
 
     @property
@@ -106,44 +115,96 @@ class PeerServer:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        self._sock.settimeout(0.25)  # wake up to cut handshakes that overran their bound
         while not self._stopping:
+            self._cut_overdue()
             try:
                 conn, addr = self._sock.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 if self._stopping:
                     return
                 time.sleep(0.05)  # EMFILE and the like: do not spin
                 continue
-            if not self._slots.acquire(blocking=False):
-                self._refuse(addr, "too many connections")
-                conn.close()
-                continue
+            conn.settimeout(None)
             with self._lock:
+                if len(self._pending) >= self.config.max_handshakes:
+                    oldest = next(iter(self._pending))
+                    self._cut_locked(oldest, "flood", f"{len(self._pending)} connections were authenticating at "
+                                                      f"once (max_handshakes); dropped the oldest for a new one")
+                self._pending[conn] = (time.monotonic(), addr)
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn, addr), name="hpresil-peer-conn", daemon=True).start()
 
-    def _refuse(self, addr: Any, reason: str, node: str | None = None) -> None:
-        remote = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        log.warning("peer server %s refused %s%s: %s", self.node, remote, f" ({node})" if node else "", reason)
+    def _cut_overdue(self) -> None:
+        bound = self.config.connect_timeout.total_seconds()
         now = time.monotonic()
-        # At most 20 events a minute: a scanner or a flood must not fill the event log.
-        self._refusals = [t for t in self._refusals if now - t < 60] + [now]
-        if len(self._refusals) <= 20:
-            self.events.emit("peer_refused", remote=remote, peer=node, reason=reason[:300])
-        self.refused += 1
+        with self._lock:
+            for conn, (since, _) in list(self._pending.items()):
+                if now - since > bound:
+                    self._cut_locked(conn, "slow", f"did not authenticate within {bound:g}s (connect_timeout)")
+
+    def _cut_locked(self, conn: socket.socket, kind: str, reason: str) -> None:
+        # The serving thread's blocked receive then returns: it refuses with this reason.
+        self._pending.pop(conn, None)
+        self._cut[conn] = (kind, reason)
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _refuse(self, addr: Any, reason: str, node: str | None = None, kind: str = "protocol") -> None:
+        remote = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        now = time.monotonic()
+        with self._lock:
+            self.refused += 1
+            # At most 20 reports a minute of each kind: a scanner or a flood must not fill the
+            # log and the event log, nor hide the other kinds.
+            recent = self._refusals[kind] = [t for t in self._refusals.get(kind, []) if now - t < 60]
+            report = len(recent) < 20
+            if report:
+                recent.append(now)
+                suppressed = self._suppressed.pop(kind, 0)
+            else:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+        if not report:
+            log.debug("peer server %s refused %s: %s", self.node, remote, reason)
+            return
+        more = f" ({suppressed} more refusals were not reported)" if suppressed else ""
+        log.warning("peer server %s refused %s%s: %s%s", self.node, remote, f" ({node})" if node else "", reason, more)
+        self.events.emit("peer_refused", remote=remote, peer=node, kind=kind, reason=reason[:300], suppressed=suppressed)
 
     def _serve(self, conn: socket.socket, addr: Any) -> None:
         node = None
+        slot = False
         try:
             conn.settimeout(self.config.connect_timeout.total_seconds())
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 node = wire.server_handshake(conn, self.secret())
             except AuthError as exc:
-                self._refuse(addr, str(exc))
+                self._refuse(addr, str(exc), kind="auth")
                 return
             except (FrameError, OSError, ValueError) as exc:
-                self._refuse(addr, f"bad handshake: {exc}")
+                with self._lock:
+                    cut = self._cut.get(conn)
+                if cut is None and isinstance(exc, TimeoutError):  # one receive outlasted the whole bound
+                    cut = ("slow", f"did not authenticate within {self.config.connect_timeout.total_seconds():g}s "
+                                   "(connect_timeout)")
+                self._refuse(addr, cut[1] if cut else f"bad handshake: {exc}", kind=cut[0] if cut else "handshake")
+                return
+            with self._lock:
+                cut = self._cut.get(conn)
+                self._pending.pop(conn, None)
+            if cut is not None:  # authenticated just as the server cut it
+                self._refuse(addr, cut[1], node, kind=cut[0])
+                return
+            slot = self._slots.acquire(blocking=False)
+            if not slot:
+                reason = f"busy: {self.config.max_connections} authenticated connections already (max_connections)"
+                self._refuse(addr, reason, node, kind="busy")
+                wire.send_frame(conn, {"op": "error", "error": reason})
                 return
             conn.settimeout(self.config.io_timeout.total_seconds())
             while not self._stopping:
@@ -157,7 +218,7 @@ class PeerServer:
                 if handler is None:
                     wire.send_frame(conn, {"op": "error", "error": f"unknown op {op!r}"})
                     continue
-                handler(conn, header)
+                handler(conn, header, (addr, node))
         except (FrameError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             self._refuse(addr, f"bad frame: {exc}", node)
         except (OSError, HpresilError) as exc:
@@ -167,18 +228,21 @@ class PeerServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._pending.pop(conn, None)
+                self._cut.pop(conn, None)
             conn.close()
-            self._slots.release()
+            if slot:
+                self._slots.release()
 
     # -- requests --------------------------------------------------------
-    def _op_list(self, conn: socket.socket, header: dict[str, Any]) -> None:
+    def _op_list(self, conn: socket.socket, header: dict[str, Any], who: tuple[Any, str | None]) -> None:
         snaps = [
             [i.rank, i.record.step, i.record.world_size, i.record.commit_id, i.record.created, i.record.timeline]
             for _, i in self.store.snapshots()
         ]
         wire.send_frame(conn, {"op": "list", "snapshots": snaps})
 
-    def _op_get(self, conn: socket.socket, header: dict[str, Any]) -> None:
+    def _op_get(self, conn: socket.socket, header: dict[str, Any], who: tuple[Any, str | None]) -> None:
         records, seals = [], []
         for rank, commit_id in header["items"]:
             try:
@@ -189,7 +253,7 @@ class PeerServer:
             seals.append(seal)
         wire.send_frame(conn, {"op": "get", "records": records, "seals": seals})
 
-    def _op_read(self, conn: socket.socket, header: dict[str, Any]) -> None:
+    def _op_read(self, conn: socket.socket, header: dict[str, Any], who: tuple[Any, str | None]) -> None:
         rank, commit_id = int(header["rank"]), str(header["commit_id"])
         ranges = [(int(o), int(n)) for o, n in header["ranges"]]
         try:
@@ -203,7 +267,7 @@ class PeerServer:
         except StorageError as exc:
             wire.send_frame(conn, {"op": "error", "error": str(exc)})
 
-    def _op_put(self, conn: socket.socket, header: dict[str, Any]) -> None:
+    def _op_put(self, conn: socket.socket, header: dict[str, Any], who: tuple[Any, str | None]) -> None:
         try:
             record = CommitRecord.from_json(header["record"])
             seal = Seal.from_json(header["seal"])
@@ -214,10 +278,11 @@ class PeerServer:
                 reason = "nbytes differs from the record's arena"
             if reason is None and seal.record and seal.record != record_digest(record):
                 reason = "the record differs from the one its seal was computed for"
-        except (StorageError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        except (HpresilError, TypeError, AttributeError, KeyError, ValueError) as exc:
             reason = f"malformed put: {exc}"
         if reason is not None:
-            log.warning("peer server %s rejected a replica: %s", self.node, reason)
+            # Refused, answered, and the connection stays usable for the next request.
+            self._refuse(who[0], f"replica rejected: {reason}", who[1], kind="put")
             wire.send_frame(conn, {"op": "put", "accept": False, "reason": reason})
             return
         got = self.store.begin(record, seal)

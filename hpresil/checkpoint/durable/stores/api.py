@@ -21,10 +21,14 @@ from typing import Any, Callable, Sequence, Union
 
 from hpresil.errors import StorageError
 
-__all__ = ["Buffer", "buffer_nbytes", "DurableStore", "Opener", "Deadline"]
+__all__ = ["Buffer", "buffer_nbytes", "DurableStore", "Opener", "Deadline", "Progress"]
 
 #: What stores write: literal bytes or views of the shared-memory arena.
 Buffer = Union[bytes, bytearray, memoryview]
+
+
+#: A write's progress callback: the bytes just taken by the store.
+Progress = Callable[[int], None]
 
 
 def buffer_nbytes(buf: Buffer) -> int:
@@ -42,7 +46,8 @@ class DurableStore(abc.ABC):
     url: str
 
     @abc.abstractmethod
-    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None) -> int:
+    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None,
+                    progress: Progress | None = None) -> int:
         """Writes each file as the concatenation of its buffers; returns total bytes.
 
         Not atomic: a partial file may remain after a failure (the layout's
@@ -52,6 +57,9 @@ class DurableStore(abc.ABC):
             timeout: seconds the whole call may take; past it the write is
                 abandoned with a :class:`~hpresil.errors.StorageError` (at the
                 next buffer a blocking backend hands to the OS).
+            progress: called with the bytes of each piece the store has taken
+                (a part, a buffer), from whatever thread wrote it; the drainer
+                tells a stalled upload from a slow one by it.
         """
 
     @abc.abstractmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from hpresil.checkpoint.durable.stores.api import Buffer, Deadline, DurableStore, buffer_nbytes
+from hpresil.checkpoint.durable.stores.api import Buffer, Deadline, DurableStore, Progress, buffer_nbytes
 from hpresil.errors import ConfigError, StorageError
 
 __all__ = ["FsspecStore", "open_fsspec"]
@@ -32,7 +32,8 @@ class FsspecStore(DurableStore):
     def _wrap(self, what: str, exc: Exception) -> StorageError:
         return StorageError(f"cannot {what} in {self.url}: {type(exc).__name__}: {exc}")
 
-    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None) -> int:
+    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None,
+                    progress: Progress | None = None) -> int:
         total = 0
         deadline = Deadline(timeout, self.url)
         try:
@@ -42,6 +43,8 @@ class FsspecStore(DurableStore):
                         deadline.check()
                         f.write(b)
                         total += buffer_nbytes(b)
+                        if progress is not None:
+                            progress(buffer_nbytes(b))
             return total
         except Exception as exc:  # noqa: BLE001 - fsspec backends raise anything
             raise self._wrap(f"write {files[0][0] if files else ''}", exc) from exc

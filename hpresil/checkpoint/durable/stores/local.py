@@ -11,7 +11,7 @@ import os
 import uuid
 from typing import Any, Sequence
 
-from hpresil.checkpoint.durable.stores.api import Buffer, Deadline, DurableStore, buffer_nbytes
+from hpresil.checkpoint.durable.stores.api import Buffer, Deadline, DurableStore, Progress, buffer_nbytes
 from hpresil.errors import ConfigError, StorageError
 
 __all__ = ["LocalStore", "open_local", "open_path"]
@@ -49,24 +49,25 @@ class LocalStore(DurableStore):
         finally:
             os.close(fd)
 
-    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None) -> int:
+    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None,
+                    progress: Progress | None = None) -> int:
         # one thread per file (a few): on a parallel filesystem (NFS, Lustre) streams add up
         deadline = Deadline(timeout, self.url)
         try:
             if len(files) <= 1:
-                total = sum(self._write_one(path, bufs, deadline) for path, bufs in files)
+                total = sum(self._write_one(path, bufs, deadline, progress) for path, bufs in files)
             else:
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(max_workers=min(4, len(files)), thread_name_prefix="hpresil-fwrite") as pool:
-                    total = sum(pool.map(lambda item: self._write_one(*item, deadline), files))
+                    total = sum(pool.map(lambda item: self._write_one(*item, deadline, progress), files))
             for d in sorted({os.path.dirname(self._p(path)) for path, _ in files}):
                 self._sync_dir(d)  # the new directory entries, too
             return total
         except OSError as exc:
             raise StorageError(f"cannot write {self.url}: {exc}") from exc
 
-    def _write_one(self, path: str, bufs: Sequence[Buffer], deadline: Deadline) -> int:
+    def _write_one(self, path: str, bufs: Sequence[Buffer], deadline: Deadline, progress: Progress | None) -> int:
         full = self._p(path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -78,6 +79,8 @@ class LocalStore(DurableStore):
                 deadline.check()
                 n = os.writev(fd, [v[:_WRITE_MAX] for v in views[i : i + 512]])
                 total += n
+                if progress is not None:
+                    progress(n)
                 while i < len(views) and n >= views[i].nbytes:
                     n -= views[i].nbytes
                     i += 1

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Any, Sequence
 
-from hpresil.checkpoint.durable.stores.api import Buffer, buffer_nbytes
+from hpresil.checkpoint.durable.stores.api import Buffer, Progress, buffer_nbytes
 from hpresil.checkpoint.durable.stores.generic import FsspecStore
 from hpresil.errors import ConfigError, StorageError
 
@@ -72,11 +72,12 @@ class S3Store(FsspecStore):
     def _key(self, path: str) -> str:
         return self._p(path).split("/", 1)[1] if "/" in self._p(path) else ""
 
-    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None) -> int:
+    def write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], *, timeout: float | None = None,
+                    progress: Progress | None = None) -> int:
         from fsspec.asyn import sync
 
         try:
-            total = sync(self.fs.loop, self._write_files, files, timeout)
+            total = sync(self.fs.loop, self._write_files, files, timeout, progress)
             if not isinstance(total, int):
                 raise StorageError(f"upload to {self.url} ended without a result")
             return total
@@ -85,27 +86,30 @@ class S3Store(FsspecStore):
         except Exception as exc:  # noqa: BLE001 - botocore/aiohttp/timeout errors
             raise self._wrap("upload", exc) from exc
 
-    async def _write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], timeout: float | None) -> int:
+    async def _write_files(self, files: Sequence[tuple[str, Sequence[Buffer]]], timeout: float | None,
+                           progress: Progress | None) -> int:
         sem = asyncio.Semaphore(self.concurrency)
-        coro = _all_or_nothing([self._upload(path, bufs, sem) for path, bufs in files])
+        coro = _all_or_nothing([self._upload(path, bufs, sem, progress) for path, bufs in files])
         try:
             return sum(await asyncio.wait_for(coro, timeout))
         except asyncio.CancelledError as exc:
             # fsspec's sync() returns None for a cancelled coroutine: never let that look like success
             raise StorageError(f"upload to {self.url} was cancelled") from exc
 
-    async def _upload(self, path: str, bufs: Sequence[Buffer], sem: asyncio.Semaphore) -> int:
+    async def _upload(self, path: str, bufs: Sequence[Buffer], sem: asyncio.Semaphore, progress: Progress | None) -> int:
         views = [memoryview(b).cast("B") for b in bufs if buffer_nbytes(b)]
         total = sum(v.nbytes for v in views)
         key = self._key(path)
         if total <= self.part_size:
             async with sem:
                 await self.fs._call_s3("put_object", Bucket=self.bucket, Key=key, Body=b"".join(views))
+            if progress is not None:
+                progress(total)
             return total
         mpu = await self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=key)
         upload_id = mpu["UploadId"]
         try:
-            parts = await self._upload_parts(key, upload_id, views, total, sem)
+            parts = await self._upload_parts(key, upload_id, views, total, sem, progress)
             await self.fs._call_s3(
                 "complete_multipart_upload",
                 Bucket=self.bucket,
@@ -124,7 +128,8 @@ class S3Store(FsspecStore):
         return total
 
     async def _upload_parts(
-        self, key: str, upload_id: str, views: list[memoryview], total: int, sem: asyncio.Semaphore
+        self, key: str, upload_id: str, views: list[memoryview], total: int, sem: asyncio.Semaphore,
+        progress: Progress | None = None,
     ) -> list[dict[str, Any]]:
         bounds = list(range(0, total, self.part_size))
         # cumulative starts of the views, to cut a part out of several buffers
@@ -147,6 +152,8 @@ class S3Store(FsspecStore):
                 resp = await self.fs._call_s3(
                     "upload_part", Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=num, Body=body
                 )
+            if progress is not None:
+                progress(len(body))
             return {"PartNumber": num, "ETag": resp["ETag"]}
 
         return await _all_or_nothing([one(i + 1, lo) for i, lo in enumerate(bounds)])
@@ -197,6 +204,33 @@ class S3Store(FsspecStore):
             pass
         except Exception as exc:  # noqa: BLE001
             raise self._wrap("delete", exc) from exc
+
+    def delete_tree(self, path: str) -> None:
+        """Deletes every object under ``path``, then the directory entries above
+        them, deepest first. S3 itself has no directories, but servers backed by
+        a file system (SeaweedFS, for one) keep an empty directory after its last
+        object is deleted and go on listing it: retention would then find the
+        step again at every pass."""
+        from fsspec.asyn import sync
+
+        root = self._p(path).rstrip("/")
+        try:
+            keys = self.fs.find(root, withdirs=False)
+            if keys:
+                self.fs.rm(keys)
+            dirs = {root}
+            for key in keys:
+                parent = key.rsplit("/", 1)[0]
+                while parent.startswith(root + "/") and parent not in dirs:
+                    dirs.add(parent)
+                    parent = parent.rsplit("/", 1)[0]
+            for d in sorted(dirs, key=lambda d: d.count("/"), reverse=True):
+                sync(self.fs.loop, self.fs._call_s3, "delete_object", Bucket=self.bucket,
+                     Key=d.split("/", 1)[1] + "/")
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise self._wrap(f"delete {path}", exc) from exc
 
 
 async def _all_or_nothing(coros: list[Any]) -> list[Any]:
