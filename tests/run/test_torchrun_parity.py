@@ -125,17 +125,22 @@ def _agent(args: list[str]) -> None:
     main(args)
 
 
-def test_multiple_agents(tmp_path) -> None:
-    d = tmp_path / "t"
+def _two_agents(tmp_path, start_method: str, rdzv_id: str) -> None:
+    """This process and one started by ``start_method`` run the two agents of one job."""
+    d = tmp_path / rdzv_id
     d.mkdir()
     args = ["--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-            "--rdzv_id=multi", *_common(tmp_path), script("touch_rank.py"), f"--touch-dir={d}"]
-    other = mp.get_context("spawn").Process(target=_agent, args=(args,))
+            f"--rdzv_id={rdzv_id}", *_common(tmp_path), script("touch_rank.py"), f"--touch-dir={d}"]
+    other = mp.get_context(start_method).Process(target=_agent, args=(args,))
     other.start()
     main(args)
     other.join(60)
     assert other.exitcode == 0
     assert _touched(d) == {"0", "1", "2", "3"}
+
+
+def test_multiple_agents(tmp_path) -> None:
+    _two_agents(tmp_path, "spawn", "multi")
 
 
 def test_is_torchelastic_launched_and_env_init(tmp_path) -> None:
@@ -153,13 +158,5 @@ def test_multiple_agents_forked_after_a_launch(tmp_path) -> None:
     first.mkdir()
     main(["--nnodes=1", "--nproc-per-node=1", "--standalone", *_common(tmp_path), script("touch_rank.py"),
           f"--touch-dir={first}"])
-    d = tmp_path / "t"
-    d.mkdir()
-    args = ["--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-            "--rdzv_id=forked", *_common(tmp_path), script("touch_rank.py"), f"--touch-dir={d}"]
-    other = mp.get_context("fork").Process(target=_agent, args=(args,))
-    other.start()
-    main(args)
-    other.join(60)
-    assert other.exitcode == 0
-    assert _touched(first) == {"0"} and _touched(d) == {"0", "1", "2", "3"}
+    assert _touched(first) == {"0"}
+    _two_agents(tmp_path, "fork", "forked")
