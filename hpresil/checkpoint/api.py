@@ -96,6 +96,10 @@ class CheckpointConfig:
             :meth:`~hpresil.Checkpointer.close` waits at most this long for
             the last upload.
         verify_on_restore: check checksums before trusting a snapshot.
+        final_durable: :meth:`~hpresil.Checkpointer.close` snapshots the last
+            saved step for the durable tier and waits until it is committed.
+        close_timeout: the longest :meth:`~hpresil.Checkpointer.close` waits
+            for that commit (a warning names the newest durable step otherwise).
         slot_wait: the longest one save waits for readers (sealer, durable
             read, peer send) to release a slot when every slot it may
             overwrite is being read; over time saves wait at most 1 % of the
@@ -113,6 +117,8 @@ class CheckpointConfig:
     upload_timeout: timedelta = timedelta(minutes=10)
     verify_on_restore: bool = True
     slot_wait: timedelta = timedelta(milliseconds=250)
+    final_durable: bool = True
+    close_timeout: timedelta = timedelta(minutes=2)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -130,6 +136,9 @@ class CheckpointConfig:
             raise ConfigError(f"slot_wait={self.slot_wait}: must be >= 0 (0 skips a snapshot at once when its slots are busy)")
         if self.upload_timeout <= timedelta(0):
             raise ConfigError(f"upload_timeout={self.upload_timeout}: must be > 0")
+        if self.close_timeout < timedelta(0):
+            raise ConfigError(f"close_timeout={self.close_timeout}: must be >= 0 (0: close() does not wait "
+                              "for the final durable step)")
         if self.slots < 2:
             raise ConfigError(f"slots={self.slots}: double buffering needs slots >= 2")
         if self.durable is None:

@@ -37,6 +37,8 @@ from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
 from hpresil.checkpoint.durable.shared import shared_by_all_nodes
 from hpresil.checkpoint.durable.source import DurableSource
 from hpresil.checkpoint.durable.stores import DurableStore, open_store
+from hpresil.checkpoint.durable.stores.api import redact
+from hpresil.checkpoint.durable.writer import is_committed
 from hpresil.checkpoint.peer.source import PeerSource
 from hpresil.checkpoint.ram.files import drop_newer, scan
 from hpresil.checkpoint.ram.sealer import Sealer
@@ -219,6 +221,7 @@ class Checkpointer:
         self._ram: RamWriter | None = None
         self._staging: RamWriter | None = None
         self._last_snapshot: tuple[int, bool] | None = None  # (step, durable) of the newest snapshot taken
+        self._last_step: int | None = None  # the step of the newest save() call, snapshot or not
         self._staging_dir: str | None = None
         self._services: list[tuple[Sealer, Any]] = []  # (sealer, drainer or None) per directory
         self.last_restore: RestoreResult | None = None
@@ -282,6 +285,7 @@ class Checkpointer:
             CheckpointError: a state value cannot be stored (the message names it).
         """
         heartbeat(step)
+        self._last_step = step
         if step % self.config.every:
             return False
         with phase("checkpoint"):
@@ -456,7 +460,7 @@ class Checkpointer:
             return
         default = "" if self.config.durable else (" (the default: a directory in each node's own log dir; "
                                                   "set HPRESIL_DURABLE or Checkpointer(durable=...))")
-        message = (f"durable URL {self.durable_url}{default} is not shared by all nodes: some node cannot see "
+        message = (f"durable URL {redact(self.durable_url)}{default} is not shared by all nodes: some node cannot see "
                    f"rank 0's files there, so no durable step can ever commit (each node holds only its own "
                    f"ranks). Use storage every node reaches: durable='s3://bucket/prefix' or a shared file system")
         log.warning("rank %d: %s", self.rank, message)
@@ -474,18 +478,48 @@ class Checkpointer:
             if drainer is not None:
                 drainer.drain_once()
 
-    def close(self, *, keep_ram: bool | None = None) -> None:
-        """Finishes background work and releases the RAM tier.
+    def close(self, *, keep_ram: bool | None = None, final_durable: bool | None = None) -> None:
+        """Makes the final state durable, finishes background work and releases the RAM tier.
+
+        Call it on every rank once training is done.
 
         Args:
             keep_ram: leave this rank's snapshots in shared memory. Default:
                 kept under ``hpresil-run`` (its runtime removes them at job
                 end), removed otherwise, since nothing else would free them.
+            final_durable: snapshot the step of the last :meth:`save` call for
+                the durable tier (unless its snapshot already is) and wait until
+                that step is committed there, at most ``close_timeout``; a
+                rerun then resumes from the end, not from the last
+                ``durable_every`` step. Default: ``CheckpointConfig.final_durable``.
         """
         # Waiting for the last durable upload can outlast the step timeout:
         # tell the hang watchdog this is a phase of its own.
         with phase("ckpt-close", timeout=self.config.upload_timeout + timedelta(minutes=1)):
+            if self.config.final_durable if final_durable is None else final_durable:
+                self._make_final_durable()
             self._close(keep_ram)
+
+    def _make_final_durable(self) -> None:
+        step = self._last_step
+        if self.durable_url is None or step is None or (self._ram is None and self._staging is None):
+            return
+        if self._last_snapshot != (step, True) and not self._save(step, final=True):
+            log.warning("rank %d: the final snapshot of step %d was skipped; it is not durable", self.rank, step)
+            return
+        deadline = time.monotonic() + self.config.close_timeout.total_seconds()
+        self.wait(timedelta(seconds=30))  # committed and sealed; in-process, drained too
+        while self._store is not None and not is_committed(self._store, step):
+            if time.monotonic() >= deadline:
+                log.warning("rank %d: step %d is not committed to the durable tier %s after %.0fs (close_timeout); "
+                            "a rerun resumes from an older durable step unless the upload finishes", self.rank, step,
+                            redact(self.durable_url), self.config.close_timeout.total_seconds())
+                return
+            for _, drainer in self._services:  # in-process: the other ranks' markers may complete the step
+                if drainer is not None:
+                    drainer.drain_once()
+            time.sleep(0.1)
+        log.info("rank %d: final step %d is durable in %s", self.rank, step, redact(self.durable_url))
 
     def _close(self, keep_ram: bool | None) -> None:
         try:
@@ -519,8 +553,9 @@ class Checkpointer:
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # After an exception the state may be half-updated: never make it the final durable step.
+        self.close(final_durable=None if exc_type is None else False)
 
 
 def _rank_dirs(shm_dir: str) -> list[int]:

@@ -50,8 +50,10 @@ def _is_dtensor(value: object) -> bool:
     """Whether ``value`` is a DTensor, without importing torch.distributed.tensor
     (seconds of start-up) when nothing created one: a DTensor can only exist if
     its module was imported."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(value, module.DTensor)
+    # Another thread (the drainer's warm-up) may be importing it right now: a
+    # module without its class yet cannot have made a DTensor either.
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(value, cls)
 
 
 

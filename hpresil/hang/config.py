@@ -36,7 +36,8 @@ def _value(field: str, raw: str, source: str) -> Any:
         number = float(raw)
         return number if field == "factor" else timedelta(seconds=number)
     except (ValueError, OverflowError):  # not a number, NaN, or beyond timedelta's range (1e400, inf)
-        raise ConfigError(f"{source}={raw!r} is not a number of seconds") from None
+        what = "a number (a factor, e.g. 2.5)" if field == "factor" else "a number of seconds"
+        raise ConfigError(f"{source}={raw!r} is not {what}") from None
 
 
 def hang_config(values: Mapping[str, str | None]) -> HangConfig:

@@ -17,7 +17,7 @@ import socket
 import sys
 import uuid
 from datetime import timedelta
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
@@ -123,9 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         "hpresil-run: a drop-in torchrun (same flags, same PET_* variables) with a node runtime "
         "for tiered checkpointing, hang detection and elastic recovery."
     )
+    parser.epilog = (
+        "subcommands: `hpresil-run doctor [--json]` explains the network environment hpresil-run would set "
+        "here and exits 1 on a misconfiguration that will break the job; `hpresil-run report LOG_DIR "
+        "[--png FILE]` prints a finished or running job's goodput, time lost per cause and checkpoint "
+        "statistics. Each takes --help."
+    )
+    _suggest_close_flags(parser)
     group = parser.add_argument_group(
         "hpresil", "hpresil's options; each is also read from the HPRESIL_* variable named in its help."
     )
+    group.add_argument("--version", action="version", version=f"hpresil-run {_version()} (torch {torch_version()})")
     for flag, env_var, kind, default, help_text in HPRESIL_OPTIONS:
         dest = flag.lstrip("-").replace("-", "_")
         value = _env_default(env_var, kind, default)
@@ -137,6 +145,44 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             group.add_argument(flag, dest=dest, type=str, default=value, help=help_full)
     return parser
+
+
+def _version() -> str:
+    from hpresil import __version__
+
+    return __version__
+
+
+def torch_version() -> str:
+    """The installed torch's version (no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _suggest_close_flags(parser: argparse.ArgumentParser) -> None:
+    """Makes the parser's "unrecognized arguments" error name the flags a typo was meant to be."""
+    import difflib
+
+    fail = parser.error
+
+    def error(message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            hints = []
+            for word in message.split(": ", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("-"):
+                    close = difflib.get_close_matches(flag, list(parser._option_string_actions), n=1, cutoff=0.75)
+                    if close:
+                        hints.append(f"{flag}: did you mean {close[0]}?")
+            if hints:
+                message += "\n" + "\n".join(hints)
+        fail(message)
+
+    parser.error = error  # type: ignore[method-assign]
 
 
 def resolve_rendezvous(args: argparse.Namespace) -> None:
@@ -183,10 +229,35 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--monitor-interval {args.monitor_interval}: takes a number of seconds > 0")
     if args.no_python and args.module:
         raise ConfigError("--no-python and -m/--module conflict: drop --no-python to run a module with -m")
+    _check_entrypoint(args)
     if getattr(args, "preload", None):
         from hpresil.run.warm import preload_modules
 
         preload_modules(args.preload)
+
+
+def _check_entrypoint(args: argparse.Namespace) -> None:
+    """Fails before any worker starts when the script (or ``--no-python``
+    program) does not exist: every worker of every attempt would fail the same way.
+
+    Raises:
+        ConfigError: it does not exist; the message names the path looked at.
+    """
+    import shutil
+
+    script = args.training_script
+    if args.module or args.run_path or not script:
+        return  # a module resolves in the workers' environment; --run-path is torch's own
+    if args.no_python:
+        if os.sep not in script and shutil.which(script) is None:
+            raise ConfigError(f"--no-python: program {script!r} is not on PATH; give its path or install it")
+        if os.sep in script and not os.path.exists(script):
+            raise ConfigError(f"--no-python: program {script!r} does not exist (looked in {os.getcwd()})")
+        return
+    if not os.path.isfile(script):
+        what = "is a directory" if os.path.isdir(script) else "does not exist"
+        raise ConfigError(f"training script {script!r} {what} (looked in {os.getcwd()}); pass the path of a "
+                          "Python file, or -m package.module to run a module")
 
 
 def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:

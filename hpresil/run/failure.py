@@ -237,8 +237,42 @@ def explain_failure(
         lines.append("  no traceback: the process was killed by a signal (OOM killer, scheduler, or a fault)")
     else:
         lines.append("  no traceback captured: run with --tracebacks auto, or import hpresil in the script")
-    if max_restarts == 0:
-        lines.append("  fix: correct the error above; to survive transient faults, pass --max-restarts N")
-    else:
-        lines.append("  fix: every restart failed; correct the error above, or raise --max-restarts")
+    lines.append("  fix: " + _fix(failure, tb, max_restarts))
     return "\n".join(lines)
+
+
+#: Exceptions that come from the script or its inputs: a restart meets them again.
+_DETERMINISTIC = (
+    "SyntaxError", "IndentationError", "ImportError", "ModuleNotFoundError", "NameError", "AttributeError",
+    "TypeError", "ValueError", "KeyError", "IndexError", "AssertionError", "FileNotFoundError",
+    "NotADirectoryError", "IsADirectoryError", "PermissionError", "ZeroDivisionError", "RecursionError",
+    "NotImplementedError", "UnboundLocalError", "JSONDecodeError", "ConfigError", "StateMismatchError",
+    "ReshardError",
+)
+
+
+def _exception_name(tb: str | None) -> str | None:
+    """The type of the exception a traceback ends with (``pkg.mod.Error: msg`` -> ``Error``)."""
+    if not tb:
+        return None
+    last = tb.rstrip().splitlines()[-1].strip()
+    head = last.split(":", 1)[0].strip()
+    return head.rsplit(".", 1)[-1] if head.replace(".", "").replace("_", "").isalnum() else None
+
+
+def _fix(failure: ProcessFailure, tb: str | None, max_restarts: int) -> str:
+    """What to do, by the kind of failure: an error in the script is not cured by restarting."""
+    name = _exception_name(tb)
+    if name in _DETERMINISTIC:
+        return (f"{name} is an error in the script, its arguments or its data, and meets every restart again: "
+                "correct it (--max-restarts only helps against transient faults: a lost node, a hung "
+                "collective, a killed process)")
+    if failure.exitcode < 0:
+        if max_restarts == 0:
+            return (f"the process was killed ({failure.signal_name()}); if that was a transient fault, pass "
+                    "--max-restarts N to restart from the last snapshot; check the kernel log for the OOM killer")
+        return (f"every restart ended the same way ({failure.signal_name()}): look for what kills it (OOM "
+                "killer, a scheduler limit) or raise --max-restarts")
+    if max_restarts == 0:
+        return "correct the error above; to survive transient faults, pass --max-restarts N"
+    return "every restart failed; correct the error above, or raise --max-restarts if the faults are transient"

@@ -160,14 +160,14 @@ def test_durable_tier_in_process_drain_and_restore(shm: str, tmp_path: Any) -> N
         state["data"]["epoch"] = step
         ckpt.save(step)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt.close()  # drains step 4, then frees this rank's RAM (no hpresil-run here)
-    assert [e["step"] for e in sink.named("checkpoint_drained")][-1] == 4
+    ckpt.close()  # drains the final step 5 (a lagging drain skips 4), then frees this rank's RAM
+    assert [e["step"] for e in sink.named("checkpoint_drained")][-1] == 5
     with torch.no_grad():
         model.weight.zero_()
     ckpt = Checkpointer(state=state, shm_dir=shm, durable=url, durable_every=2, events=sink)
-    assert ckpt.restore() == 4
+    assert ckpt.restore() == 5
     assert ckpt.last_restore is not None and ckpt.last_restore.tier == "durable"
-    assert state["data"]["epoch"] == 4
+    assert state["data"]["epoch"] == 5
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     ckpt.close()
 
@@ -361,3 +361,48 @@ def test_a_durable_url_not_shared_by_all_nodes_is_reported_at_start(tmp_path: An
             (ev,) = got["events"]  # every rank hears it, once
             assert ev["tier"] == "durable" and ev["reason"] == "not_shared" and "s3://" in ev["error"]
             assert len([w for w in got["warnings"] if "is not shared by all nodes" in w]) == 1
+
+
+# -- close() leaves the final state durable --------------------------------------------------------
+
+@pytest.mark.parametrize("final_durable", [True, False])
+def test_close_makes_the_last_step_durable(tmp_path: Any, final_durable: bool) -> None:
+    """60 steps with ``durable_every=50``: after ``close()`` a rerun on a fresh node (no
+    RAM) resumes at 60 with the final parameters; with ``final_durable=False`` at 50."""
+    url = f"file://{tmp_path}/ckpt"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ckpt = Checkpointer({"model": model}, durable=url, durable_every=50, shm_dir=str(tmp_path / "shm1"),
+                        events=ListSink(), run_services=True)
+    start = ckpt.restore()
+    for step in range(start, 60):
+        with torch.no_grad():
+            model.weight.mul_(0.9).add_(step)
+        ckpt.save(step + 1)
+        if step + 1 == 50:
+            ckpt.wait()  # step 50 drained before later saves may reuse its slot
+    final = model.weight.detach().clone()
+    ckpt.close(final_durable=final_durable)
+    with torch.no_grad():
+        model.weight.zero_()
+    again = Checkpointer({"model": model}, durable=url, durable_every=50, shm_dir=str(tmp_path / "shm2"),
+                         events=ListSink(), run_services=True)
+    assert again.restore() == (60 if final_durable else 50)
+    assert torch.equal(model.weight, final) == final_durable
+    again.close(final_durable=False)
+
+
+def test_close_after_an_exception_takes_no_final_snapshot(tmp_path: Any) -> None:
+    url = f"file://{tmp_path}/ckpt"
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Checkpointer({"model": model}, durable=url, durable_every=5, shm_dir=str(tmp_path / "shm"),
+                          events=ListSink(), run_services=True) as ckpt:
+            ckpt.restore()
+            for step in range(7):
+                ckpt.save(step + 1)
+            raise RuntimeError("boom")  # the state may be half-updated here
+    fresh = Checkpointer({"model": model}, durable=url, durable_every=5, shm_dir=str(tmp_path / "shm2"),
+                         events=ListSink(), run_services=True)
+    assert fresh.restore() == 5
+    fresh.close(final_durable=False)

@@ -68,6 +68,7 @@ def launcher(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     monkeypatch.setattr(hpresil.run.launch, "launch_agent", _stub_launch)
     monkeypatch.chdir(tmp_path)  # log dirs a command line names are created here
+    (tmp_path / "train.py").write_text("")  # the script the command lines name exists: it is checked first
     monkeypatch.setenv("PYTHON_EXEC", "/nonexistent/python")  # never start the warm-start fork server
     monkeypatch.setenv("HPRESIL_SHM_ROOT", str(tmp_path / "shm"))
     for name in [n for n in os.environ if n.startswith(("HPRESIL_", "PET_", "TORCHELASTIC_"))]:

@@ -71,6 +71,10 @@ def test_hpresil_variables_are_defaults_and_flags_win(monkeypatch: pytest.Monkey
         (["--no-python", "-m"], "drop --no-python"),
         (["--local-ranks-filter", "a,b"], "--local_ranks_filter must be a comma-separated list"),
         (["--tracebacks", "maybe"], "invalid choice"),
+        (["--hang-factor", "abc"], "--hang-factor='abc' is not a number (a factor, e.g. 2.5)"),
+        (["--hang-step-floor", "abc"], "--hang-step-floor='abc' is not a number of seconds"),
+        (["--nproc-pre-node", "2"], "--nproc-pre-node: did you mean --nproc-per-node?"),
+        (["--metric-port", "9400"], "--metric-port: did you mean --metrics-port?"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_fix(tmp_path, argv: list[str], fix: str) -> None:
@@ -90,3 +94,15 @@ def test_bad_hpresil_env_value_exits_2(tmp_path) -> None:
 def test_console_script_is_installed_or_module_runs() -> None:
     proc = subprocess.run([sys.executable, "-m", "hpresil.run", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "hpresil-run" in proc.stdout
+
+
+def test_version_and_help_name_the_subcommands() -> None:
+    from importlib.metadata import version
+
+    import hpresil
+
+    proc = subprocess.run([sys.executable, "-m", "hpresil.run", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"hpresil-run {hpresil.__version__} (torch {version('torch')})"
+    text = build_parser().format_help()
+    assert "hpresil-run doctor" in text and "hpresil-run report LOG_DIR" in text

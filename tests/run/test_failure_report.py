@@ -85,3 +85,27 @@ def test_guard_error_files_repairs_only_a_dead_writers_torn_file(tmp_path) -> No
     with open(live) as f:
         assert f.read() == '{"message": {"mess'  # its writer may still be finishing it
     assert guard_error_files(files, lambda: {}, checked) == [live]  # writer gone: repaired now
+
+
+def test_the_fix_hint_follows_the_kind_of_failure(tmp_path) -> None:
+    stderr = tmp_path / "stderr0.log"
+    stderr.write_text('Traceback (most recent call last):\n  File "train.py", line 3\n'
+                      "hpresil.errors.ConfigError: every=0: snapshot interval must be >= 1 step\n")
+    failures = {0: _failure(tmp_path, 0, 1, 100)}
+    for restarts in (0, 3):  # an error in the script: restarting never helps
+        report = explain_failure(ChildFailedError("train.py", failures), max_restarts=restarts, restarts_used=restarts,
+                                 stderr_paths={0: str(stderr)})
+        assert "fix: ConfigError is an error in the script, its arguments or its data" in report
+        assert "pass --max-restarts N" not in report
+    killed = {0: _failure(tmp_path, 0, -signal.SIGKILL, 100)}
+    report = explain_failure(ChildFailedError("train.py", killed), max_restarts=0, restarts_used=0)
+    assert "fix: the process was killed (SIGKILL); if that was a transient fault, pass --max-restarts N" in report
+
+
+def test_a_missing_script_is_refused_before_any_worker_starts(tmp_path) -> None:
+    from _launch import hpresil_run
+
+    proc = hpresil_run(["--standalone", "--nproc-per-node", "2", "no_such_script.py"], tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert f"training script 'no_such_script.py' does not exist (looked in {tmp_path})" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 2

@@ -29,6 +29,7 @@ from typing import Any
 from hpresil.checkpoint.durable.writer import DurableWriter, RankUpload
 from hpresil.checkpoint.durable.layout import ArenaSlice, assign_owners, plan_rank_file
 from hpresil.checkpoint.durable.stores import Buffer, DurableStore, open_store
+from hpresil.checkpoint.durable.stores.api import redact
 from hpresil.checkpoint.ram.files import ScanCache, SlotInfo, scan
 from hpresil.checkpoint.ram.pin import Pinned, SlotGone, pin
 from hpresil.errors import ConfigError
@@ -345,7 +346,7 @@ class Drainer(NodeService):
                 bufs: list[Buffer] = [p.view(s.offset, s.nbytes) if isinstance(s, ArenaSlice) else s for s in segments]
                 uploads.append(RankUpload(rank_obj, bufs))
             timeout = first.upload_timeout or self.config.upload_timeout.total_seconds()
-            self._transfer = _Transfer(step=step, url=first.durable_url or "", last=time.monotonic())
+            self._transfer = _Transfer(step=step, url=redact(first.durable_url or ""), last=time.monotonic())
             try:
                 nbytes, ranks = writer.upload(step, uploads, timeout=timeout, progress=self._progress)
             finally:
@@ -359,12 +360,12 @@ class Drainer(NodeService):
             del self._done[old]
         duration = time.monotonic() - t0
         if self._failures:
-            log.info("durable tier %s recovered after %d failed attempts", first.durable_url, self._failures)
+            log.info("durable tier %s recovered after %d failed attempts", redact(first.durable_url or ""), self._failures)
         self._failures = 0
         self._retry_at = 0.0
         log.info(
             "drained step %d ranks %s to %s: %.1f MB in %.2fs%s",
-            step, ranks, first.durable_url, nbytes / 1e6, duration, " (committed)" if committed else "",
+            step, ranks, redact(first.durable_url or ""), nbytes / 1e6, duration, " (committed)" if committed else "",
         )
         if not ranks and not committed:
             return False  # our ranks were uploaded earlier (e.g. before a restart); others are pending

@@ -39,7 +39,7 @@ from hpresil.checkpoint.durable.layout import (
 from hpresil.checkpoint.durable.stores.api import Buffer, DurableStore, Progress
 from hpresil.errors import IntegrityError, StorageError
 
-__all__ = ["DurableWriter", "RankUpload", "digest", "list_committed"]
+__all__ = ["DurableWriter", "RankUpload", "digest", "is_committed", "list_committed"]
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,11 @@ class DurableWriter:
 def digest(blob: bytes) -> str:
     """``sha256:<hex>`` of a rank marker, as the manifest records it."""
     return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def is_committed(store: DurableStore, step: int) -> bool:
+    """Whether ``step`` has its commit marker in ``store`` (one listing)."""
+    return "manifest.json" in store.list_dir(f"{step_dir(step)}/{META_DIR}")
 
 
 def list_committed(store: DurableStore) -> list[tuple[int, dict[str, Any]]]:

@@ -16,12 +16,13 @@ used and fails within ``probe_timeout`` seconds with a message naming the fix.
 from __future__ import annotations
 
 import abc
+import re
 import time
 from typing import Any, Callable, Sequence, Union
 
 from hpresil.errors import StorageError
 
-__all__ = ["Buffer", "buffer_nbytes", "DurableStore", "Opener", "Deadline", "Progress"]
+__all__ = ["Buffer", "buffer_nbytes", "DurableStore", "Opener", "Deadline", "Progress", "redact"]
 
 #: What stores write: literal bytes or views of the shared-memory arena.
 Buffer = Union[bytes, bytearray, memoryview]
@@ -29,6 +30,11 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 #: A write's progress callback: the bytes just taken by the store.
 Progress = Callable[[int], None]
+
+
+def redact(url: str) -> str:
+    """``url`` with a password it carries (``ftp://user:pass@host``) masked, for messages and logs."""
+    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
 
 
 def buffer_nbytes(buf: Buffer) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from hpresil.checkpoint.durable.stores.api import Buffer, Deadline, DurableStore, Progress, buffer_nbytes
+from hpresil.checkpoint.durable.stores.api import Buffer, Deadline, DurableStore, Progress, buffer_nbytes, redact
 from hpresil.errors import ConfigError, StorageError
 
 __all__ = ["FsspecStore", "open_fsspec"]
@@ -24,10 +24,21 @@ class FsspecStore(DurableStore):
     def __init__(self, fs: Any, root: str, url: str) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
-        self.url = url
+        self.url = redact(url)
+        self._dirs: set[str] = set()  # parent directories known to exist
 
     def _p(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
+
+    def _for_writing(self, path: str) -> str:
+        """The full path, its parent directory made first: file systems with real
+        directories (ftp, sftp, hdfs) do not create them on write."""
+        full = self._p(path)
+        parent = full.rsplit("/", 1)[0]
+        if parent and parent not in self._dirs:
+            self.fs.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        return full
 
     def _wrap(self, what: str, exc: Exception) -> StorageError:
         return StorageError(f"cannot {what} in {self.url}: {type(exc).__name__}: {exc}")
@@ -38,7 +49,7 @@ class FsspecStore(DurableStore):
         deadline = Deadline(timeout, self.url)
         try:
             for path, bufs in files:
-                with self.fs.open(self._p(path), "wb") as f:
+                with self.fs.open(self._for_writing(path), "wb") as f:
                     for b in bufs:
                         deadline.check()
                         f.write(b)
@@ -51,7 +62,7 @@ class FsspecStore(DurableStore):
 
     def write_bytes(self, path: str, data: bytes) -> None:
         try:
-            self.fs.pipe_file(self._p(path), data)
+            self.fs.pipe_file(self._for_writing(path), data)
         except Exception as exc:  # noqa: BLE001
             raise self._wrap(f"write {path}", exc) from exc
 
@@ -126,7 +137,12 @@ def open_fsspec(url: str, rest: str, options: dict[str, Any], probe_timeout: flo
     except ImportError as exc:
         raise ConfigError(f"durable URL {url!r} needs an extra package: {exc}") from exc
     try:
-        fs = fs_cls(**options)
+        # host, port, user... as the URL gives them (ftp, sftp, hdfs, webhdfs, http); explicit options win
+        kwargs = {**fs_cls._get_kwargs_from_urls(url), **options}
+    except Exception as exc:  # noqa: BLE001 - fsspec parses the URL its own way
+        raise ConfigError(f"durable URL {url!r} cannot be parsed for {scheme}://: {exc}") from exc
+    try:
+        fs = fs_cls(**kwargs)
         root = fs._strip_protocol(url)
         fs.makedirs(root, exist_ok=True)
     except Exception as exc:  # noqa: BLE001
