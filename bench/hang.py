@@ -13,6 +13,12 @@ torchrun runs the same script with its defaults and ``--max-restarts 1``; it
 has no hang detection, so it waits for the gloo timeout (30 min by default),
 capped here at ``--cap`` seconds and reported as ">cap".
 
+A rank asleep or spinning outside any collective (``hang``, ``spin``) is busy in
+its own code, not certainly stuck: hpresil-run reports it at the step timeout and
+kills it at ``--hang-busy-timeout`` (600 s by default, as NCCL's collective
+timeout). This bench passes ``--busy-timeout`` (default 1 s) so that it measures
+detection; ``stop`` keeps the fast verdict whatever it is.
+
     python bench/hang.py --fault hang --cap 60
 """
 
@@ -48,7 +54,7 @@ def _kill_workers(marker: str) -> None:
             pass
 
 
-def run(launcher: str, fault: str, hang_step: int, steps: int, cap: float) -> dict[str, float | str]:
+def run(launcher: str, fault: str, hang_step: int, steps: int, cap: float, busy: float) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as tmp:
         out, logs = os.path.join(tmp, "out"), os.path.join(tmp, "logs")
         os.makedirs(out)
@@ -56,7 +62,8 @@ def run(launcher: str, fault: str, hang_step: int, steps: int, cap: float) -> di
                "HPRESIL_FAULTS": json.dumps([{"rank": 1, "step": hang_step, "action": fault}])}
         common = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--log-dir", logs]
         if launcher == "hpresil-run":
-            cmd = [sys.executable, "-m", "hpresil.run", "--shm-root", os.path.join(tmp, "shm"), *common]
+            cmd = [sys.executable, "-m", "hpresil.run", "--shm-root", os.path.join(tmp, "shm"),
+                   "--hang-busy-timeout", str(busy), *common]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", *common]
         cmd += [WORKER, out, str(steps)]
@@ -91,9 +98,12 @@ def main() -> None:
     parser.add_argument("--hang-step", type=int, default=30)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--cap", type=float, default=60.0)
+    parser.add_argument("--busy-timeout", type=float, default=1.0, help="hpresil-run --hang-busy-timeout")
     args = parser.parse_args()
-    rows = [run(name, args.fault, args.hang_step, args.steps, args.cap) for name in ("hpresil-run", "torchrun")]
-    print(f"fault={args.fault} at step {args.hang_step}, 2 workers, gloo, 20 ms steps; times from the hang start")
+    rows = [run(name, args.fault, args.hang_step, args.steps, args.cap, args.busy_timeout)
+            for name in ("hpresil-run", "torchrun")]
+    print(f"fault={args.fault} at step {args.hang_step}, 2 workers, gloo, 20 ms steps; times from the hang start; "
+          f"hpresil-run --hang-busy-timeout {args.busy_timeout:g}")
     print(f"{'launcher':12s} {'detection s':>12s} {'suspect':>8s} {'kill s':>8s} {'recovery s':>11s}")
     for r in rows:
         print(f"{r['launcher']:12s} {str(r['detection_s']):>12s} {r['suspect']:>8s} {str(r['kill_s']):>8s} "

@@ -38,6 +38,7 @@ EVENT_NAMES = frozenset(
         "tier_restored",
         "integrity_failed",
         "hang_detected",
+        "rank_busy",
         "straggler",
         "health_check",
         "gpu_unhealthy",

@@ -94,6 +94,13 @@ class HangConfig:
         user_timeout: timeout of user phases that give none.
         stopped_timeout: a worker in the stopped state (SIGSTOP) this long is hung,
             heartbeats or not (process-level supervision).
+        busy_timeout: how long a rank that overran its phase timeout may stay
+            busy in its own code (outside collectives and device waits: host
+            work, I/O, a slow first compile, a sleep) before it is killed as
+            hung. It is reported (``rank_busy``) when it overruns; a drop-in
+            must not kill what torchrun lets run, so the default is NCCL's
+            collective timeout. A stopped rank, or one blocked inside a
+            collective or a device wait, keeps the fast verdict.
         grace: SIGTERM -> SIGKILL delay when killing a hung group.
         gather_timeout: how long to wait for other nodes' diagnostics.
         straggler_threshold: a rank slower than this x the group median ...
@@ -111,6 +118,7 @@ class HangConfig:
     checkpoint_floor: timedelta = timedelta(seconds=30)
     user_timeout: timedelta = timedelta(minutes=30)
     stopped_timeout: timedelta = timedelta(seconds=4)
+    busy_timeout: timedelta = timedelta(minutes=10)
     grace: timedelta = timedelta(seconds=3)
     gather_timeout: timedelta = timedelta(seconds=2)
     straggler_threshold: float = 1.5
@@ -118,7 +126,7 @@ class HangConfig:
     straggler_window: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("init_timeout", "step_floor", "checkpoint_floor", "user_timeout", "stopped_timeout"):
+        for name in ("init_timeout", "step_floor", "checkpoint_floor", "user_timeout", "stopped_timeout", "busy_timeout"):
             if getattr(self, name) <= timedelta(0):
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         if self.step_timeout is not None and self.step_timeout <= timedelta(0):

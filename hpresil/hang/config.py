@@ -25,6 +25,10 @@ HANG_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
      "Lower bound of the checkpoint-phase timeout (default 30)."),
     ("--hang-stopped-timeout", "HPRESIL_HANG_STOPPED_TIMEOUT", "stopped_timeout",
      "Seconds a worker may stay stopped (SIGSTOP) before it counts as hung (default 4)."),
+    ("--hang-busy-timeout", "HPRESIL_HANG_BUSY_TIMEOUT", "busy_timeout",
+     "Seconds a rank that overran its step timeout may stay busy in its own code (outside collectives and "
+     "device waits: host work, I/O, a first compile, a sleep) before it is killed; it is reported at once "
+     "(default 600, NCCL's collective timeout)."),
     ("--hang-grace", "HPRESIL_HANG_GRACE", "grace", "SIGTERM -> SIGKILL delay when killing a hung group (default 3)."),
 )
 

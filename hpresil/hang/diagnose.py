@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-__all__ = ["RankDiag", "find_suspects", "in_collective"]
+__all__ = ["RankDiag", "find_suspects", "in_collective", "in_device_wait", "busy"]
 
 # Frames of a rank that waits for its peers: torch.distributed's Python API,
 # DDP's gradient sync (which waits inside backward), and FSDP's collectives.
@@ -31,6 +31,24 @@ _COLLECTIVE_MARKERS = (
 )
 
 
+# Frames of a rank that waits for its device: a synchronize, an event or a stream wait.
+_DEVICE_WAIT_MARKERS = (
+    "torch/cuda/__init__.py",
+    "torch/cuda/streams.py",
+    "torch/cuda/graphs.py",
+)
+
+
+def _main_stack(stacks: str) -> str:
+    blocks = [b for b in stacks.strip().split("\n\n") if b.strip()]
+    # py-spy names the main thread; faulthandler does not, but only the main
+    # thread's stack bottoms out in the script's module-level code.
+    return (next((b for b in blocks if "MainThread" in b), None)
+            or next((b for b in blocks if "in <module>" in b), None)
+            or next((b for b in blocks if "Current thread" in b), None)
+            or (blocks[0] if blocks else ""))
+
+
 def in_collective(stacks: str | None) -> bool | None:
     """Whether the main thread's stack is inside a collective (``None``: unknown).
 
@@ -39,14 +57,16 @@ def in_collective(stacks: str | None) -> bool | None:
     """
     if not stacks:
         return None
-    blocks = [b for b in stacks.strip().split("\n\n") if b.strip()]
-    # py-spy names the main thread; faulthandler does not, but only the main
-    # thread's stack bottoms out in the script's module-level code.
-    main = (next((b for b in blocks if "MainThread" in b), None)
-            or next((b for b in blocks if "in <module>" in b), None)
-            or next((b for b in blocks if "Current thread" in b), None)
-            or (blocks[0] if blocks else ""))
+    main = _main_stack(stacks)
     return any(marker in main for marker in _COLLECTIVE_MARKERS)
+
+
+def in_device_wait(stacks: str | None) -> bool | None:
+    """Whether the main thread waits for the GPU (``None``: unknown)."""
+    if not stacks:
+        return None
+    main = _main_stack(stacks)
+    return any(marker in main for marker in _DEVICE_WAIT_MARKERS)
 
 
 @dataclasses.dataclass(slots=True)
@@ -60,6 +80,7 @@ class RankDiag:
     state: str | None
     cpu_rate: float | None
     in_collective: bool | None
+    in_device_wait: bool | None = None
     stacks_file: str | None = None
     flight_recorder: str | None = None
 
@@ -106,3 +127,21 @@ def find_suspects(diags: Iterable[RankDiag], spin_rate: float = 0.5) -> tuple[li
     if spinning and len(spinning) < len(ranks):
         return spinning, "spinning"
     return [d.rank for d in ranks], "unknown"
+
+
+def busy(diags: Iterable[RankDiag], suspects: list[int], reason: str) -> bool:
+    """Whether the suspects are busy in their own code rather than stuck.
+
+    Certainly stuck: a stopped rank, or a suspect inside a collective or a
+    device wait, or one whose stack could not be read. Busy: every suspect's
+    main thread is in its own code (host work, I/O, a sleep, a Python spin),
+    as when rank 0 exports a checkpoint while the others wait in the next
+    all-reduce: torchrun lets that run for NCCL's collective timeout.
+    """
+    if reason == "stopped" or not suspects:
+        return False
+    by_rank = {d.rank: d for d in diags}
+    named = [by_rank[r] for r in suspects if r in by_rank]
+    return bool(named) and all(
+        d.state not in ("T", "t") and d.in_collective is False and not d.in_device_wait for d in named
+    )

@@ -12,6 +12,7 @@ restarts the group, which resumes from the newest snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from datetime import timedelta
 from hpresil.hang import probe
 from hpresil.hang.api import FLAG_FAULTHANDLER, Beat, HangConfig
 from hpresil.hang.config import hang_config_from_env
-from hpresil.hang.diagnose import RankDiag, find_suspects, in_collective
+from hpresil.hang.diagnose import RankDiag, busy, find_suspects, in_collective, in_device_wait
 from hpresil.hang.heartbeat import dump_request_path, fr_dump_path, record_path
 from hpresil.hang.straggler import StragglerDetector
 from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
@@ -69,6 +70,28 @@ def _touch(path: str) -> None:
 def _alive(pid: int) -> bool:
     state = probe.proc_state(pid)
     return state is not None and state[0] not in ("Z", "X")
+
+
+def _beat_key(beat: Beat | None) -> tuple[int, float, float] | None:
+    return None if beat is None else (beat.step, beat.t_beat, beat.t_phase)
+
+
+@dataclasses.dataclass(slots=True)
+class _Busy:
+    """A verdict that ranks are busy in their own code: the group may run on
+    until ``busy_timeout`` (counted from when the first rank overran) or until
+    any local rank makes progress."""
+
+    group: WorkerGroupInfo
+    suspects: list[int]
+    first: "_Rank"
+    phase: str  # the phase the first rank overran
+    waited: float  # how long the first rank had overrun when the verdict was made
+    since: float  # monotonic time of the verdict
+    beats: dict[int, tuple[int, float, float] | None]
+
+    def progressed(self, ranks: list["_Rank"]) -> bool:
+        return any(_beat_key(r.beat) != self.beats.get(r.rank) for r in ranks if r.rank in self.beats)
 
 
 class _Rank:
@@ -124,6 +147,7 @@ class Watchdog(NodeService):
         self._windows: dict[int, dict[int, tuple[float | None, float]]] = {}
         self._store: object | None = None
         self._others_max = (0.0, 0.0)  # slowest step and checkpoint the other nodes reported
+        self._busy: _Busy | None = None  # ranks reported busy, not stuck
         self._lock = threading.Lock()
         self.detections: list[dict] = []
 
@@ -181,14 +205,29 @@ class Watchdog(NodeService):
                 waited = now - r.beat.t_phase
             if waited > timeout:
                 overdue.append((r, phase, timeout, waited))
+        force = busy_kill = False
+        verdict = self._busy if self._busy is not None and self._busy.group is group else None
+        if verdict is not None:
+            if verdict.progressed(ranks):
+                log.info("busy rank(s) %s went on after %.1f s", verdict.suspects, now_mono - verdict.since + verdict.waited)
+                self._busy = None
+                return
+            stopped = [o for o in overdue if o[1] == "stopped"]
+            busy_for = now_mono - verdict.since + verdict.waited
+            if stopped:
+                overdue, force = stopped, True
+            elif busy_for > self.config.busy_timeout.total_seconds():
+                overdue = [(verdict.first, verdict.phase, self.config.busy_timeout.total_seconds(), busy_for)]
+                force = busy_kill = True
+            else:
+                return  # busy, not stuck: torchrun would let it run
         if not overdue:
             self._straggler_tick(group, ranks)
             return
-        if overdue:
-            self._handled = group
-            self._handling = threading.Thread(target=self._handle, args=(group, ranks, overdue), name="hpresil-hang",
-                                              daemon=True)
-            self._handling.start()
+        self._handled = group
+        self._handling = threading.Thread(target=self._handle, args=(group, ranks, overdue, force, busy_kill),
+                                          name="hpresil-hang", daemon=True)
+        self._handling.start()
 
     # -- stragglers ---------------------------------------------------------------
 
@@ -256,17 +295,21 @@ class Watchdog(NodeService):
 
     # -- diagnosis and recovery -------------------------------------------------
 
-    def _handle(self, group: WorkerGroupInfo, ranks: list[_Rank], overdue: list[tuple[_Rank, str, float, float]]) -> None:
+    def _handle(self, group: WorkerGroupInfo, ranks: list[_Rank], overdue: list[tuple[_Rank, str, float, float]],
+                force: bool = False, busy_kill: bool = False) -> None:
         assert self._ctx is not None
         t0 = time.monotonic()
         first, phase, timeout, waited = overdue[0]
-        log.error("hang: rank %d in phase %s for %.1f s (timeout %.1f s); diagnosing", first.rank, phase, waited, timeout)
+        log.warning("rank %d in phase %s for %.1f s (timeout %.1f s); diagnosing", first.rank, phase, waited, timeout)
         for r in ranks:  # ask every rank for its flight recorder first: it dumps while we take stacks
             _touch(dump_request_path(r.path))
         diags = [self._diagnose(r) for r in ranks]
         self._collect_flight_recorders(ranks, diags)
-        diags += self._exchange(group, diags)
+        diags += self._exchange(group, diags, "busy/" if busy_kill else "hang/")
         suspects, reason = find_suspects(diags)
+        if not force and busy(diags, suspects, reason):
+            self._report_busy(group, ranks, diags, suspects, reason, first, phase, waited)
+            return
         detection = {
             "suspects": suspects,
             "reason": reason,
@@ -278,11 +321,32 @@ class Watchdog(NodeService):
             "ranks": [d.to_json() for d in sorted(diags, key=lambda d: d.rank)],
             "diagnose_s": round(time.monotonic() - t0, 3),
         }
+        if busy_kill:
+            detection["busy_timeout_s"] = round(self.config.busy_timeout.total_seconds(), 3)
         self.detections.append(detection)
         self._ctx.events.emit("hang_detected", **detection)
         log.error("hang detected: suspect rank(s) %s (%s) in phase %s after %.1f s; killing the local worker group",
                   suspects, reason, phase, waited)
         self._kill(ranks)
+
+    def _report_busy(self, group: WorkerGroupInfo, ranks: list[_Rank], diags: list[RankDiag], suspects: list[int],
+                     reason: str, first: _Rank, phase: str, waited: float) -> None:
+        """Busy in its own code, not stuck: report who, how long, who waits for it, and where it is."""
+        assert self._ctx is not None
+        waiting = sorted(d.rank for d in diags if d.in_collective and d.rank not in suspects)
+        limit = self.config.busy_timeout.total_seconds()
+        stacks = {str(d.rank): d.stacks_file for d in diags if d.rank in suspects and d.stacks_file}
+        self._ctx.events.emit("rank_busy", suspects=suspects, reason=reason, waited_s=round(waited, 3),
+                              waiting=waiting, busy_timeout_s=round(limit, 3), stacks=stacks,
+                              step=min((d.step for d in diags), default=-1), attempt=group.attempt)
+        log.warning("rank(s) %s busy outside collectives for %.1f s (%s; stacks: %s)%s; not stuck, so it may run "
+                    "for --hang-busy-timeout %.0f s", suspects, waited, reason, ", ".join(stacks.values()) or "none",
+                    f"; ranks {waiting} wait for it" if waiting else "", limit)
+        with self._lock:
+            if self._group is group:
+                self._busy = _Busy(group=group, suspects=suspects, first=first, phase=phase, waited=waited,
+                                   since=time.monotonic(), beats={r.rank: _beat_key(r.beat) for r in ranks})
+                self._handled = None
 
     def _diagnose(self, r: _Rank) -> RankDiag:
         assert self._ctx is not None
@@ -297,6 +361,7 @@ class Watchdog(NodeService):
             state=r.state,
             cpu_rate=r.cpu_rate(),
             in_collective=in_collective(text),
+            in_device_wait=in_device_wait(text),
             stacks_file=stacks_file if text else None,
         )
 
@@ -336,14 +401,17 @@ class Watchdog(NodeService):
                                    timeout=timedelta(seconds=2), wait_for_workers=False)
         return self._store, f"hpresil/{group.attempt}/"
 
-    def _exchange(self, group: WorkerGroupInfo, mine: list[RankDiag]) -> list[RankDiag]:
-        """Publishes this node's diagnostics and collects the other nodes' (best effort)."""
+    def _exchange(self, group: WorkerGroupInfo, mine: list[RankDiag], kind: str = "hang/") -> list[RankDiag]:
+        """Publishes this node's diagnostics and collects the other nodes' (best effort).
+
+        ``kind`` keeps the diagnosis that found ranks busy (``hang/``) apart from
+        the one that kills them at ``busy_timeout`` (``busy/``)."""
         try:
             found_store = self._job_store(group)
             if found_store is None:
                 return []
             store, base = found_store
-            prefix = base + "hang/"
+            prefix = base + kind
             store.set(prefix + str(group.group_rank), json.dumps([d.to_json() for d in mine]))  # type: ignore[attr-defined]
             others = [prefix + str(n) for n in range(group.group_world_size) if n != group.group_rank]
             deadline = time.monotonic() + self.config.gather_timeout.total_seconds()

@@ -229,7 +229,6 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--monitor-interval {args.monitor_interval}: takes a number of seconds > 0")
     if args.no_python and args.module:
         raise ConfigError("--no-python and -m/--module conflict: drop --no-python to run a module with -m")
-    _check_entrypoint(args)
     if getattr(args, "preload", None):
         from hpresil.run.warm import preload_modules
 
@@ -339,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from hpresil.run.services import default_services
 
     net_plan = _net_env_plan(args)
+    _check_entrypoint(args)  # after every value check, before anything starts
     env_changes = apply_launcher_env(plan=net_plan)
     from hpresil.run.warm import preload_modules, warm_entrypoint
 

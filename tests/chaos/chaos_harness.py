@@ -55,7 +55,10 @@ DURABLE_EVERY = 10
 #: worker is hung after 1 s, a running one after 3 s without progress (the floor
 #: of the calibrated step timeout: on 2 busy cores the tail of a run, DDP teardown
 #: and the final torch.save, can take over a second); SIGTERM -> SIGKILL after 1 s.
-FAST = ["--monitor-interval", "0.1", "--hang-step-floor", "3", "--hang-stopped-timeout", "1", "--hang-grace", "1"]
+# --hang-busy-timeout 1: a rank spinning or asleep outside collectives is busy, not stuck, for 600 s by
+# default; the matrix kills it after 1 s so that it still measures detection.
+FAST = ["--monitor-interval", "0.1", "--hang-step-floor", "3", "--hang-stopped-timeout", "1", "--hang-grace", "1",
+        "--hang-busy-timeout", "1"]
 #: For cases that hold the job still on purpose while the test breaks something
 #: (see :func:`hold`): no hang watchdog.
 PAUSE = ["--monitor-interval", "0.1", "--hang-detection", "off"]

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN = os.path.join(REPO, "examples", "llama", "train.py")
 STEPS = 30
-FAST_HANG = ["--hang-step-floor", "1", "--hang-grace", "1", "--monitor-interval", "0.1"]
+FAST_HANG = ["--hang-step-floor", "1", "--hang-grace", "1", "--monitor-interval", "0.1", "--hang-busy-timeout", "1"]
 
 
 def _train(tmp_path, name: str, faults: list[Fault]) -> tuple[dict[str, torch.Tensor], list[dict]]:

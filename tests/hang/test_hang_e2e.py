@@ -13,14 +13,17 @@ from hpresil.testing import Fault, to_env
 pytestmark = pytest.mark.slow
 
 FAST = ["--hang-step-floor", "1", "--hang-stopped-timeout", "1", "--hang-grace", "1", "--monitor-interval", "0.1"]
+SHORT_BUSY = ["--hang-busy-timeout", "1"]  # the default (600 s) lets a busy rank run, as torchrun would
 
 
-def _run(tmp_path, faults: list[Fault], extra: list[str] = (), steps: int = 20, restarts: int = 1):
+def _run(tmp_path, faults: list[Fault], extra: list[str] = (), steps: int = 20, restarts: int = 1,
+         options: list[str] = (), timeout: float = 90):
     out, logs = tmp_path / "out", tmp_path / "logs"
     out.mkdir()
     env = base_env(tmp_path, **to_env(faults))
     proc = hpresil_run(["--standalone", "--nproc-per-node", "2", "--max-restarts", str(restarts), "--log-dir",
-                        str(logs), *FAST, script("hang_worker.py"), str(out), str(steps), *extra], tmp_path, env=env)
+                        str(logs), *FAST, *options, script("hang_worker.py"), str(out), str(steps), *extra], tmp_path,
+                       env=env, timeout=timeout)
     return proc, out, events(logs / "events.jsonl"), logs
 
 
@@ -30,12 +33,18 @@ def _run(tmp_path, faults: list[Fault], extra: list[str] = (), steps: int = 20, 
     ids=["sigstop", "gil_spin", "sleep_while_peers_in_collective"],
 )
 def test_hang_is_detected_suspect_named_and_training_resumes(tmp_path, action: str, reason: str) -> None:
-    proc, out, evs, logs = _run(tmp_path, [Fault(rank=1, step=8, action=action)])
+    proc, out, evs, logs = _run(tmp_path, [Fault(rank=1, step=8, action=action)], options=SHORT_BUSY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hangs = [e for e in evs if e["event"] == "hang_detected"]
     assert len(hangs) == 1, hangs
     hang = hangs[0]
     assert hang["suspects"] == [1] and hang["reason"] == reason
+    busy = [e for e in evs if e["event"] == "rank_busy"]
+    if action == "stop":  # certainly stuck: the fast verdict, no busy report
+        assert not busy and "busy_timeout_s" not in hang
+    else:  # outside any collective: reported busy first, killed at --hang-busy-timeout
+        assert len(busy) == 1 and busy[0]["suspects"] == [1] and busy[0]["waiting"] == [0], busy
+        assert busy[0]["stacks"]["1"].endswith("rank1.txt") and hang["busy_timeout_s"] == 1
     assert hang["phase"] in ("step", "stopped") and hang["step"] == 7
     # detection within max(5 s, 3x the calibrated step time) of the last progress
     assert hang["waited_s"] < 5.0
@@ -114,3 +123,20 @@ def test_two_nodes_agree_on_the_suspect_through_the_rendezvous_store(tmp_path) -
         assert hangs[0]["suspects"] == [1] and hangs[0]["reason"] == "stopped"
         assert sorted(r["rank"] for r in hangs[0]["ranks"]) == [0, 1], "both nodes' views were exchanged"
     assert (out / "done.rank0").exists() and (out / "done.rank1").exists()
+
+
+@pytest.mark.parametrize("work", ["hash", "sleep", "slow_first_step"])
+def test_a_rank_busy_in_its_own_code_for_30_s_is_not_killed(tmp_path, work: str) -> None:
+    """Rank 0 alone spends 30 s on host work (hashing, asleep, or a slow first step)
+    while rank 1 waits in the next all-reduce: reported busy, not killed (the
+    defaults), and the job ends as under torchrun."""
+    extra = {"hash": ["--busy-at", "6", "--busy-s", "30", "--busy-mode", "hash"],
+             "sleep": ["--busy-at", "6", "--busy-s", "30", "--busy-mode", "sleep"],
+             "slow_first_step": ["--busy-at", "0", "--busy-s", "30", "--busy-mode", "hash"]}[work]
+    proc, out, evs, _ = _run(tmp_path, [], extra, steps=12, restarts=0, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [e for e in evs if e["event"] in ("hang_detected", "workers_restart")]
+    assert (out / "done.rank0").exists() and (out / "done.rank1").exists()
+    if work != "slow_first_step":  # overran the calibrated step timeout: reported with who waits for it
+        (busy,) = [e for e in evs if e["event"] == "rank_busy"]
+        assert busy["suspects"] == [0] and busy["waiting"] == [1] and busy["busy_timeout_s"] == 600

@@ -11,7 +11,7 @@ import pytest
 from hpresil.errors import ConfigError
 from hpresil.hang.api import HangConfig
 from hpresil.hang.config import hang_config, hang_config_from_env
-from hpresil.hang.diagnose import RankDiag, find_suspects, in_collective
+from hpresil.hang.diagnose import RankDiag, busy, find_suspects, in_collective, in_device_wait
 from hpresil.hang.heartbeat import Heartbeat
 from hpresil.hang.probe import proc_state, read_beat
 from hpresil.hang.watchdog import phase_timeout
@@ -174,3 +174,30 @@ def test_checkpoint_persists_and_restores_the_calibration(tmp_path, monkeypatch:
     after = read_beat(str(shm / "hb" / "local0"))
     assert after.step_max == pytest.approx(before.step_max) and after.n_steps == before.n_steps
     ckpt.close()
+
+
+def test_busy_in_its_own_code_versus_certainly_stuck() -> None:
+    def verdict(diags: list[RankDiag]) -> bool:
+        return busy(diags, *find_suspects(diags))
+
+    # rank 1 outside any collective while rank 0 waits in one: busy (host work, a sleep, a spin)
+    assert verdict([_diag(0), _diag(1, coll=False)])
+    assert verdict([_diag(0), _diag(1, coll=False, cpu=1.0)])
+    assert verdict([_diag(0, step=6), _diag(1, step=5, coll=False)])  # behind, in its own code
+    assert verdict([_diag(0, coll=False)])  # a lone rank asleep: torchrun would let it run
+    # certainly stuck: stopped, blocked in a collective, waiting for the device, or a stack not read
+    assert not verdict([_diag(0), _diag(1, state="T", coll=False)])
+    assert not verdict([_diag(0), _diag(1)])  # every rank inside a collective: a peer gone or a mismatch
+    assert not verdict([_diag(0, step=6), _diag(1, step=5)])  # behind, but blocked in a collective
+    assert not verdict([_diag(0, coll=None), _diag(1, coll=None, cpu=0.95)])
+    sync = RankDiag(rank=1, node="n", step=5, phase="step", state="S", cpu_rate=0.0, in_collective=False,
+                    in_device_wait=True)
+    assert not verdict([_diag(0), sync])
+
+
+def test_device_wait_is_read_from_the_main_stack() -> None:
+    stack = ('Current thread 0x1 (most recent call first):\n  File "/x/torch/cuda/__init__.py", line 9 in synchronize\n'
+             '  File "train.py", line 3 in <module>\n')
+    assert in_device_wait(stack) is True and in_collective(stack) is False
+    assert in_device_wait('Current thread 0x1:\n  File "train.py", line 3 in <module>\n') is False
+    assert in_device_wait(None) is None

@@ -1,6 +1,8 @@
 """Test worker for hang detection: a gloo all_reduce loop with heartbeats.
 
 argv: <out_dir> <steps> [--slow-first S] [--slow-checkpoint S] [--eval S] [--straggle-rank R --straggle S]
+      [--busy-at STEP --busy-s S --busy-mode hash|sleep]  (rank 0's host work before that step's all-reduce,
+      outside any hpresil phase, while rank 1 waits in the all-reduce)
 Faults come from $HPRESIL_FAULTS (stop / spin / hang at a step). Each rank
 appends "<step> <unix time>" lines to <out_dir>/rank<R>.attempt<N> and writes
 <out_dir>/done.rank<R> at the end.
@@ -8,6 +10,7 @@ appends "<step> <unix time>" lines to <out_dir>/rank<R>.attempt<N> and writes
 
 import argparse
 import contextlib
+import hashlib
 import os
 import time
 from datetime import timedelta
@@ -29,6 +32,9 @@ p.add_argument("--straggle", type=float, default=0.0)
 p.add_argument("--step-time", type=float, default=0.02)
 p.add_argument("--no-section", action="store_true", help="do not mark local work (straggler falls back to CPU time)")
 p.add_argument("--burn", action="store_true", help="the straggler burns CPU instead of sleeping")
+p.add_argument("--busy-at", type=int, default=-1)
+p.add_argument("--busy-s", type=float, default=0.0)
+p.add_argument("--busy-mode", choices=["hash", "sleep"], default="hash")
 a = p.parse_args()
 
 dist.init_process_group("gloo")
@@ -37,6 +43,13 @@ attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 t = torch.ones(1)
 with open(os.path.join(a.out_dir, f"rank{rank}.attempt{attempt}"), "a") as log:
     for step in range(a.steps):
+        if rank == 0 and step == a.busy_at:
+            if a.busy_mode == "sleep":
+                time.sleep(a.busy_s)
+            else:  # hashing a large buffer: the GIL is released while the main thread works
+                end, digest, block = time.monotonic() + a.busy_s, hashlib.sha256(), b"x" * (1 << 20)
+                while time.monotonic() < end:
+                    digest.update(block)
         maybe_inject(step)
         with (contextlib.nullcontext() if a.no_section else hpresil.section()):
             if step == 0 and a.slow_first:
