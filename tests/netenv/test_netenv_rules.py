@@ -4,7 +4,6 @@ and plugin stack, detection with every socket forbidden, user values always winn
 from __future__ import annotations
 
 import json
-import os
 import socket
 from datetime import timedelta
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 
 from hpresil._parse import parse_bool
 from hpresil.errors import ConfigError
-from hpresil.netenv import FAMILIES, RULES, HostRoots, NetEnvConfig, detect, make_plan
+from hpresil.netenv import FAMILIES, RULES, NetEnvConfig, detect, make_plan
 from hpresil.netenv.api import Decision, Facts, Plan
 from hpresil.netenv.plan import condition_holds, ifname_selects
 from hpresil.netenv.env import LAUNCHER_DEFAULTS, apply_launcher_env, worker_defaults
