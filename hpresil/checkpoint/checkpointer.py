@@ -500,6 +500,14 @@ class Checkpointer:
                 self._make_final_durable()
             self._close(keep_ram)
 
+    def _committed(self, step: int) -> bool:
+        assert self._store is not None
+        try:
+            return is_committed(self._store, step)
+        except StorageError as exc:  # an outage: the drainer reports it; close() goes on waiting, bounded
+            log.debug("rank %d: cannot look for durable step %d: %s", self.rank, step, exc)
+            return False
+
     def _make_final_durable(self) -> None:
         step = self._last_step
         if self.durable_url is None or step is None or (self._ram is None and self._staging is None):
@@ -509,7 +517,7 @@ class Checkpointer:
             return
         deadline = time.monotonic() + self.config.close_timeout.total_seconds()
         self.wait(timedelta(seconds=30))  # committed and sealed; in-process, drained too
-        while self._store is not None and not is_committed(self._store, step):
+        while self._store is not None and not self._committed(step):
             if time.monotonic() >= deadline:
                 log.warning("rank %d: step %d is not committed to the durable tier %s after %.0fs (close_timeout); "
                             "a rerun resumes from an older durable step unless the upload finishes", self.rank, step,
