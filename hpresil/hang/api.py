@@ -97,7 +97,7 @@ class HangConfig:
         busy_timeout: how long a rank that overran its phase timeout may stay
             busy in its own code (outside collectives and device waits: host
             work, I/O, a slow first compile, a sleep) before it is killed as
-            hung. It is reported (``rank_busy``) when it overruns; a drop-in
+            hung, counted from its last progress. It is reported (``rank_busy``) when it overruns; a drop-in
             must not kill what torchrun lets run, so the default is NCCL's
             collective timeout. A stopped rank, or one blocked inside a
             collective or a device wait, keeps the fast verdict.

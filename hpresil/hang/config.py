@@ -27,8 +27,8 @@ HANG_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
      "Seconds a worker may stay stopped (SIGSTOP) before it counts as hung (default 4)."),
     ("--hang-busy-timeout", "HPRESIL_HANG_BUSY_TIMEOUT", "busy_timeout",
      "Seconds a rank that overran its step timeout may stay busy in its own code (outside collectives and "
-     "device waits: host work, I/O, a first compile, a sleep) before it is killed; it is reported at once "
-     "(default 600, NCCL's collective timeout)."),
+     "device waits: host work, I/O, a first compile, a sleep), counted from its last progress, before it is "
+     "killed; it is reported at once (default 600, NCCL's collective timeout)."),
     ("--hang-grace", "HPRESIL_HANG_GRACE", "grace", "SIGTERM -> SIGKILL delay when killing a hung group (default 3)."),
 )
 

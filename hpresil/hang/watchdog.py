@@ -79,8 +79,8 @@ def _beat_key(beat: Beat | None) -> tuple[int, float, float] | None:
 @dataclasses.dataclass(slots=True)
 class _Busy:
     """A verdict that ranks are busy in their own code: the group may run on
-    until ``busy_timeout`` (counted from when the first rank overran) or until
-    any local rank makes progress."""
+    until ``busy_timeout`` (counted from the first overrunning rank's last
+    progress) or until any local rank makes progress."""
 
     group: WorkerGroupInfo
     suspects: list[int]
