@@ -40,7 +40,12 @@ def base_env(tmp_path: Any, warm: bool = False, **extra: str) -> dict[str, str]:
 def hpresil_run(
     args: list[str], tmp_path: Any, env: dict[str, str] | None = None, timeout: float = 90, cwd: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Runs ``python -m hpresil.run ARGS`` and returns the completed process (text output)."""
+    """Runs ``python -m hpresil.run ARGS`` and returns the completed process (text output).
+
+    Without a log directory in ``args`` the job's logs go under ``tmp_path``, not
+    hpresil-run's default in the system's temporary directory."""
+    if not any(a.split("=", 1)[0] in ("--log-dir", "--log_dir", "--job-log-dir", "--job_log_dir") for a in args):
+        args = ["--job-log-dir", os.path.join(str(tmp_path), "hpresil-logs"), *args]
     return subprocess.run(
         [sys.executable, "-m", "hpresil.run", *args],
         env=env if env is not None else base_env(tmp_path),

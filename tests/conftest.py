@@ -38,3 +38,25 @@ def shm() -> Iterator[str]:
 
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-test-") as d:
         yield d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_semaphores() -> Iterator[None]:
+    """Removes the ``/dev/shm/sem.mp-*`` names the session's processes left.
+
+    multiprocessing keeps a named semaphore's name until its resource tracker
+    unlinks it; the tests SIGKILL whole process groups (agents, trackers and
+    all), which leaves the names behind."""
+    def names() -> set[str]:
+        try:
+            return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+        except OSError:
+            return set()
+
+    before = names()
+    yield
+    for name in names() - before:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass

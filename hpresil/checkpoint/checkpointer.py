@@ -51,6 +51,7 @@ from hpresil.hang.heartbeat import heartbeat, phase
 from hpresil.events import worker_sink
 from hpresil.events.api import EventSink
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.shm import remove_empty_parents
 
 __all__ = ["Checkpointer", "RNGState", "default_shm_dir"]
 
@@ -197,6 +198,8 @@ class Checkpointer:
         )
         runtime = _env.get(_env.SHM_DIR)
         self.shm_dir = os.path.abspath(shm_dir or runtime or default_shm_dir())
+        # <root>/<run>/<host> of our own making: close() may remove the empty run and root directories too
+        self._own_layout = not (shm_dir or runtime)
         self.run_services = (runtime is None) if run_services is None else run_services
         self.events: EventSink = events or worker_sink()
         self.run_id = _env.get(_env.RUN_ID) or _env.get("TORCHELASTIC_RUN_ID") or os.path.basename(os.path.dirname(self.shm_dir))
@@ -544,15 +547,12 @@ class Checkpointer:
             keep = (not self.run_services) if keep_ram is None else keep_ram
             if self._ram is not None and not keep:
                 shutil.rmtree(rank_dir(self.shm_dir, self.rank), ignore_errors=True)
-                # and the per-job directories once the last rank of this node left them
-                for d in (os.path.dirname(rank_dir(self.shm_dir, self.rank)), self.shm_dir,
-                          os.path.dirname(self.shm_dir)):
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        break
+                # and the per-job directories once the last rank of this node left them:
+                # ckpt/, the shm dir, and (in the default layout) the run and root directories
+                remove_empty_parents(rank_dir(self.shm_dir, self.rank), levels=4 if self._own_layout else 3)
             if self._staging_dir is not None:
                 shutil.rmtree(self._staging_dir, ignore_errors=True)
+                remove_empty_parents(self._staging_dir, levels=2)  # <run>/ and hpresil-staging/ once empty
             self._ram = self._staging = None
             if self._store is not None:
                 self._store.close()

@@ -16,7 +16,7 @@ import shutil
 
 from hpresil.errors import ConfigError
 
-__all__ = ["JobShmDir", "huge_page_mode", "safe_component"]
+__all__ = ["remove_empty_parents", "JobShmDir", "huge_page_mode", "safe_component"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,10 @@ class JobShmDir:
             ConfigError: the directory cannot be created or written.
         """
         try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+            except FileNotFoundError:  # another job just removed the empty root: once more
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
             probe = os.path.join(self.path, ".probe")
             with open(probe, "wb") as f:
                 f.write(b"ok")
@@ -121,9 +124,18 @@ class JobShmDir:
         return st.f_bavail * st.f_frsize
 
     def remove(self) -> None:
-        """Removes this node's directory, and the job directory once empty."""
+        """Removes this node's directory, then the job directory and the shm root
+        once they are empty (other simulated nodes or jobs may still use them)."""
         shutil.rmtree(self.path, ignore_errors=True)
+        remove_empty_parents(self.path, levels=2)
+
+
+def remove_empty_parents(path: str, levels: int) -> None:
+    """Removes up to ``levels`` parent directories of ``path``, nearest first,
+    stopping at the first that is not empty (or cannot be removed)."""
+    for _ in range(levels):
+        path = os.path.dirname(path)
         try:
-            os.rmdir(self.job_dir)
+            os.rmdir(path)
         except OSError:
-            pass  # other simulated nodes of the job still use it
+            return

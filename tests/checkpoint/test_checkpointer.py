@@ -187,7 +187,8 @@ def test_default_directory_without_hpresil_run(monkeypatch: pytest.MonkeyPatch) 
         ckpt.wait()
         assert scan(ckpt.shm_dir)[0].seal is not None  # sealed by the in-process sealer
         ckpt.close()
-        assert not os.path.exists(os.path.join(ckpt.shm_dir, "ckpt", "rank0"))
+        assert not os.path.exists(f"/dev/shm/hpresil/{run_id}"), "the directories it made are gone"
+        assert not os.path.isdir("/dev/shm/hpresil") or os.listdir("/dev/shm/hpresil"), "an empty root is removed"
     finally:
         shutil.rmtree(f"/dev/shm/hpresil/{run_id}", ignore_errors=True)
 

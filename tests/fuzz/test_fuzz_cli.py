@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import tempfile
 import traceback
 from typing import Any, Iterator
 
@@ -68,6 +69,7 @@ def launcher(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     monkeypatch.setattr(hpresil.run.launch, "launch_agent", _stub_launch)
     monkeypatch.chdir(tmp_path)  # log dirs a command line names are created here
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # and the default one (<tmp>/hpresil-logs/...)
     (tmp_path / "train.py").write_text("")  # the script the command lines name exists: it is checked first
     monkeypatch.setenv("PYTHON_EXEC", "/nonexistent/python")  # never start the warm-start fork server
     monkeypatch.setenv("HPRESIL_SHM_ROOT", str(tmp_path / "shm"))

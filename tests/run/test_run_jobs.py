@@ -157,3 +157,16 @@ def test_half_written_error_file_does_not_end_the_job(tmp_path, warm: bool) -> N
     exits = [e for e in evs if e["event"] == "worker_exit" and e["rank"] == 1]
     assert exits and "error file was unreadable" in json.dumps(exits[0]["message"])
     assert [e["cause"] for e in evs if e["event"] == "workers_restart"] == ["failure"]
+
+
+def test_the_job_shm_directory_and_its_empty_parents_are_removed(tmp_path) -> None:
+    from hpresil.runtime.shm import JobShmDir
+
+    root = tmp_path / "shmroot"
+    nodes = [JobShmDir(str(root), "job", f"node{i}") for i in range(2)]
+    for node in nodes:
+        node.create()
+    nodes[0].remove()
+    assert sorted(os.listdir(root / "job")) == ["node1"]  # the other simulated node still uses them
+    nodes[1].remove()
+    assert not root.exists(), "the job directory and the root the job made are gone once empty"
