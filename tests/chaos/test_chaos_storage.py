@@ -233,7 +233,8 @@ def test_shared_memory_full_stages_on_disk(tmp_path, ref) -> None:
 def test_durable_disk_full_then_freed(tmp_path, ref) -> None:
     """The durable directory is a 4 MiB tmpfs: step 10 (2.8 MB) commits (the
     job is held at step 10 until it has), step 20 fails with ENOSPC
-    (``tier_degraded``, tier durable) and training goes on from RAM; rank 1 is
+    (``tier_degraded``, tier durable; the job is held at step 20 until then, or a
+    lagging drain would skip to a newer step) and training goes on from RAM; rank 1 is
     SIGKILLed at step 23 and restores step 23 from RAM. Then space is freed
     (the tmpfs grows): a later drain commits the final step, and step 10, the
     last good checkpoint, was never touched."""
@@ -241,10 +242,12 @@ def test_durable_disk_full_then_freed(tmp_path, ref) -> None:
     url = f"file://{mount}"
     with tmpfs(mount, "4m"), shm_root() as shm:
         with standalone(tmp_path, "job", shm=shm, durable=url, launcher=PAUSE,
-                        faults=[*hold(10), Fault(rank=1, step=23, action="kill")]) as agent:
+                        faults=[*hold(10), *hold(20), Fault(rank=1, step=23, action="kill")]) as agent:
             _held_after_commit(agent, mount, 10)
             agent.release()
-            full = wait_for(lambda: named(agent.events(), "tier_degraded", tier="durable"), 120, "ENOSPC", [agent])
+            full = wait_for(lambda: agent.held() and named(agent.events(), "tier_degraded", tier="durable"), 120,
+                            "held at step 20, ENOSPC", [agent])
+            agent.release()
             wait_for(lambda: restores(agent.events(), attempt=1), 60, "the restart's restore", [agent])
             assert committed(mount) == [10]
             verify_durable(url, 10)
