@@ -209,7 +209,7 @@ class Checkpointer:
         self._shared_checked = False  # whether every node sees the same durable store was checked
         if self.durable_url is not None:
             try:
-                self._store = _open_durable(self.durable_url)
+                self._store = open_store(self.durable_url)  # ConfigError / StorageError: fail fast, before training
             except StorageError as exc:
                 if _restart_count() == 0:
                     raise
@@ -578,7 +578,3 @@ def _restart_count() -> int:
     """How many times the launcher restarted this worker group (0: the first start)."""
     raw = os.environ.get("TORCHELASTIC_RESTART_COUNT") or _env.get(_env.ATTEMPT) or "0"
     return int(raw) if raw.isdigit() else 0
-
-
-def _open_durable(url: str) -> DurableStore:
-    return open_store(url)  # ConfigError / StorageError: fail fast, before training

@@ -126,6 +126,7 @@ class Drainer(NodeService):
         self._thread: threading.Thread | None = None
         self._warm = False
         self._transfer: _Transfer | None = None
+        self._transfer_lock = threading.Lock()
 
     # ------------------------------------------------------------ NodeService
 
@@ -384,9 +385,10 @@ class Drainer(NodeService):
     def _check_stall(self, now: float) -> None:
         transfer = self._transfer
         limit = self.config.stall_after.total_seconds()
-        if transfer is None or transfer.stalled is not None or now - transfer.last <= limit:
-            return
-        transfer.stalled = transfer.last
+        with self._transfer_lock:
+            if transfer is None or transfer.stalled is not None or now - transfer.last <= limit:
+                return
+            transfer.stalled = transfer.last
         idle = now - transfer.last
         log.warning("durable upload of step %d to %s has made no progress for %.0fs (%d bytes so far); "
                     "still waiting (upload_timeout bounds it)", transfer.step, transfer.url, idle, transfer.bytes)
@@ -398,9 +400,10 @@ class Drainer(NodeService):
         if transfer is None:
             return
         now = time.monotonic()
-        transfer.last = now
-        transfer.bytes += nbytes
-        stalled, transfer.stalled = transfer.stalled, None
+        with self._transfer_lock:  # a store may write several files on threads of its own
+            transfer.last = now
+            transfer.bytes += nbytes
+            stalled, transfer.stalled = transfer.stalled, None
         if stalled is not None:
             log.info("durable upload of step %d to %s is moving again after %.0fs", transfer.step, transfer.url,
                      now - stalled)

@@ -137,13 +137,17 @@ class PeerServer:
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn, addr), name="hpresil-peer-conn", daemon=True).start()
 
+    def _too_slow(self) -> tuple[str, str]:
+        """(kind, reason) of a connection that did not authenticate within the handshake bound."""
+        return "slow", f"did not authenticate within {self.config.connect_timeout.total_seconds():g}s (connect_timeout)"
+
     def _cut_overdue(self) -> None:
         bound = self.config.connect_timeout.total_seconds()
         now = time.monotonic()
         with self._lock:
             for conn, (since, _) in list(self._pending.items()):
                 if now - since > bound:
-                    self._cut_locked(conn, "slow", f"did not authenticate within {bound:g}s (connect_timeout)")
+                    self._cut_locked(conn, *self._too_slow())
 
     def _cut_locked(self, conn: socket.socket, kind: str, reason: str) -> None:
         # The serving thread's blocked receive then returns: it refuses with this reason.
@@ -190,8 +194,7 @@ class PeerServer:
                 with self._lock:
                     cut = self._cut.get(conn)
                 if cut is None and isinstance(exc, TimeoutError):  # one receive outlasted the whole bound
-                    cut = ("slow", f"did not authenticate within {self.config.connect_timeout.total_seconds():g}s "
-                                   "(connect_timeout)")
+                    cut = self._too_slow()
                 self._refuse(addr, cut[1] if cut else f"bad handshake: {exc}", kind=cut[0] if cut else "handshake")
                 return
             with self._lock:

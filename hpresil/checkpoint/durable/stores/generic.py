@@ -21,6 +21,10 @@ class FsspecStore(DurableStore):
         url: the URL it was opened from (for messages).
     """
 
+    #: Writing a file needs its parent directory made first (ftp, sftp, hdfs);
+    #: object stores have no directories and skip that request.
+    makes_dirs = True
+
     def __init__(self, fs: Any, root: str, url: str) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
@@ -35,7 +39,7 @@ class FsspecStore(DurableStore):
         directories (ftp, sftp, hdfs) do not create them on write."""
         full = self._p(path)
         parent = full.rsplit("/", 1)[0]
-        if parent and parent not in self._dirs:
+        if self.makes_dirs and parent and parent not in self._dirs:
             self.fs.makedirs(parent, exist_ok=True)
             self._dirs.add(parent)
         return full

@@ -48,6 +48,8 @@ class S3Store(FsspecStore):
         concurrency: parts in flight at once, across all files of one call.
     """
 
+    makes_dirs = False  # keys, not directories: no request before a write
+
     def __init__(self, fs: Any, root: str, url: str, *, part_size: int = 8 << 20, concurrency: int = 10) -> None:
         super().__init__(fs, root, url)
         if part_size < 5 << 20:
