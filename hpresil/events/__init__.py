@@ -1,9 +1,9 @@
 """Structured JSONL event stream (see :mod:`hpresil.events.api`)."""
 
 from hpresil.events.api import EVENT_NAMES, Event, EventSink
-from hpresil.events.jsonl import JsonlEventLog, NullEventLog, read_events
+from hpresil.events.jsonl import EventTail, JsonlEventLog, NullEventLog, read_events
 
-__all__ = ["EVENT_NAMES", "Event", "EventSink", "JsonlEventLog", "NullEventLog", "read_events", "worker_sink"]
+__all__ = ["EVENT_NAMES", "Event", "EventSink", "EventTail", "JsonlEventLog", "NullEventLog", "read_events", "worker_sink"]
 
 
 def worker_sink() -> "JsonlEventLog | NullEventLog":

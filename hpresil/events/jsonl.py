@@ -18,7 +18,7 @@ from typing import Any
 
 from hpresil.events.api import Event
 
-__all__ = ["JsonlEventLog", "NullEventLog", "read_events"]
+__all__ = ["EventTail", "JsonlEventLog", "NullEventLog", "read_events"]
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +102,40 @@ def read_events(path: str) -> list[dict[str, Any]]:
             if isinstance(obj, dict) and "event" in obj:
                 events.append(obj)
     return events
+
+
+class EventTail:
+    """Reads the complete lines appended to a JSONL file since the last call."""
+
+    def __init__(self, path: str, from_end: bool = True) -> None:
+        self.path = path
+        self._offset = 0
+        self._rest = b""
+        if from_end:
+            try:
+                self._offset = os.path.getsize(path)
+            except OSError:
+                pass
+
+    def read(self, limit: int = 1 << 22) -> list[dict[str, Any]]:
+        """New events (malformed lines are skipped); at most ``limit`` bytes per call."""
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self._offset:
+                    self._offset, self._rest = 0, b""  # truncated or replaced
+                f.seek(self._offset)
+                data = f.read(limit)
+        except OSError:
+            return []
+        self._offset += len(data)
+        lines = (self._rest + data).split(b"\n")
+        self._rest = lines.pop()
+        out = []
+        for line in lines:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "event" in obj:
+                out.append(obj)
+        return out

@@ -9,59 +9,22 @@ prometheus-client serves from a thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from datetime import timedelta
 from typing import Any
 
+from hpresil.events.jsonl import EventTail
 from hpresil.metrics.api import MetricsConfig
 from hpresil.report.progress import group_beats
 from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
 
-__all__ = ["MetricsExporter", "EventTail"]
+__all__ = ["MetricsExporter"]
 
 log = logging.getLogger(__name__)
 
 _SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-
-class EventTail:
-    """Reads the complete lines appended to a JSONL file since the last call."""
-
-    def __init__(self, path: str, from_end: bool = True) -> None:
-        self.path = path
-        self._offset = 0
-        self._rest = b""
-        if from_end:
-            try:
-                self._offset = os.path.getsize(path)
-            except OSError:
-                pass
-
-    def read(self, limit: int = 1 << 22) -> list[dict[str, Any]]:
-        """New events (malformed lines are skipped); at most ``limit`` bytes per call."""
-        try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self._offset:
-                    self._offset, self._rest = 0, b""  # truncated or replaced
-                f.seek(self._offset)
-                data = f.read(limit)
-        except OSError:
-            return []
-        self._offset += len(data)
-        lines = (self._rest + data).split(b"\n")
-        self._rest = lines.pop()
-        out = []
-        for line in lines:
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and "event" in obj:
-                out.append(obj)
-        return out
 
 
 class MetricsExporter(NodeService):

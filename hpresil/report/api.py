@@ -6,8 +6,11 @@ into disjoint :class:`Segment` s, one kind each:
 
 * ``productive``: step time of steps that were kept. A step computed and
   later undone by a restore to an earlier step is ``lost_work`` instead.
-* ``lost_work``: recomputed steps (done, then lost to a failure before a
-  snapshot kept them) and the partial step a failure interrupted.
+* ``lost_work``: recomputed steps: done, then undone by a restore to an
+  earlier snapshot.
+* ``detection``: from the last step completed before a failure until the
+  failure was seen (a worker's exit, the agents' restart decision): the step
+  the failure interrupted plus the detection delay.
 * ``checkpoint``: blocking time of ``Checkpointer.save`` (the slowest rank's
   copy into the RAM tier, per step).
 * ``restore``: ``Checkpointer.restore`` (slowest rank).
@@ -15,7 +18,8 @@ into disjoint :class:`Segment` s, one kind each:
   worker group started, including the re-rendezvous.
 * ``rescale``: the same, for a restart caused by a membership change.
 * ``hang_detection``: from a hung rank's last heartbeat until the watchdog
-  named the suspect (the timeout plus the diagnosis).
+  named the suspect (the timeout plus the diagnosis); the time before that
+  last heartbeat, back to the last completed step, is ``detection``.
 * ``init``: runtime start, rendezvous, worker start-up until the first step
   (imports, process group, model build).
 * ``shutdown``: after the last step until the runtime stopped (final
@@ -37,7 +41,7 @@ __all__ = ["CAUSES", "KINDS", "Segment", "Epoch", "TierStats", "GoodputReport"]
 
 #: Kinds of lost time, in the order the report prints them.
 CAUSES: tuple[str, ...] = (
-    "lost_work", "checkpoint", "restore", "restart", "rescale", "hang_detection", "init", "shutdown",
+    "lost_work", "detection", "checkpoint", "restore", "restart", "rescale", "hang_detection", "init", "shutdown",
 )
 #: Every segment kind.
 KINDS: tuple[str, ...] = ("productive", *CAUSES)
@@ -88,8 +92,12 @@ class Epoch:
 
 @dataclasses.dataclass(slots=True)
 class TierStats:
-    """Checkpoint and restore statistics of one tier (``ram``, ``peer``, ``durable``);
-    ``skipped`` counts saves skipped because readers held every slot."""
+    """Checkpoint and restore statistics of one tier (``ram``, ``peer``, ``durable``).
+
+    A tier the worker writes (``ram``) counts ``saves``; a tier the node runtime
+    copies to (``peer``, ``durable``) counts ``uploads``; ``steps`` counts the
+    distinct steps either holds. ``skipped`` counts saves skipped because
+    readers held every slot."""
 
     tier: str
     saves: int = 0
@@ -120,6 +128,11 @@ class TierStats:
         return self.bytes_total / self.saves if self.saves else 0.0
 
     @property
+    def bytes_per_upload(self) -> float:
+        """Mean bytes per upload."""
+        return self.upload_bytes / self.uploads if self.uploads else 0.0
+
+    @property
     def upload_mb_per_s(self) -> float:
         """Mean upload throughput (MB/s) of the uploads this node group made."""
         return self.upload_bytes / 1e6 / self.upload_s_total if self.upload_s_total > 0 else 0.0
@@ -128,7 +141,7 @@ class TierStats:
         """A JSON-serialisable dict, derived values included."""
         obj = dataclasses.asdict(self)
         obj.update(blocking_s_mean=self.blocking_s_mean, bytes_per_save=self.bytes_per_save,
-                   upload_mb_per_s=self.upload_mb_per_s)
+                   bytes_per_upload=self.bytes_per_upload, upload_mb_per_s=self.upload_mb_per_s)
         return obj
 
 

@@ -12,13 +12,14 @@ import sys
 from typing import Sequence
 
 from hpresil.errors import ConfigError
-from hpresil.report.api import CAUSES, GoodputReport
+from hpresil.report.api import CAUSES, GoodputReport, TierStats
 from hpresil.report.goodput import build_report
 
 __all__ = ["main", "format_report", "build_parser"]
 
 _LABELS = {
-    "lost_work": "lost work (recomputed steps)",
+    "lost_work": "lost work (steps recomputed)",
+    "detection": "detection (last step -> seen)",
     "checkpoint": "checkpoint blocking",
     "restore": "restore",
     "restart": "restart (failure -> new group)",
@@ -43,6 +44,20 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _tier_row(t: TierStats) -> str:
+    """One row of the tier table; ``-`` where a column does not apply (a tier
+    that uploads has no saves, one that only saves has no uploads)."""
+    saved, uploaded = t.saves > 0 or t.skipped > 0, t.uploads > 0
+    dash = "-"
+    per_copy = t.bytes_per_save if t.saves else t.bytes_per_upload
+    return (f"{t.tier:8s} {t.saves if saved else dash:>6} {t.skipped if saved else dash:>7} {t.steps:6d} "
+            f"{f'{t.blocking_s_mean:.4f}s' if saved else dash:>11s} {f'{t.blocking_s_max:.4f}s' if saved else dash:>10s} "
+            f"{_mb(per_copy) if per_copy else dash:>10s} {t.restores:8d} "
+            f"{f'{t.restore_s_max:.3f}s' if t.restores else dash:>11s} {t.uploads if uploaded else dash:>7} "
+            f"{f'{t.upload_mb_per_s:.1f}' if uploaded else dash:>7s} {f'{t.upload_lag_s_max:.2f}s' if uploaded else dash:>8s} "
+            f"{t.degraded + t.integrity_failures:8d}")
+
+
 def format_report(report: GoodputReport) -> str:
     """The text summary."""
     wall = report.wall_s
@@ -61,15 +76,10 @@ def format_report(report: GoodputReport) -> str:
     lines.append(f"  restarts: {restarts}; hang detections: {report.hang_detections}; stragglers: {report.stragglers}")
     if report.tiers:
         lines.append("  checkpoints per tier:")
-        lines.append(f"    {'tier':8s} {'saves':>6s} {'skipped':>7s} {'steps':>6s} {'block mean':>11s} {'block max':>10s} {'per save':>10s}"
+        lines.append(f"    {'tier':8s} {'saves':>6s} {'skipped':>7s} {'steps':>6s} {'block mean':>11s} {'block max':>10s} {'per copy':>10s}"
                      f" {'restores':>8s} {'restore max':>11s} {'uploads':>7s} {'MB/s':>7s} {'lag max':>8s} {'degraded':>8s}")
         for name in sorted(report.tiers):
-            t = report.tiers[name]
-            lines.append(
-                f"    {name:8s} {t.saves:6d} {t.skipped:7d} {t.steps:6d} {t.blocking_s_mean:10.4f}s {t.blocking_s_max:9.4f}s "
-                f"{_mb(t.bytes_per_save):>10s} {t.restores:8d} {t.restore_s_max:10.3f}s {t.uploads:7d} "
-                f"{t.upload_mb_per_s:7.1f} {t.upload_lag_s_max:7.2f}s {t.degraded + t.integrity_failures:8d}"
-            )
+            lines.append("    " + _tier_row(report.tiers[name]))
     for ep in report.epochs:
         restored = f"restored step {ep.base_step} from {ep.restore_tier}" if ep.restore_tier else "no restore"
         lines.append(f"  start {ep.index}: +{ep.start - report.start:.2f} s, world size {ep.world_size}, {restored}, "

@@ -223,6 +223,8 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
             step = int(_f(e, "step", -1))
             lag = _f(e, "lag_s", ts - save_ts[step] if step in save_ts else 0.0)
             st.upload_lag_s_max = max(st.upload_lag_s_max, lag)
+            if e.get("committed") or name == "checkpoint_replicated":
+                tier_steps.setdefault(tier, set()).add(step)
             if e.get("committed"):
                 marks.append((ts, "durable", f"step {step}"))
         elif name == "checkpoint_skipped":
@@ -295,10 +297,10 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
         if ep.fault == "hang":
             hang = next((e for e in events if e["event"] == "hang_detected" and ep.start <= e["ts"] <= ep.end), {})
             began = fault_ts - _f(hang, "waited_s") - _f(hang, "diagnose_s")
-            cur.to("lost_work", began)
+            cur.to("detection", began)
             cur.to("hang_detection", fault_ts)
         else:
-            cur.to("lost_work", fault_ts)
+            cur.to("detection", fault_ts)
         last = ep.index + 1 == len(epochs)
         cur.to("shutdown" if last else ("rescale" if ep.fault == "membership" else "restart"), ep.end)
 

@@ -1,19 +1,23 @@
 """The timeline picture of a run (matplotlib, the optional ``report`` extra).
 
-Top: the last kept step and the world size over time, with failures, hangs,
-restores and durable commits marked. Bottom: where each second went (the
-report's segments, coloured by kind).
+Top: the last kept step over time, with failures, hangs, restores and
+durable commits marked. Middle: the world size. Bottom: where each second went
+(the report's segments, coloured by kind).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from hpresil.errors import ConfigError
 from hpresil.report.api import KINDS, GoodputReport
 
-__all__ = ["draw_timeline", "COLORS"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["build_figure", "draw_timeline", "COLORS"]
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,7 @@ log = logging.getLogger(__name__)
 COLORS = {
     "productive": "#2ca02c",
     "lost_work": "#d62728",
+    "detection": "#e377c2",
     "checkpoint": "#1f77b4",
     "restore": "#17becf",
     "restart": "#ff7f0e",
@@ -29,7 +34,8 @@ COLORS = {
     "init": "#7f7f7f",
     "shutdown": "#c7c7c7",
 }
-_MARKS = {"exit": ("#d62728", "-"), "hang": ("#9467bd", "-"), "restore": ("#17becf", ":"), "durable": ("#1f77b4", ":")}
+#: Vertical lines: colour and line style (solid or dashed, wide enough to show in the legend).
+_MARKS = {"exit": ("#d62728", "-"), "hang": ("#9467bd", "-"), "restore": ("#17becf", "--"), "durable": ("#ff7f0e", "--")}
 
 
 def _pyplot():
@@ -57,49 +63,52 @@ def draw_timeline(report: GoodputReport, path: str) -> str:
         ConfigError: matplotlib is not installed.
     """
     plt = _pyplot()
-    t0 = report.start
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 5.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
+    fig = plt.figure(figsize=(12, 6.5))
     try:
-        for epoch in sorted({e for _, _, e in report.progress}):  # one line per start: restores jump back
-            points = [(t - t0, s) for t, s, e in report.progress if e == epoch]
-            top.plot([x for x, _ in points], [y for _, y in points], ".-", color="#2ca02c", markersize=3,
-                     linewidth=1, label="step" if epoch == report.progress[0][2] else None)
-        top.set_ylabel("step")
-        ws = top.twinx()
-        if report.world_sizes:
-            xs = [t - t0 for t, _ in report.world_sizes] + [report.wall_s]
-            ys = [w for _, w in report.world_sizes]
-            ws.step(xs, ys + ys[-1:], where="post", color="#555555", linewidth=1, label="world size")
-            ws.set_ylim(0, max(ys) * 1.3 + 1)
-        ws.set_ylabel("world size")
-        seen: set[str] = set()
-        for t, kind, _label in report.marks:
-            if kind in _MARKS:
-                color, style = _MARKS[kind]
-                top.axvline(t - t0, color=color, linestyle=style, linewidth=1,
-                            label=None if kind in seen else kind)
-                seen.add(kind)
-            elif kind.startswith("save:") and kind not in seen:
-                seen.add(kind)
-        saves = [t - t0 for t, kind, _ in report.marks if kind.startswith("save:")]
-        if saves:
-            top.plot(saves, [0] * len(saves), "|", color="#1f77b4", markersize=8, label="save")
-        top.legend(loc="upper left", fontsize=8, ncol=4)
-        top.set_title(f"goodput {100 * report.goodput:.1f}% over {report.wall_s:.1f} s "
-                      f"({len(report.nodes)} node(s), {len(report.epochs)} start(s))")
-        for kind in KINDS:
-            spans = [(s.start - t0, s.duration) for s in report.segments if s.kind == kind]
-            if spans:
-                bottom.broken_barh(spans, (0, 1), facecolors=COLORS[kind], label=kind)
-        bottom.set_yticks([])
-        bottom.set_xlabel("seconds since start")
-        bottom.set_xlim(0, max(report.wall_s, 1e-3))
-        bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=len(KINDS), fontsize=7)
-        fig.tight_layout()
+        build_figure(report, fig)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
     log.info("timeline written to %s", path)
     return path
+
+
+def build_figure(report: GoodputReport, fig: "Figure") -> None:
+    """Draws the timeline into ``fig``: three rows on one time axis (steps with
+    the marks, the world size, where the time went)."""
+    t0 = report.start
+    top, sizes, bottom = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 0.8, 0.7]})
+    for epoch in sorted({e for _, _, e in report.progress}):  # one line per start: restores jump back
+        points = [(t - t0, s) for t, s, e in report.progress if e == epoch]
+        top.plot([x for x, _ in points], [y for _, y in points], ".-", color="#2ca02c", markersize=3,
+                 linewidth=1, label="step" if epoch == report.progress[0][2] else None)
+    top.set_ylabel("step")
+    seen: set[str] = set()
+    for t, kind, _label in report.marks:
+        if kind in _MARKS:
+            color, style = _MARKS[kind]
+            top.axvline(t - t0, color=color, linestyle=style, linewidth=1.5,
+                        label=None if kind in seen else kind)
+            seen.add(kind)
+    saves = [t - t0 for t, kind, _ in report.marks if kind.startswith("save:")]
+    if saves:
+        top.plot(saves, [0] * len(saves), "|", color="#1f77b4", markersize=8, label="save")
+    top.legend(loc="upper left", fontsize=8, ncol=5, handlelength=3)
+    top.set_title(f"goodput {100 * report.goodput:.1f}% over {report.wall_s:.1f} s "
+                  f"({len(report.nodes)} node(s), {len(report.epochs)} start(s))")
+    if report.world_sizes:
+        xs = [t - t0 for t, _ in report.world_sizes] + [report.wall_s]
+        ys = [w for _, w in report.world_sizes]
+        sizes.step(xs, ys + ys[-1:], where="post", color="#555555", linewidth=1.5)
+        sizes.set_ylim(0, max(ys) * 1.25 + 0.5)
+    sizes.set_ylabel("world size")
+    for kind in KINDS:
+        spans = [(s.start - t0, s.duration) for s in report.segments if s.kind == kind]
+        if spans:
+            bottom.broken_barh(spans, (0, 1), facecolors=COLORS[kind], label=kind)
+    bottom.set_yticks([])
+    bottom.set_xlabel("seconds since start")
+    bottom.set_xlim(0, max(report.wall_s, 1e-3))
+    bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6), ncol=len(KINDS), fontsize=7)
+    fig.tight_layout()

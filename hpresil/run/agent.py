@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from string import Template
 from typing import Any, Callable
 
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerSpec, WorkerState
@@ -21,7 +22,8 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from hpresil.elastic.api import RUNNING_KEY, ElasticConfig
 from hpresil.elastic.fast_restart import FastRestart, free_port
 from hpresil.elastic.membership import Liveness, restart_cause
-from hpresil.run.failure import guard_error_files
+from hpresil.run.console import WorkerConsole
+from hpresil.run.failure import failure_summary, guard_error_files
 from hpresil.runtime.api import WorkerGroupInfo
 from hpresil.runtime.node import NodeRuntime
 from hpresil.topology.service import TopologyService
@@ -45,11 +47,14 @@ class HpresilAgent(LocalElasticAgent):
             the nodes stay the same (:mod:`hpresil.elastic.fast_restart`).
         before_join: called once before this agent's first rendezvous (see
             :func:`hpresil.run.launch.join_when_ready`).
+        console: copies the workers' stderr logs to the console, folding the
+            tracebacks of a recovered failure (:mod:`hpresil.run.console`).
         **kwargs: passed to ``LocalElasticAgent``.
     """
 
     def __init__(self, spec: WorkerSpec, runtime: NodeRuntime, elastic: ElasticConfig | None = None,
-                 fast_restart: bool = True, before_join: Callable[[], None] | None = None, **kwargs: Any) -> None:
+                 fast_restart: bool = True, before_join: Callable[[], None] | None = None,
+                 console: WorkerConsole | None = None, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
         self._runtime = runtime
         self._elastic = elastic or ElasticConfig()
@@ -61,6 +66,8 @@ class HpresilAgent(LocalElasticAgent):
         self._last_state = WorkerState.INIT
         self._group_info: WorkerGroupInfo | None = None
         self._before_join = before_join
+        self._console = console
+        self._restarting = False  # inside _restart_workers: the stopped attempt's outcome is a restart
         self._fast_enabled = fast_restart
         self._fast: FastRestart | None = None  # this round's agreement (None: off or not possible)
         self._fast_checked = 0.0  # when _monitor_workers last looked for failed peers
@@ -144,6 +151,7 @@ class HpresilAgent(LocalElasticAgent):
         )
         self._group_info = info
         self._last_state = WorkerState.HEALTHY
+        self._follow_stderr(worker_group, workers)
         self._runtime.events.emit(
             "workers_start",
             attempt=info.attempt,
@@ -287,18 +295,19 @@ class HpresilAgent(LocalElasticAgent):
                     attempt=self._attempt,
                     message=_short(failure.message),
                 )
-                log.warning(
-                    "worker rank %d (local %d, pid %d) exited with %s (attempt %d)",
-                    rank,
-                    failure.local_rank,
-                    failure.pid,
-                    sig or f"code {failure.exitcode}",
-                    self._attempt,
-                )
+                log.warning("worker rank %d (local %d, pid %d) %s (attempt %d)", rank, failure.local_rank,
+                            failure.pid, failure_summary(failure, stderrs.get(failure.local_rank)), self._attempt)
         elif result.state == WorkerState.SUCCEEDED:
             self._runtime.events.emit("workers_succeeded", attempt=self._attempt)
 
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        self._restarting = True
+        try:
+            self._restart(worker_group)
+        finally:
+            self._restarting = False
+
+    def _restart(self, worker_group: WorkerGroup) -> None:
         # torch's loop decrements the restart budget before calling us on a
         # failure and leaves it alone on a membership change (a waiting node);
         # a lost node restarts from _monitor_workers, outside the budget.
@@ -366,8 +375,28 @@ class HpresilAgent(LocalElasticAgent):
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         super()._stop_workers(worker_group)
+        if self._console is not None:
+            self._console.end_attempt(restarting=self._restarting)
         if self._group_info is not None:
             self._runtime.on_workers_stopped(self._group_info)
+
+    def _follow_stderr(self, worker_group: WorkerGroup, workers: list[Any]) -> None:
+        """Hands the new attempt's stderr logs to the console, with torch's line prefixes."""
+        stderrs = getattr(self._pcontext, "stderrs", None) or {}
+        if self._console is None or not stderrs:
+            return
+        role = worker_group.spec.role
+        template = self._log_line_prefix_template
+        prefixes = {
+            w.local_rank: (Template(template).safe_substitute(role_name=role, rank=w.global_rank, local_rank=w.local_rank)
+                           if template else f"[{role}{w.local_rank}]:")
+            for w in workers
+        }
+        shown = getattr(self._logs_specs, "_local_ranks_filter", None)  # --local-ranks-filter, as torch's tee
+        self._console.start_attempt(
+            {w.local_rank: stderrs[w.local_rank] for w in workers
+             if stderrs.get(w.local_rank) and (not shown or w.local_rank in shown)},
+            prefixes, {w.local_rank: w.global_rank for w in workers})
 
 
 def _nodes_waiting(worker_group: WorkerGroup) -> int:

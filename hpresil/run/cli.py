@@ -19,7 +19,7 @@ import uuid
 from datetime import timedelta
 from typing import NoReturn, Sequence
 
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
 
 from hpresil._parse import parse_bool
@@ -75,8 +75,9 @@ HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
      "agree through the rendezvous store and restart their workers with the same ranks, without a new "
      "rendezvous round (which costs seconds); off: torchrun's stop -> rendezvous -> start on every failure."),
     ("--tracebacks", "HPRESIL_TRACEBACKS", "choice:auto,off", "auto",
-     "auto: when neither --redirects nor --tee is given, also copy each worker's stderr to "
-     "the log dir so a failure report can show the failing rank's traceback; off: torchrun's behaviour."),
+     "auto: when neither --redirects nor --tee is given, keep each worker's stderr in the job log dir "
+     "(workers/) and copy it to the console, where the tracebacks of a failure the job recovers from "
+     "become one line each and a failed job's report quotes the root cause's; off: torchrun's behaviour."),
 )
 
 #: Subcommands dispatched before torch's parser, ``hpresil-run NAME ARGS...``: name ->
@@ -298,12 +299,17 @@ def _job_log_dir(args: argparse.Namespace, run_id: str, node_id: str) -> str:
     return os.path.join(tempfile.gettempdir(), "hpresil-logs", safe_component(run_id), safe_component(node_id))
 
 
-def _apply_traceback_capture(args: argparse.Namespace) -> None:
-    # Only when the user chose no redirection: tee stderr so the failure
-    # report can quote the failing rank's traceback from its stderr.log.
+def _apply_traceback_capture(args: argparse.Namespace, job_log_dir: str) -> bool:
+    """With ``--tracebacks auto`` and no redirection chosen by the user: stderr goes
+    to per-rank logs (under the job log dir unless --log-dir says where) that
+    :mod:`hpresil.run.console` copies to the console. Returns whether it does."""
     unset = (None, "", "0")
-    if args.tracebacks == "auto" and args.redirects in unset and args.tee in unset:
-        args.tee = "2"
+    if args.tracebacks != "auto" or args.redirects not in unset or args.tee not in unset:
+        return False
+    args.redirects = "2"
+    if not args.log_dir and not getattr(args, "logs_specs", None):
+        args.log_dir = os.path.join(job_log_dir, "workers")
+    return True
 
 
 @record
@@ -320,16 +326,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    _apply_traceback_capture(args)
     validate(args)
     port = _seconds(args, "--metrics-port", 0)
     grace = timedelta(seconds=_seconds(args, "--grace-period", 0) or 0)
     resolve_rendezvous(args)
+    runtime_config = _runtime_config(args)
+    node_id = runtime_config.node_id or socket.gethostname()
+    log_dir = _job_log_dir(args, str(args.rdzv_id), node_id)
+    user_log_dir = args.log_dir
+    console = _apply_traceback_capture(args, log_dir)
     try:
         config, cmd, cmd_args = config_from_args(args)
-    except OSError as exc:  # torch creates --log-dir here
-        raise ConfigError(f"--log-dir {args.log_dir!r} cannot be used: {exc}") from exc
-    runtime_config = _runtime_config(args)
+    except OSError as exc:  # torch creates the workers' log dir here
+        flag = "--log-dir" if user_log_dir else "--job-log-dir"
+        raise ConfigError(f"log directory {args.log_dir!r} cannot be used: {exc}; pass another {flag}") from exc
     hang = hang_config({flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, *_ in HANG_OPTIONS})
 
     from hpresil.run.launch import launch_agent
@@ -346,8 +356,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if warm is not None:  # the fork server imports torch while the node runtime starts and rendezvous runs
         cmd, cmd_args = warm
         config.start_method = "forkserver"
-    node_id = runtime_config.node_id or socket.gethostname()
-    log_dir = _job_log_dir(args, str(config.run_id), node_id)
     configs: dict[str, object] = {"watchdog": hang}
     from hpresil.checkpoint.peer.api import config_from_options
 
@@ -364,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:  # the job log directory is created here
         raise ConfigError(f"log directory {log_dir!r} cannot be used: {exc}; pass another --job-log-dir") from exc
     launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace,
-                 fast_restart=args.fast_restart != "off")
+                 fast_restart=args.fast_restart != "off", console=console)
 
 
 def _handle_stop_signals() -> None:
@@ -397,6 +405,9 @@ def console_main() -> None:
         sys.exit(code)
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
+    from hpresil.run.logs import trim_console
+
+    trim_console()  # after torch's import: its loggers' handlers exist now
     _handle_stop_signals()
     try:
         main()
@@ -405,6 +416,9 @@ def console_main() -> None:
         # (128 + signal), after the graceful shutdown, without a traceback.
         print(f"hpresil-run: stopped by {exc.sigval.name}", file=sys.stderr)
         sys.exit(128 + int(exc.sigval))
+    except ChildFailedError:
+        # The report (root cause, its traceback, the fix) is printed; torchrun's exit status.
+        sys.exit(1)
     except NodeUnhealthyError as exc:
         print(f"hpresil-run: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -18,7 +18,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 
 from hpresil.checkpoint.ram.files import write_atomic
 
-__all__ = ["explain_failure", "guard_error_files", "is_peer_loss", "pick_root_cause", "process_running",
+__all__ = ["explain_failure", "failure_summary", "guard_error_files", "summarise_exception", "is_peer_loss",
+           "pick_root_cause", "process_running",
            "traceback_from_stderr", "traceback_from_error_file"]
 
 _MAX_LINES = 40
@@ -163,6 +164,23 @@ def traceback_from_error_file(failure: ProcessFailure) -> str | None:
         return stack.rstrip() if stack else message.get("message")
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def summarise_exception(line: str, limit: int = 200) -> str:
+    """An exception line made short: a broken collective says so (its text is long and
+    the same on every survivor), anything else is cut at ``limit`` characters."""
+    line = line.strip()
+    if is_peer_loss(line):
+        return f"{line.split(':', 1)[0]}: a collective lost its peer (a consequence of another failure)"
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def failure_summary(failure: ProcessFailure, stderr_path: str | None = None) -> str:
+    """How a worker ended, in one line: ``was killed by SIGKILL``, ``exited with code 1:
+    KeyError: 'x'`` (the exception from its error file or its stderr log)."""
+    how = _how(failure)
+    tb = _traceback(failure, stderr_path) if failure.exitcode >= 0 else None
+    return f"{how}: {summarise_exception(tb.rstrip().splitlines()[-1])}" if tb else how
 
 
 def _how(failure: ProcessFailure) -> str:

@@ -32,8 +32,9 @@ from hpresil.elastic.membership import lost_after_from_rdzv, tuned_rdzv_configs
 from hpresil.errors import ConfigError, LaunchError, NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
 from hpresil.netenv.env import EnvChange
-from hpresil.run.failure import explain_failure
-from hpresil.run.logs import render_exceptions_eagerly
+from hpresil.run.console import WorkerConsole
+from hpresil.run.failure import explain_failure, pick_root_cause
+from hpresil.run.logs import render_exceptions_eagerly, route_agent_logs, unroute_agent_logs
 from hpresil.runtime.node import NodeRuntime
 
 __all__ = ["launch_agent", "entrypoint_name"]
@@ -122,6 +123,7 @@ def launch_agent(
     env_changes: Sequence[EnvChange] = (),
     grace_period: timedelta = timedelta(seconds=30),
     fast_restart: bool = True,
+    console: bool = False,
 ) -> dict[int, Any]:
     """Runs the worker group to completion under an :class:`HpresilAgent`.
 
@@ -135,6 +137,9 @@ def launch_agent(
             finish pending work (durable uploads of the final snapshots).
         fast_restart: restart failed workers without a new rendezvous round when
             the nodes stay the same (:mod:`hpresil.elastic.fast_restart`).
+        console: copy the workers' stderr logs (``redirects`` must capture stderr)
+            to the console, a recovered failure's tracebacks folded to one line
+            (:mod:`hpresil.run.console`).
 
     Returns:
         The workers' return values by global rank (function entrypoints only).
@@ -177,8 +182,10 @@ def launch_agent(
         # Fields newer torch releases added to both LaunchConfig and WorkerSpec.
         **_shared_fields(config, WorkerSpec, _OPTIONAL_SPEC_FIELDS),
     )
+    worker_console = WorkerConsole() if console else None
     agent = HpresilAgent(
         spec=spec,
+        console=worker_console,
         runtime=runtime,
         elastic=ElasticConfig(lost_after=lost_after_from_rdzv(config.rdzv_configs)),
         fast_restart=fast_restart,
@@ -205,6 +212,7 @@ def launch_agent(
     stop_timeout = timedelta(seconds=60)
     succeeded = False
     runtime.start()
+    agent_log = route_agent_logs(runtime.log_dir)
     for change in env_changes:
         runtime.events.emit("env_change", name=change.name, old=change.old, new=change.new, reason=change.reason)
     try:
@@ -213,6 +221,8 @@ def launch_agent(
         events.record(agent.get_event_succeeded(), config.event_log_handler)
         if result.is_failed():
             error = ChildFailedError(name=entrypoint_name(entrypoint, args), failures=result.failures)
+            if worker_console is not None:  # the tracebacks first, folded: the report quotes the root cause's
+                worker_console.close(failed=True, root_rank=pick_root_cause(error, agent.stderr_paths)[0])
             report = explain_failure(
                 error,
                 max_restarts=config.max_restarts,
@@ -242,6 +252,9 @@ def launch_agent(
             raise LaunchError(f"the agent failed while supervising the workers: {type(exc).__name__}: {exc}") from exc
         raise
     finally:
+        if worker_console is not None:
+            worker_console.close()
         if shutdown_rdzv:
             spec.rdzv_handler.shutdown()
         runtime.stop(succeeded=succeeded, timeout=stop_timeout)
+        unroute_agent_logs(agent_log)

@@ -1,4 +1,4 @@
-"""Keeps torch's log formatting off the agent's failure path.
+"""The agent's own logs: torch's formatting kept off the failure path, noise kept off the console.
 
 torch's log formatter (``torch._logging._internal.TorchLogsFormatter``) imports
 ``torch._dynamo`` the first time it formats a record that carries an exception,
@@ -13,13 +13,21 @@ loggers that renders the traceback into ``record.exc_text`` (exactly what a
 formatter appends) and clears ``exc_info``. The lines printed are the same;
 the import never happens. Plain :mod:`logging` configuration: torch's code and
 handlers are untouched.
+
+:func:`route_agent_logs` writes every agent record, tracebacks included, to
+``agent.log`` in the job log directory, and keeps off the console the torch
+records that repeat what hpresil says in one line (a worker's failure, with
+torch's ``ProcessExitedException`` traceback; the SIGTERM sent to the rest of the
+group; the error-file note of a launcher that has no parent).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
-__all__ = ["render_exceptions_eagerly", "EagerTraceback"]
+__all__ = ["render_exceptions_eagerly", "EagerTraceback", "ConsoleTrim", "route_agent_logs", "trim_console", "unroute_agent_logs"]
 
 #: Loggers that log exceptions in the agent process (created now if torch has not yet).
 _LOGGERS = (
@@ -60,3 +68,53 @@ def render_exceptions_eagerly() -> list[str]:
             logger.addFilter(EagerTraceback())
             added.append(name)
     return added
+
+
+#: Loggers whose handlers write records (the root, and torch's that do not propagate).
+_HANDLING_LOGGERS = ("", "torch", "torch.distributed")
+
+
+class ConsoleTrim(logging.Filter):
+    """Drops, on a console handler, torch's records that the agent reports itself
+    (:func:`hpresil.run.agent.HpresilAgent` logs one line per failed worker)."""
+
+    #: logger name -> prefixes of the format strings dropped.
+    DROPPED = {
+        "torch.distributed.elastic.multiprocessing.api": ("failed (exitcode",),
+        "torch.multiprocessing.spawn": ("Terminating process",),
+        "torch.distributed.elastic.multiprocessing.errors.error_handler": ("no error file defined for parent",),
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefixes = self.DROPPED.get(record.name)
+        return not (prefixes and isinstance(record.msg, str) and record.msg.startswith(prefixes))
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
+
+
+def trim_console() -> None:
+    """Adds :class:`ConsoleTrim` (once) to the console handlers of the loggers that
+    handle records. ``hpresil-run``'s console script calls it: the console is its own."""
+    for name in _HANDLING_LOGGERS:
+        for console in logging.getLogger(name).handlers:
+            if _is_console(console) and not any(isinstance(f, ConsoleTrim) for f in console.filters):
+                console.addFilter(ConsoleTrim())
+
+
+def route_agent_logs(log_dir: str) -> logging.Handler:
+    """Adds ``<log_dir>/agent.log`` to the loggers that handle records: every
+    agent record, tracebacks included. Returns the handler for :func:`unroute_agent_logs`."""
+    handler = logging.FileHandler(os.path.join(log_dir, "agent.log"), delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in _HANDLING_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
+def unroute_agent_logs(handler: logging.Handler) -> None:
+    """Undoes :func:`route_agent_logs` (a launcher run in-process, as tests do)."""
+    for name in _HANDLING_LOGGERS:
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()

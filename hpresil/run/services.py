@@ -17,6 +17,7 @@ from hpresil.hang.watchdog import Watchdog
 from hpresil.health.service import HealthService
 from hpresil.metrics.exporter import MetricsExporter
 from hpresil.report.progress import ProgressService
+from hpresil.run.recovery import RecoveryReport
 from hpresil.runtime.api import NodeService
 from hpresil.topology.service import TopologyService
 
@@ -31,6 +32,7 @@ DEFAULT_SERVICES: tuple[type[NodeService], ...] = (
     Watchdog,
     ProgressService,
     MetricsExporter,  # idle unless --metrics-port
+    RecoveryReport,  # one console line per recovery
 )
 
 

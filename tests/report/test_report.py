@@ -53,14 +53,33 @@ def test_known_answer_failure_restore_and_lost_work() -> None:
     r = analyse(_two_epochs())
     _contiguous(r)
     got = {k: round(r.seconds(k), 6) for k in KINDS}
-    assert got == {"productive": 6.0, "lost_work": 2.9, "checkpoint": 0.1, "restore": 0.5, "restart": 2.0,
-                   "rescale": 0.0, "hang_detection": 0.0, "init": 1.5, "shutdown": 2.0}
+    # steps 11..20 were undone by the restore to step 10 (lost work); the second from
+    # step 20's completion to the exit is the interrupted step and its detection
+    assert got == {"productive": 6.0, "lost_work": 1.9, "detection": 1.0, "checkpoint": 0.1, "restore": 0.5,
+                   "restart": 2.0, "rescale": 0.0, "hang_detection": 0.0, "init": 1.5, "shutdown": 2.0}
     assert r.wall_s == 15 and r.goodput == pytest.approx(0.4)
     assert r.restarts == {"failure": 1} and r.final_step == 30
     assert [(e.base_step, e.fault, e.max_step) for e in r.epochs] == [(0, "exit", 20), (10, "succeeded", 30)]
     assert r.tiers["ram"].saves == 1 and r.tiers["ram"].skipped == 1
     text = format_report(r)
-    assert "goodput" in text and "40.0 %" in text and "lost work" in text and "skipped" in text
+    assert "goodput" in text and "40.0 %" in text and "lost work (steps recomputed)" in text and "skipped" in text
+    assert "detection (last step -> seen)" in text
+
+
+def test_tier_rows_show_only_the_columns_that_apply() -> None:
+    evs = _two_epochs()
+    evs.insert(-2, _ev(12.5, "checkpoint_drained", step=20, tier="durable", duration_s=0.5, bytes=2_000_000,
+                        committed=True))
+    r = analyse(evs)
+    durable, ram = r.tiers["durable"], r.tiers["ram"]
+    assert (durable.saves, durable.uploads, durable.steps) == (0, 1, 1)
+    rows = {line.split()[0]: line.split() for line in format_report(r).splitlines()[1:]
+            if line.strip().startswith(("durable ", "ram "))}
+    # tier saves skipped steps block-mean block-max per-copy restores restore-max uploads MB/s lag degraded
+    assert rows["durable"][1:6] == ["-", "-", "1", "-", "-"] and rows["durable"][6:8] == ["2.0", "MB"]
+    assert rows["durable"][10:12] == ["1", "4.0"]
+    assert rows["ram"][1:4] == ["1", "1", "1"] and rows["ram"][10:13] == ["-", "-", "-"]
+    assert ram.restores == 1
 
 
 def test_hang_membership_and_multi_node_files(tmp_path) -> None:
@@ -96,6 +115,25 @@ def test_hang_membership_and_multi_node_files(tmp_path) -> None:
     assert r.world_sizes == [(1, 4), (9, 4), (14, 2)]
     assert sum(r.seconds(k) for k in KINDS) == pytest.approx(r.wall_s) and r.wall_s == 17.5
     assert r.tiers["durable"].restores == 1 and r.tiers["ram"].restores == 1
+
+
+def test_timeline_keeps_the_world_size_off_the_step_plot_and_shows_every_mark() -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from hpresil.report.timeline import build_figure
+
+    evs = _two_epochs()
+    evs.insert(-2, _ev(12.5, "checkpoint_drained", step=20, tier="durable", duration_s=0.5, bytes=10, committed=True))
+    fig = Figure()
+    build_figure(analyse(evs), fig)
+    steps, sizes, _segments = fig.axes  # no twin axis over the step plot
+    assert sizes.get_ylabel() == "world size" and sizes.get_lines()[0].get_ydata()[0] == 2
+    assert all(line.get_label() != "world size" for line in steps.get_lines())
+    legend = {t.get_text(): h for t, h in zip(steps.get_legend().get_texts(), steps.get_legend().legend_handles)}
+    assert {"step", "exit", "restore", "durable", "save"} <= set(legend)
+    for mark in ("exit", "restore", "durable"):  # a line wide and solid or dashed enough to be seen
+        assert legend[mark].get_linewidth() >= 1.5 and legend[mark].get_linestyle() in ("-", "--"), mark
 
 
 def test_reused_log_dir_reports_the_newest_run(tmp_path) -> None:
