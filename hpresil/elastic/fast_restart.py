@@ -38,6 +38,8 @@ import socket
 import time
 from typing import Any, Callable
 
+from hpresil.runtime.store_ops import set_if_absent
+
 __all__ = ["FastRestart", "free_port", "poll_interval", "PREFIX"]
 
 log = logging.getLogger(__name__)
@@ -153,5 +155,5 @@ class FastRestart:
 
     def _decide(self, value: dict[str, Any]) -> dict[str, Any]:
         """Writes ``value`` unless a decision exists; returns the one that stands."""
-        raw = self.store.compare_set(self._key("decision"), "", json.dumps(value))
-        return json.loads(bytes(raw).decode())
+        raw = set_if_absent(self.store, self._key("decision"), json.dumps(value))
+        return json.loads(raw.decode())

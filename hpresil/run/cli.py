@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.run import config_from_args
 
 from hpresil._parse import parse_bool
-from hpresil.errors import ConfigError, NodeUnhealthyError
+from hpresil.errors import ConfigError, LaunchError, NodeUnhealthyError
 from hpresil.hang.config import HANG_OPTIONS, hang_config
 from hpresil.netenv.api import Plan
 from hpresil.netenv.env import apply_launcher_env
@@ -228,6 +228,9 @@ def console_main() -> None:
         sys.exit(128 + int(exc.sigval))
     except ChildFailedError:
         # The report (root cause, its traceback, the fix) is printed; torchrun's exit status.
+        sys.exit(1)
+    except LaunchError as exc:  # the launcher could not go on (e.g. the rendezvous lost its etcd quorum)
+        print(f"hpresil-run: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except NodeUnhealthyError as exc:
         print(f"hpresil-run: {exc}", file=sys.stderr)

@@ -24,10 +24,12 @@ from torch.distributed.elastic import events, metrics
 from torch.distributed.elastic.agent.server.api import WorkerSpec
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.launcher.api import LaunchConfig
 
 from hpresil.elastic.api import ElasticConfig
+from hpresil.elastic.etcd import BACKEND as ETCD_BACKEND, create_etcd_v2_handler, parse_endpoints, quorum_report
 from hpresil.elastic.membership import lost_after_from_rdzv, tuned_rdzv_configs
 from hpresil.errors import ConfigError, LaunchError, NodeUnhealthyError
 from hpresil.run.agent import HpresilAgent
@@ -110,6 +112,14 @@ def join_when_ready(params: RendezvousParameters, warm: bool, timeout: float = 3
     return before_join
 
 
+def _rendezvous_handler(params: RendezvousParameters) -> Any:
+    """torch's handler for ``params.backend``; for etcd-v2, the same handler over a
+    client that fails over between every listed member (:mod:`hpresil.elastic.etcd`)."""
+    if params.backend == ETCD_BACKEND:
+        return create_etcd_v2_handler(params)
+    return rdzv_registry.get_rendezvous_handler(params)
+
+
 def _shared_fields(config: LaunchConfig, target: type, names: tuple[str, ...]) -> dict[str, Any]:
     accepted = set(inspect.signature(target).parameters)
     return {n: getattr(config, n) for n in names if n in accepted and hasattr(config, n)}
@@ -173,7 +183,7 @@ def launch_agent(
         local_world_size=config.nproc_per_node,
         entrypoint=entrypoint,
         args=tuple(args),
-        rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
+        rdzv_handler=_rendezvous_handler(params),
         max_restarts=config.max_restarts,
         monitor_interval=config.monitor_interval,
         master_addr=master_addr,
@@ -247,6 +257,11 @@ def launch_agent(
         if isinstance(exc, SignalException):
             stop_timeout = grace_period
         events.record(agent.get_event_failed(), config.event_log_handler)
+        agent_log.handle(logging.LogRecord(__name__, logging.ERROR, __file__, 0, "the agent ended: %r", (exc,),
+                                           sys.exc_info()))  # the traceback in agent.log; the console gets one line
+        if config.rdzv_backend == ETCD_BACKEND and isinstance(exc, RendezvousConnectionError):
+            raise LaunchError(f"the rendezvous lost the etcd cluster: {exc}; "
+                              f"{quorum_report(parse_endpoints(config.rdzv_endpoint))}") from exc
         if isinstance(exc, (ValueError, AssertionError)) and not isinstance(exc, ConfigError):
             # hpresil-run reports ValueError as a usage error (exit 2); this one came while running.
             raise LaunchError(f"the agent failed while supervising the workers: {type(exc).__name__}: {exc}") from exc

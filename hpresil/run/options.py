@@ -200,6 +200,10 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-restarts {args.max_restarts}: takes an integer >= 0")
     if float(args.monitor_interval) <= 0:
         raise ConfigError(f"--monitor-interval {args.monitor_interval}: takes a number of seconds > 0")
+    if args.rdzv_backend == "etcd-v2":
+        from hpresil.elastic.etcd import parse_endpoints
+
+        parse_endpoints(args.rdzv_endpoint)
     if args.no_python and args.module:
         raise ConfigError("--no-python and -m/--module conflict: drop --no-python to run a module with -m")
     if getattr(args, "preload", None):

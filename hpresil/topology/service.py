@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from hpresil.errors import TopologyError
 from hpresil.runtime.api import NodeService, RuntimeContext, WorkerGroupInfo
+from hpresil.runtime.store_ops import multi_get
 from hpresil.topology.api import MAP_FILE, NodeTopology, TopologyConfig, TopologyMap
 from hpresil.topology.backends import discover
 from hpresil.topology.order import node_order, rank_bases
@@ -111,7 +112,7 @@ def assign_worker_ranks(store: Any, group_rank: int, group_world_size: int, work
         raise TopologyError("topology-aware ranks need a single worker role; pass --topology off")
     store.set(f"{KEY_PREFIX}{group_rank}", json.dumps({**node.to_json(), "nproc": len(workers)}))
     keys = [f"{KEY_PREFIX}{i}" for i in range(group_world_size)]
-    raw = store.multi_get(keys) if group_world_size > 1 else [store.get(keys[0])]
+    raw = multi_get(store, keys)
     nodes: list[NodeTopology] = []
     counts: list[int] = []
     for i, blob in enumerate(raw):

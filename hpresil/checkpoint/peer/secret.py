@@ -18,6 +18,7 @@ from typing import Any
 
 from hpresil.errors import ConfigError
 from hpresil.checkpoint.peer.api import SECRET_ENV, SECRET_FILE_ENV, peer_dir
+from hpresil.runtime.store_ops import set_if_absent
 
 __all__ = ["from_env", "load", "write_file", "agree", "STORE_KEY"]
 
@@ -82,7 +83,7 @@ def agree(store: Any, group_rank: int, known: bytes | None, timeout: float, stop
     knows none; the others wait for the key.
 
     Args:
-        store: the round's rendezvous store (``compare_set``/``check``/``get``).
+        store: the round's rendezvous store (``set``/``add``/``check``/``get``: every torch Store).
         known: the secret this node used so far, if any.
         timeout: seconds to wait for another node's offer.
         stop: an ``Event``; waiting ends early when it is set.
@@ -93,7 +94,7 @@ def agree(store: Any, group_rank: int, known: bytes | None, timeout: float, stop
     if known is None and group_rank == 0:
         known = secrets.token_hex(32).encode()
     if known is not None:
-        return bytes(store.compare_set(STORE_KEY, "", known.decode()))
+        return set_if_absent(store, STORE_KEY, known.decode())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         if store.check([STORE_KEY]):
