@@ -182,6 +182,39 @@ def test_sbatch_script_builds_a_valid_hpresil_command(tmp_path, monkeypatch) -> 
     assert args["training_script"] == "train.py" and args["training_script_args"] == ["--steps", "5"]
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_sbatch_etcd_rendezvous_starts_members_or_uses_the_given_cluster(tmp_path, monkeypatch, external) -> None:
+    """RDZV_BACKEND=etcd-v2: without ETCD_ENDPOINTS an etcd member starts on each of the
+    first nodes (a stand-in etcd records its flags) and hpresil-run gets every member."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(str(bin_dir / "scontrol"), 'printf "gpu-a\\ngpu-b\\n"\n')
+    _stub(str(bin_dir / "srun"), 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    _stub(str(bin_dir / "hostname"), 'echo gpu-a\n')
+    _stub(str(bin_dir / "etcd"), f'printf "%s\\n" "$@" > "{tmp_path}/etcd-argv"\n')
+    _stub(str(bin_dir / "hpresil-run"), f'sleep 0.5; printf "%s\\n" "$@" > "{tmp_path}/argv"\n')
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "78",
+           "SLURM_JOB_NODELIST": "gpu-[a-b]", "LOG_ROOT": str(tmp_path / "logs"), "HOME": str(tmp_path),
+           "RDZV_BACKEND": "etcd-v2"}
+    if external:
+        env["ETCD_ENDPOINTS"] = "etcd1:2379,etcd2:2379,etcd3:2379"
+    subprocess.run(["bash", os.path.join(LAUNCHERS, "slurm/hpresil.sbatch"), "train.py"],
+                   env=env, cwd=str(tmp_path), check=True, timeout=30)
+    args = _parse_hpresil((tmp_path / "argv").read_text().splitlines(), {}, monkeypatch)
+    assert args["rdzv_backend"] == "etcd-v2"
+    if external:
+        assert args["rdzv_endpoint"] == "etcd1:2379,etcd2:2379,etcd3:2379"
+        assert not (tmp_path / "etcd-argv").exists()
+        return
+    assert args["rdzv_endpoint"] == "gpu-a:2379,gpu-b:2379"
+    etcd_argv = (tmp_path / "etcd-argv").read_text().splitlines()
+    assert "--enable-v2=true" in etcd_argv  # torch's etcd-v2 backend speaks etcd's v2 API
+    etcd_argv.remove("--enable-v2=true")
+    flags = dict(zip(etcd_argv[::2], etcd_argv[1::2]))
+    assert flags["--initial-cluster"] == "gpu-a=http://gpu-a:2380,gpu-b=http://gpu-b:2380"
+    assert flags["--advertise-client-urls"] == "http://gpu-a:2379"
+
+
 def _dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
     out: list[tuple[str, str]] = []
@@ -218,3 +251,25 @@ def test_dockerfile_entrypoint_is_hpresil_run_in_exec_form() -> None:
             for src in rest.split()[:-1]:
                 assert os.path.exists(os.path.join(REPO, src)), f"COPY source {src} missing (context: repo root)"
     assert any("--no-deps" in rest for word, rest in instructions if word == "RUN"), "must not replace the base image's torch"
+
+
+def test_etcd_manifest_is_a_three_member_v2_cluster_that_keeps_its_quorum() -> None:
+    with open(os.path.join(LAUNCHERS, "kubernetes", "etcd.yaml")) as f:
+        docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
+    sts, svc, pdb = docs["StatefulSet"], docs["Service"], docs["PodDisruptionBudget"]
+    replicas, name = sts["spec"]["replicas"], sts["metadata"]["name"]
+    assert replicas == 3 and sts["spec"]["serviceName"] == svc["metadata"]["name"] == name
+    assert svc["spec"]["clusterIP"] == "None" and pdb["spec"]["minAvailable"] == replicas // 2 + 1
+    script = sts["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "--enable-v2=true" in script
+    cluster = script.split("--initial-cluster ")[1].split()[0].strip('"')
+    members = [m.split("=")[0] for m in cluster.split(",")]
+    assert members == [f"{name}-{i}" for i in range(replicas)]
+    assert all(f"{m}.{name}:2380" in cluster for m in members)
+    # the endpoint list the README gives hpresil-run parses to every member
+    from hpresil.elastic.etcd import parse_endpoints
+
+    with open(os.path.join(LAUNCHERS, "kubernetes", "README.md")) as f:
+        readme = f.read()
+    endpoint = readme.split('"--rdzv-endpoint", "')[1].split('"')[0]
+    assert parse_endpoints(endpoint) == [(f"{m}.{name}", 2379) for m in members]

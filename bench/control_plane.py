@@ -1,0 +1,311 @@
+"""What the control plane costs as the job grows: N simulated agents against a
+TCPStore and against a 3-member etcd cluster.
+
+Each simulated agent is a thread holding what a real ``hpresil-run`` agent
+holds: torch's ``DynamicRendezvousHandler`` (its keep-alive thread included) and
+hpresil's liveness ring (:class:`hpresil.elastic.membership.Liveness`) on the
+round's store. Agents run in a few processes (``--procs``) so the stores see
+many clients. Per backend and N it measures:
+
+* ``round_s``: every agent calls ``next_rendezvous`` at once; until the last returns;
+* ``req_per_s``: store requests per second of the steady state (liveness beats
+  plus torch's keep-alive, counted at the client), over ``--measure`` seconds;
+* ``agent_cpu`` / ``server_cpu``: cores the agents' processes and the store
+  server (the TCPStore process, or the etcd members together) used then;
+* ``change_s``: one agent stops without leaving (as a SIGKILLed node does); until
+  every survivor was told by its liveness ring and completed the next round.
+
+It fits ``a + b N`` to each figure, states the expected value at 2,048 nodes,
+and prints the targets of issue 22: ``change_s`` at the largest N within 2x its
+value at 3 agents, and the store load per agent constant (at most linear in N).
+``--json FILE`` writes everything for the planner (``hpresil-run plan``).
+
+Run: ``python bench/control_plane.py [--agents 3,16,64,256] [--backends tcpstore,etcd]``
+(etcd from Debian's ``etcd-server``; python-etcd from PyPI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+
+KEEP_ALIVE_S, KEEP_ALIVE_ATTEMPTS, LAST_CALL_S = 1, 3, 2  # hpresil-run's tuned rendezvous defaults
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Counting:
+    """Forwards to a store or a rendezvous backend and counts the calls (thread-safe enough:
+    one counter per agent)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner, self.calls = inner, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a: Any, **k: Any) -> Any:
+            self.calls += 1
+            return attr(*a, **k)
+
+        return call
+
+
+def _handler(backend: str, endpoint: str, run_id: str, n: int) -> tuple[Any, Counting]:
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    params = RendezvousParameters(backend="c10d" if backend == "tcpstore" else "etcd-v2", endpoint=endpoint,
+                                  run_id=run_id, min_nodes=max(1, n - 1), max_nodes=n, read_timeout="30",
+                                  keep_alive_interval=str(KEEP_ALIVE_S), keep_alive_max_attempt=str(KEEP_ALIVE_ATTEMPTS),
+                                  last_call_timeout=str(LAST_CALL_S), join_timeout="600")
+    if backend == "tcpstore":
+        from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+
+        host, port = endpoint.split(":")
+        store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
+        rdzv_backend: Any = Counting(C10dRendezvousBackend(store, run_id))
+    else:
+        from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend
+        from torch.distributed.elastic.rendezvous.etcd_store import EtcdStore
+
+        from hpresil.elastic import etcd as hetcd
+
+        client = hetcd._client(params)
+        rdzv_backend = Counting(EtcdRendezvousBackend(client, run_id, key_prefix=hetcd.STATE_PREFIX))
+        store = EtcdStore(client, hetcd.STORE_PREFIX, timeout=timedelta(seconds=600))
+    return create_handler(store, rdzv_backend, params), rdzv_backend
+
+
+def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any, victim_stop: Any,
+           out: list[dict[str, Any]], measure_s: float) -> None:
+    from hpresil.elastic.api import ElasticConfig
+    from hpresil.elastic.membership import Liveness
+
+    rec: dict[str, Any] = {}
+    try:
+        handler, counted_backend = _handler(backend, endpoint, run_id, n)
+        go.wait()
+        info = handler.next_rendezvous()
+        rec["round_done"] = time.time()
+        rank, world = info.rank, info.world_size
+        store = Counting(info.store)
+        live = Liveness(store, rank, world, ElasticConfig(lost_after=timedelta(seconds=KEEP_ALIVE_S * KEEP_ALIVE_ATTEMPTS))).start()
+        phase.wait()  # steady state: count requests for measure_s
+        c0, b0, t0 = store.calls, counted_backend.calls, time.time()
+        time.sleep(measure_s)
+        rec["requests"] = (store.calls - c0) + (counted_backend.calls - b0)
+        rec["measured_s"] = time.time() - t0
+        if rank == world - 1:  # the victim: stops beating and keeping alive, as a SIGKILLed node
+            live.stop()
+            handler._stop_heartbeats()
+            rec["t_stop"] = time.time()
+            victim_stop.set()
+            rec["victim"] = True
+            return
+        victim_stop.wait()
+        rec["lost"] = sorted(live.wait_for_loss(60.0))
+        live.stop()
+        handler.next_rendezvous()
+        rec["change_done"] = time.time()
+    except Exception as exc:  # noqa: BLE001 - reported in the results
+        rec["error"] = repr(exc)
+    finally:
+        out.append(rec)
+
+
+def _proc(backend: str, endpoint: str, run_id: str, n: int, count: int, go: Any, phase: Any, victim_stop: Any,
+          queue: Any, measure_s: float) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # a liveness verdict per survivor is expected here, not news
+    # Import once before the threads do: concurrent first imports of torch.distributed fail.
+    import torch.distributed  # noqa: F401
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, dynamic_rendezvous  # noqa: F401
+    from torch.distributed.elastic.rendezvous import etcd_rendezvous_backend, etcd_store  # noqa: F401
+
+    import hpresil.elastic.etcd  # noqa: F401
+    import hpresil.elastic.membership  # noqa: F401
+    out: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=_agent, args=(backend, endpoint, run_id, n, go, phase, victim_stop, out,
+                                                     measure_s), daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    phase.wait()
+    cpu0 = time.process_time()
+    time.sleep(measure_s)
+    queue.put({"cpu_s": time.process_time() - cpu0})
+    for t in threads:
+        t.join(timeout=300)
+    queue.put({"agents": out})
+
+
+def _cpu_ticks(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _tcpstore_server(port: int, ready: Any) -> None:
+    from torch.distributed import TCPStore
+
+    server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600),
+                      use_libuv=True)
+    ready.set()
+    del ready  # the server lives as long as ``server`` does: until the process is killed
+    while True:
+        time.sleep(60)
+
+
+def measure(backend: str, n: int, procs: int, measure_s: float) -> dict[str, Any]:
+    """One backend at ``n`` agents (see the module doc)."""
+    ctx = mp.get_context("spawn")
+    root = tempfile.mkdtemp(prefix="hpresil-cp-")
+    server_pids: list[int] = []
+    cluster = server = None
+    try:
+        if backend == "tcpstore":
+            port = _free_port()
+            ready = ctx.Event()
+            server = ctx.Process(target=_tcpstore_server, args=(port, ready), daemon=True)
+            server.start()
+            ready.wait(30)
+            endpoint, server_pids = f"127.0.0.1:{port}", [server.pid]
+        else:
+            from etcd_cluster import EtcdCluster
+
+            cluster = EtcdCluster(root).start()
+            endpoint, server_pids = cluster.endpoints, [p.pid for p in cluster.procs.values()]
+        go, phase, victim_stop, queue = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+        per = [n // procs + (1 if i < n % procs else 0) for i in range(min(procs, n))]
+        workers = [ctx.Process(target=_proc, args=(backend, endpoint, f"cp{n}", n, c, go, phase, victim_stop, queue,
+                                                   measure_s)) for c in per]
+        for w in workers:
+            w.start()
+        time.sleep(2.0 + 0.02 * n)  # every agent built its handler and waits
+        t_go = time.time()
+        go.set()
+        time.sleep(max(3.0, LAST_CALL_S + 1.0))  # the round completes, liveness settles
+        srv0 = _cpu_ticks(server_pids)
+        phase.set()
+        time.sleep(measure_s)
+        server_cpu = (_cpu_ticks(server_pids) - srv0) / measure_s
+        agents: list[dict[str, Any]] = []
+        agent_cpu = 0.0
+        for _ in range(2 * len(workers)):
+            msg = queue.get(timeout=600)
+            agent_cpu += msg.get("cpu_s", 0.0) / measure_s
+            agents.extend(msg.get("agents", []))
+        for w in workers:
+            w.join(timeout=30)
+        errors = [a["error"] for a in agents if "error" in a]
+        rounds = [a["round_done"] for a in agents if "round_done" in a]
+        changes = [a["change_done"] for a in agents if "change_done" in a]
+        stops = [a["t_stop"] for a in agents if "t_stop" in a]
+        return {
+            "backend": backend, "agents": n, "error_count": len(errors), "errors": errors[:3],
+            "round_s": max(rounds) - t_go if len(rounds) == n else None,
+            "req_per_s": sum(a.get("requests", 0) for a in agents) / measure_s,
+            "agent_cpu": agent_cpu, "server_cpu": server_cpu,
+            "change_s": max(changes) - stops[0] if stops and len(changes) == n - 1 else None,
+        }
+    finally:
+        if server is not None:
+            server.kill()
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b x``."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    return my - b * mx, b
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--agents", default="3,16,64,128,256", help="comma-separated agent counts")
+    p.add_argument("--backends", default="tcpstore,etcd", help="tcpstore, etcd or both")
+    p.add_argument("--procs", type=int, default=8, help="processes the agents are spread over")
+    p.add_argument("--measure", type=float, default=5.0, help="seconds of steady state measured")
+    p.add_argument("--at", type=int, default=2048, help="the node count to extrapolate to")
+    p.add_argument("--json", help="write the results here (the planner's input)")
+    args = p.parse_args()
+    counts = [int(x) for x in args.agents.split(",")]
+    results: list[dict[str, Any]] = []
+    for backend in args.backends.split(","):
+        if backend == "etcd" and shutil.which("etcd") is None:
+            print("etcd: skipped (apt-get install etcd-server)")
+            continue
+        for n in counts:
+            r = measure(backend, n, args.procs, args.measure)
+            results.append(r)
+            print(f"{backend:8s} N={n:4d}  round {r['round_s'] or float('nan'):6.2f} s  change "
+                  f"{r['change_s'] or float('nan'):6.2f} s  {r['req_per_s']:8.0f} req/s "
+                  f"({r['req_per_s'] / n:5.1f}/agent)  agents {r['agent_cpu']:5.2f} cores  server "
+                  f"{r['server_cpu']:5.2f} cores  errors {r['error_count']}", flush=True)
+    summary: dict[str, Any] = {}
+    for backend in sorted({r["backend"] for r in results}):
+        rows = [r for r in results if r["backend"] == backend and r["round_s"] is not None and r["change_s"] is not None]
+        if len(rows) < 2:
+            continue
+        xs = [float(r["agents"]) for r in rows]
+        proj = {}
+        for key in ("round_s", "change_s", "req_per_s", "agent_cpu", "server_cpu"):
+            a, b = fit(xs, [float(r[key]) for r in rows])
+            proj[key] = {"a": a, "b": b, f"at_{args.at}": max(0.0, a + b * args.at)}
+        small, large = rows[0], rows[-1]
+        per_agent = [r["req_per_s"] / r["agents"] for r in rows]
+        summary[backend] = {
+            "fit": proj,
+            "change_ratio": large["change_s"] / small["change_s"],
+            "change_target_met": large["change_s"] <= 2 * small["change_s"],
+            "req_per_agent": per_agent,
+            "load_at_most_linear": max(per_agent[1:]) <= 1.25 * per_agent[0] if len(per_agent) > 1 else True,
+        }
+        print(f"{backend}: membership change {large['change_s']:.2f} s at N={large['agents']} vs "
+              f"{small['change_s']:.2f} s at N={small['agents']} = {summary[backend]['change_ratio']:.2f}x "
+              f"(target <= 2x: {'met' if summary[backend]['change_target_met'] else 'NOT met'}); requests per agent "
+              f"{', '.join(f'{x:.1f}' for x in per_agent)}/s (at most linear: "
+              f"{'yes' if summary[backend]['load_at_most_linear'] else 'NO'})")
+        print(f"{backend} expected at {args.at} nodes: " + ", ".join(
+            f"{k} {v[f'at_{args.at}']:.2f}" for k, v in proj.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "summary": summary, "keep_alive_s": KEEP_ALIVE_S,
+                       "keep_alive_attempts": KEEP_ALIVE_ATTEMPTS, "last_call_s": LAST_CALL_S}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
