@@ -38,6 +38,7 @@ bench: venv
 	$(PY) bench/back_to_back.py
 	$(PY) bench/s3_drain.py
 	$(PY) bench/replication.py
+	$(PY) bench/control_plane.py --agents 3,16,64
 	$(PY) bench/hang.py
 	$(PY) bench/rescale.py
 	$(PY) bench/goodput.py

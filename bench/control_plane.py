@@ -98,13 +98,15 @@ def _handler(backend: str, endpoint: str, run_id: str, n: int) -> tuple[Any, Cou
 
 
 def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any, victim_stop: Any,
-           out: list[dict[str, Any]], measure_s: float) -> None:
+           out: list[dict[str, Any]], measure_s: float, ready: Any) -> None:
     from hpresil.elastic.api import ElasticConfig
     from hpresil.elastic.membership import Liveness
 
     rec: dict[str, Any] = {}
     try:
         handler, counted_backend = _handler(backend, endpoint, run_id, n)
+        with ready.get_lock():
+            ready.value += 1
         go.wait()
         info = handler.next_rendezvous()
         rec["round_done"] = time.time()
@@ -135,7 +137,7 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
 
 
 def _proc(backend: str, endpoint: str, run_id: str, n: int, count: int, go: Any, phase: Any, victim_stop: Any,
-          queue: Any, measure_s: float) -> None:
+          queue: Any, measure_s: float, ready: Any) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # a liveness verdict per survivor is expected here, not news
@@ -148,7 +150,7 @@ def _proc(backend: str, endpoint: str, run_id: str, n: int, count: int, go: Any,
     import hpresil.elastic.membership  # noqa: F401
     out: list[dict[str, Any]] = []
     threads = [threading.Thread(target=_agent, args=(backend, endpoint, run_id, n, go, phase, victim_stop, out,
-                                                     measure_s), daemon=True) for _ in range(count)]
+                                                     measure_s, ready), daemon=True) for _ in range(count)]
     for t in threads:
         t.start()
     phase.wait()
@@ -202,13 +204,15 @@ def measure(backend: str, n: int, procs: int, measure_s: float) -> dict[str, Any
 
             cluster = EtcdCluster(root).start()
             endpoint, server_pids = cluster.endpoints, [p.pid for p in cluster.procs.values()]
-        go, phase, victim_stop, queue = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+        go, phase, victim_stop, queue, ready = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
         per = [n // procs + (1 if i < n % procs else 0) for i in range(min(procs, n))]
         workers = [ctx.Process(target=_proc, args=(backend, endpoint, f"cp{n}", n, c, go, phase, victim_stop, queue,
-                                                   measure_s)) for c in per]
+                                                   measure_s, ready)) for c in per]
         for w in workers:
             w.start()
-        time.sleep(2.0 + 0.02 * n)  # every agent built its handler and waits
+        deadline = time.monotonic() + 600
+        while ready.value < n and time.monotonic() < deadline:  # every agent built its handler and waits
+            time.sleep(0.1)
         t_go = time.time()
         go.set()
         time.sleep(max(3.0, LAST_CALL_S + 1.0))  # the round completes, liveness settles
@@ -222,8 +226,10 @@ def measure(backend: str, n: int, procs: int, measure_s: float) -> dict[str, Any
             msg = queue.get(timeout=600)
             agent_cpu += msg.get("cpu_s", 0.0) / measure_s
             agents.extend(msg.get("agents", []))
-        for w in workers:
-            w.join(timeout=30)
+        for w in workers:  # torch's keep-alive threads would keep them alive: the results are in
+            w.join(timeout=2)
+            if w.is_alive():
+                w.kill()
         errors = [a["error"] for a in agents if "error" in a]
         rounds = [a["round_done"] for a in agents if "round_done" in a]
         changes = [a["change_done"] for a in agents if "change_done" in a]

@@ -298,11 +298,14 @@ def run_calibration(args: argparse.Namespace, root: str, server: SeaweedServer, 
     return step_s, save_s
 
 
-def hpresil_report(cluster: Cluster, end: float) -> str:
-    """The hpresil-run report of the nodes' events, clipped to the budget."""
+def hpresil_report(cluster: Cluster, end: float) -> tuple[str, float | None]:
+    """The hpresil-run report of the nodes' events, clipped to the budget, and the
+    state bytes per rank (mean RAM snapshot; the planner scales costs by it)."""
     from hpresil.report import build_report
 
     rep = build_report(cluster.dir)
+    ram = rep.tiers.get("ram")
+    state_bytes = ram.bytes_per_save if ram is not None and ram.saves else None
     clipped = clip_segments(rep.segments, cluster.t0, end)
     budget = end - cluster.t0
     clipped["init"] = clipped.get("init", 0.0) + max(0.0, min(rep.start, end) - cluster.t0)  # launch -> runtime_start
@@ -311,7 +314,7 @@ def hpresil_report(cluster: Cluster, end: float) -> str:
                       for n, t in sorted(rep.tiers.items()))
     return (f"  hpresil-run report, clipped to the budget: goodput {100 * clipped.get('productive', 0.0) / budget:.1f}% "
             f"(productive = kept steps at their measured time)\n    {parts}\n"
-            f"    restarts by cause {dict(rep.restarts)}, hang detections {rep.hang_detections}; {tiers}")
+            f"    restarts by cause {dict(rep.restarts)}, hang detections {rep.hang_detections}; {tiers}"), state_bytes
 
 
 def run_system(name: str, args: argparse.Namespace, root: str, server: SeaweedServer, env: dict[str, str],
@@ -344,7 +347,7 @@ def run_system(name: str, args: argparse.Namespace, root: str, server: SeaweedSe
         extra["failures"] = fails
     if name == "hpresil":
         try:
-            text = hpresil_report(cluster, end)
+            text, extra["state_bytes_per_gpu"] = hpresil_report(cluster, end)
         except Exception as exc:  # noqa: BLE001 - the cross-check must not lose the run
             text = f"  hpresil-run report failed: {exc!r}"
         print(text, flush=True)
@@ -443,6 +446,7 @@ def main() -> None:
                 json.dump({"args": vars(args), "ideal_step_s": step_s, "dcp_save_s": save_s, "young_daly_s": interval,
                            "dcp_every": dcp_every, "snapshot_s": snap_s, "snapshot_young_daly_s": snap_interval,
                            "ckpt_every": ckpt_every, "durable_every": durable_every, "faults": [dataclasses.asdict(f) for f in faults],
+                           "state_bytes_per_gpu": extras.get("hpresil", {}).get("state_bytes_per_gpu"),
                            "results": {k: {**v.to_json_obj(), **extras[k]} for k, v in results.items()},
                            "causes": list(CAUSES), "labels": LABELS}, f, indent=1)
     finally:

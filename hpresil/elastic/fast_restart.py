@@ -38,7 +38,7 @@ import socket
 import time
 from typing import Any, Callable
 
-from hpresil.runtime.store_ops import set_if_absent
+from hpresil.runtime.store_ops import read_counter, set_if_absent, writes_to_add
 
 __all__ = ["FastRestart", "free_port", "poll_interval", "PREFIX"]
 
@@ -92,6 +92,7 @@ class FastRestart:
         self.watch_interval = poll_interval(group_world_size, 0.1, WATCH_BUDGET)
         self.gen = 0
         self._marked = -1  # the generation this agent last marked itself failed in
+        self._write_free = writes_to_add(store)  # etcd: read counters with check/get, not add(key, 0)
 
     def _key(self, name: str) -> str:
         return PREFIX.format(gen=self.gen) + name
@@ -109,7 +110,7 @@ class FastRestart:
         if self.group_world_size <= 1:
             return 0
         try:
-            return int(self.store.add(self._key("failed_n"), 0))
+            return read_counter(self.store, self._key("failed_n"), self._write_free)
         except Exception as exc:  # the store host is gone: the liveness watch decides
             log.debug("fast restart: store unreachable: %s", exc)
             return 0
@@ -141,7 +142,7 @@ class FastRestart:
                     decision = json.loads(bytes(self.store.get(decision_key)).decode())
                 elif give_up() or time.monotonic() >= deadline:
                     decision = self._decide({"go": False})
-                elif coordinator and int(self.store.add(self._key("ready_n"), 0)) >= self.group_world_size:
+                elif coordinator and read_counter(self.store, self._key("ready_n"), self._write_free) >= self.group_world_size:
                     decision = self._decide({"go": True, "port": port})
                 else:
                     time.sleep(self.poll)

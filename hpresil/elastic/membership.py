@@ -32,6 +32,7 @@ from hpresil.elastic.api import (
     ALIVE_KEY, DONE_KEY, DYNAMIC_BACKENDS, LOST_EPOCH_KEY, LOST_KEY, RDZV_TUNED_DEFAULTS, WATCHERS, ElasticConfig,
     MembershipView,
 )
+from hpresil.runtime.store_ops import read_counter, writes_to_add
 
 __all__ = ["LivenessTracker", "Liveness", "restart_cause", "tuned_rdzv_configs", "lost_after_from_rdzv"]
 
@@ -181,6 +182,9 @@ class Liveness:
         self._finished = False
         self._adopted = 0  # verdicts 1.._adopted have been read
         self._thread: threading.Thread | None = None
+        # Counters are read with add(key, 0) (one round trip), or with check/get where
+        # add is a consensus write (etcd): the peers' reads then cost no write.
+        self._write_free = writes_to_add(store)
 
     def start(self) -> "Liveness":
         """Writes the first beat and starts the thread (no-op for a single node)."""
@@ -204,10 +208,9 @@ class Liveness:
             for peer in tr.peers:
                 if peer in tr.lost or peer in tr.done:
                     continue
-                # add(key, 0) reads a counter without blocking on a missing key.
-                if self.store.add(DONE_KEY.format(group_rank=peer), 0):
+                if read_counter(self.store, DONE_KEY.format(group_rank=peer), self._write_free):
                     done.append(peer)
-                counters[peer] = self.store.add(ALIVE_KEY.format(group_rank=peer), 0)
+                counters[peer] = read_counter(self.store, ALIVE_KEY.format(group_rank=peer), self._write_free)
             for peer in sorted(tr.observe(self.clock(), counters, done) - before):
                 # Verdict i is key LOST_KEY/i; add/set/check/get only, which every torch Store has.
                 self.store.set(LOST_KEY.format(index=self.store.add(LOST_EPOCH_KEY, 1)), str(peer))
@@ -231,7 +234,7 @@ class Liveness:
         """Reads the verdicts published since the last beat (one counter read when
         there are none); one not written yet (its watcher is between the two
         requests) is read next beat."""
-        epoch = self.store.add(LOST_EPOCH_KEY, 0)
+        epoch = read_counter(self.store, LOST_EPOCH_KEY, self._write_free)
         while self._adopted < epoch:
             key = LOST_KEY.format(index=self._adopted + 1)
             if not self.store.check([key]):

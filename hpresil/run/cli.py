@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS: dict[str, str] = {
     "report": "hpresil.report.cli:main",
     "doctor": "hpresil.doctor:main",
+    "plan": "hpresil.report.plan:main",
 }
 
 

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "subcommands: `hpresil-run doctor [--json]` explains the network environment hpresil-run would set "
         "here and exits 1 on a misconfiguration that will break the job; `hpresil-run report LOG_DIR "
         "[--png FILE]` prints a finished or running job's goodput, time lost per cause and checkpoint "
-        "statistics. Each takes --help."
+        "statistics; `hpresil-run plan --goodput-json F` recommends snapshot intervals and predicts goodput "
+        "from the benches' measurements. Each takes --help."
     )
     _suggest_close_flags(parser)
     group = parser.add_argument_group(

@@ -12,13 +12,17 @@ result from the five basic ones:
   loop, atomic across members); the others ``get`` the key, which waits for it.
 * :func:`multi_get` — one round trip where the store has it, else one ``get``
   per key.
+* :func:`read_counter` — a counter's value without waiting for a missing key:
+  ``add(key, 0)`` is one round trip on a TCPStore, but on etcd ``add`` is a
+  compare-and-swap (a failed create, a read and a write through raft, even for
+  0); there ``check`` and ``get`` read it without a write.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["set_if_absent", "multi_get", "is_not_implemented"]
+__all__ = ["set_if_absent", "multi_get", "is_not_implemented", "read_counter", "writes_to_add"]
 
 #: Suffix of the claim counter that elects the writer of a key without ``compare_set``.
 CLAIM_SUFFIX = "/hpresil-claim"
@@ -58,3 +62,28 @@ def multi_get(store: Any, keys: Sequence[str]) -> list[bytes]:
             if not is_not_implemented(exc):
                 raise
     return [bytes(store.get(k)) for k in keys]
+
+
+def writes_to_add(store: Any) -> bool:
+    """Whether ``store`` (or the store a ``PrefixStore`` chain wraps) turns every
+    ``add`` into a consensus write (torch's ``EtcdStore``)."""
+    seen = 0
+    while store is not None and seen < 16:
+        if type(store).__name__ == "EtcdStore":
+            return True
+        store, seen = getattr(store, "underlying_store", None), seen + 1
+    return False
+
+
+def read_counter(store: Any, key: str, write_free: bool | None = None) -> int:
+    """The counter at ``key`` (0 when missing), never waiting for it.
+
+    Args:
+        write_free: read with ``check``/``get`` instead of ``add(key, 0)``
+            (default: :func:`writes_to_add`; pass it to skip the lookup per call).
+    """
+    if write_free is None:
+        write_free = writes_to_add(store)
+    if not write_free:
+        return int(store.add(key, 0))
+    return int(bytes(store.get(key)).decode()) if store.check([key]) else 0

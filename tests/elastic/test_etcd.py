@@ -1,7 +1,8 @@
 """etcd-v2 rendezvous against a real 3-member etcd cluster on loopback: no single
 process or node whose loss ends the job.
 
-Skipped when ``etcd`` (Debian's ``etcd-server``) or python-etcd is not installed;
+The job-level cases are in the chaos matrix (``make chaos``); CI runs the client's
+failover and store operations against the real cluster. Skipped when ``etcd`` (Debian's ``etcd-server``) or python-etcd is not installed;
 ``.ci/run`` installs both.
 """
 
@@ -112,6 +113,7 @@ def _restores_match_saves(out: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.parametrize("member", ["leader", "follower"])
 def test_job_survives_an_etcd_member_and_the_rank0_node(tmp_path, cluster, member) -> None:
     """SIGKILL of an etcd member (the leader or not) mid-run, then SIGKILL of the
@@ -138,6 +140,7 @@ def test_job_survives_an_etcd_member_and_the_rank0_node(tmp_path, cluster, membe
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 def test_quorum_loss_fails_with_a_clear_error_and_keeps_the_snapshots(tmp_path, cluster) -> None:
     """Two of three members SIGKILLed: torch's agent syncs the rendezvous state on
     every monitor pass, so each agent ends (within the read timeout) with an error
@@ -159,3 +162,27 @@ def test_quorum_loss_fails_with_a_clear_error_and_keeps_the_snapshots(tmp_path, 
     finally:
         for node in nodes:
             node.close()
+
+
+def test_reading_counters_costs_etcd_no_write(cluster) -> None:
+    """Liveness and fast restart read their peers' counters every beat: on etcd, where
+    add(key, 0) is a compare-and-swap through raft, they read with check/get and the
+    cluster's write index does not move."""
+    import etcd
+    from torch.distributed import PrefixStore
+
+    from hpresil.elastic.etcd import create_etcd_v2_handler
+    from hpresil.runtime.store_ops import read_counter, writes_to_add
+
+    handler = create_etcd_v2_handler(_params(cluster.endpoints))  # keeps its EtcdStore alive, as an agent does
+    store = PrefixStore("round0/", handler._store)
+    assert writes_to_add(store)
+    store.add("alive/1", 5)
+    host, port = cluster.endpoints.split(",")[0].split(":")
+    probe = etcd.Client(host=host, port=int(port))
+    before = probe.read("/").etcd_index
+    assert [read_counter(store, "alive/1") for _ in range(10)] == [5] * 10
+    assert read_counter(store, "alive/missing") == 0
+    assert probe.read("/").etcd_index == before  # no write, no key created
+    assert read_counter(store, "alive/1", write_free=False) == 5  # add(key, 0): a write on etcd
+    assert probe.read("/").etcd_index > before
