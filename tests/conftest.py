@@ -60,3 +60,25 @@ def _no_leaked_semaphores() -> Iterator[None]:
             os.unlink(os.path.join("/dev/shm", name))
         except OSError:
             pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tmpdir() -> Iterator[None]:
+    """Points the processes the tests start at a session-private ``TMPDIR`` and
+    removes it at the end: a SIGKILLed process leaves its multiprocessing
+    ``pymp-*`` directory behind (its exit handler never runs). The path stays
+    short: the forkserver's socket lives there (AF_UNIX paths end at 108 bytes)."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="hpresil-t-")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old
+        shutil.rmtree(path, ignore_errors=True)

@@ -66,7 +66,8 @@ class Costs:
         save_s: one checkpoint's cost to training (hpresil: a RAM snapshot with its
             peer replica; baseline: a blocking ``dcp.save``).
         startup_s: launch to the first training step.
-        recovery_s: per fault kind, fault -> training again (detection, restart, restore).
+        recovery_s: per fault kind, fault -> training again (detection, restart, restore); a
+            fault the system trained through costs the share of its window it did not train.
         rejoin_s: a replacement node's start -> training at full size again (``None``: not measured).
         state_bytes: the state per GPU the costs were measured with (``None``: unknown, no scaling).
     """
@@ -99,9 +100,21 @@ def costs_from_goodput(obj: Mapping[str, Any], system: str) -> Costs:
         raise ConfigError(f"bench/goodput.py JSON has no {system} result or calibration ({exc}); "
                           f"rerun: python bench/goodput.py --json FILE") from None
     per_kind: dict[str, list[float]] = {}
-    for rec in result.get("recoveries", []):
+    recs = sorted(result.get("recoveries", []), key=lambda r: r["at_s"])
+    budget = float(obj.get("args", {}).get("budget", 0.0)) or math.inf
+    for i, rec in enumerate(recs):
         if rec.get("start_after_s") is not None:
             per_kind.setdefault(rec["kind"], []).append(float(rec["start_after_s"]))
+            continue
+        # No worker-group start before the next event: the system either trained through
+        # the fault or stayed stuck. Charge the share of the window it did not train.
+        end = recs[i + 1]["at_s"] if i + 1 < len(recs) else budget
+        after = recs[i + 1]["step_before"] if i + 1 < len(recs) else None
+        if after is None or not math.isfinite(end):
+            continue
+        window = end - rec["at_s"]
+        progressed = (after - rec["step_before"]) * step_s / window if window > 0 else 1.0
+        per_kind.setdefault(rec["kind"], []).append(window * max(0.0, 1.0 - progressed))
     starts = result.get("seconds", {})
     return Costs(step_s=step_s, save_s=save_s, startup_s=float(starts.get("startup", 0.0)),
                  recovery_s={k: statistics.median(v) for k, v in per_kind.items() if k != "node_join"},
@@ -126,7 +139,8 @@ class Prediction:
 
 
 def predict(costs: Costs, *, budget_s: float, faults: Mapping[str, float], interval_s: float,
-            degraded_s: float = 0.0, degraded_share: float = 0.5) -> Prediction:
+            degraded_s: float = 0.0, degraded_share: float = 0.5,
+            fault_times: list[tuple[str, float]] | None = None) -> Prediction:
     """Goodput of one system.
 
     Args:
@@ -137,10 +151,21 @@ def predict(costs: Costs, *, budget_s: float, faults: Mapping[str, float], inter
         interval_s: seconds between checkpoints.
         degraded_s: per node loss, seconds trained with fewer nodes until a replacement joins.
         degraded_share: the share of throughput lost meanwhile (one of two nodes: 0.5).
+        fault_times: ``(kind, seconds into the budget)`` of known faults (a replayed
+            schedule): each then costs at most the budget left after it; ``faults`` is ignored.
     """
-    n_faults = sum(n for k, n in faults.items() if k in costs.recovery_s)
-    lost = sum(n * (costs.recovery_s[k] + interval_s / 2.0) for k, n in faults.items() if k in costs.recovery_s)
-    lost += faults.get("node_loss", 0.0) * degraded_s * degraded_share
+    if fault_times is None:
+        items = [(k, n, math.inf) for k, n in faults.items()]
+    else:
+        items = [(k, 1.0, budget_s - at) for k, at in fault_times]
+    n_faults = sum(n for k, n, _ in items if k in costs.recovery_s)
+    lost = 0.0
+    for kind, n, left in items:
+        if kind in costs.recovery_s:
+            per = costs.recovery_s[kind] + interval_s / 2.0
+            if kind == "node_loss":
+                per += degraded_s * degraded_share
+            lost += n * min(per, max(0.0, left))
     overhead = min(1.0, costs.save_s / interval_s) if interval_s > 0 else 1.0
     useful = max(0.0, budget_s - costs.startup_s - lost) * (1.0 - overhead)
     return Prediction(interval_s=interval_s, goodput=useful / budget_s,
@@ -150,9 +175,7 @@ def predict(costs: Costs, *, budget_s: float, faults: Mapping[str, float], inter
 def check_against(goodput_json: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Predicts each system of a bench/goodput.py run from its own costs, fault schedule
     and intervals; returns ``{system: {"predicted", "measured", "ratio"}}``."""
-    faults: dict[str, float] = {}
-    for f in goodput_json.get("faults", []):
-        faults[f["kind"]] = faults.get(f["kind"], 0.0) + 1.0
+    times = [(f["kind"], float(f["at"])) for f in goodput_json.get("faults", [])]
     args = goodput_json.get("args", {})
     budget = float(args.get("budget", 300.0))
     out: dict[str, dict[str, float]] = {}
@@ -160,7 +183,8 @@ def check_against(goodput_json: Mapping[str, Any]) -> dict[str, dict[str, float]
         costs = costs_from_goodput(goodput_json, system)
         every = goodput_json["ckpt_every"] if system == "hpresil" else goodput_json["dcp_every"]
         degraded = float(args.get("replace_after", 20.0)) + (costs.rejoin_s or 0.0) if system == "hpresil" else 0.0
-        p = predict(costs, budget_s=budget, faults=faults, interval_s=every * costs.step_s, degraded_s=degraded)
+        p = predict(costs, budget_s=budget, faults={}, interval_s=every * costs.step_s, degraded_s=degraded,
+                    fault_times=times)
         measured = float(goodput_json["results"][system]["goodput"])
         out[system] = {"predicted": p.goodput, "measured": measured, "ratio": p.goodput / measured if measured else math.inf}
     return out

@@ -21,13 +21,18 @@ def _goodput_json() -> dict:
                    enumerate(["worker_hang", "worker_kill", "node_loss", "s3_outage", "worker_hang"])],
         "results": {
             "hpresil": {"goodput": 0.745, "seconds": {"startup": 10.0}, "recoveries": [
-                {"kind": "worker_hang", "start_after_s": 5.0}, {"kind": "worker_kill", "start_after_s": 1.0},
-                {"kind": "node_loss", "start_after_s": 6.0}, {"kind": "node_join", "start_after_s": 13.0},
-                {"kind": "s3_outage", "start_after_s": None}, {"kind": "worker_hang", "start_after_s": 7.0}]},
+                {"kind": "s3_outage", "at_s": 30.0, "step_before": 80, "start_after_s": None},  # trained through
+                {"kind": "worker_hang", "at_s": 90.0, "step_before": 320, "start_after_s": 5.0},
+                {"kind": "worker_kill", "at_s": 150.0, "step_before": 520, "start_after_s": 1.0},
+                {"kind": "node_loss", "at_s": 210.0, "step_before": 740, "start_after_s": 6.0},
+                {"kind": "node_join", "at_s": 230.0, "step_before": 790, "start_after_s": 13.0},
+                {"kind": "worker_hang", "at_s": 270.0, "step_before": 930, "start_after_s": 7.0}]},
             "baseline": {"goodput": 0.315, "seconds": {"startup": 9.0}, "recoveries": [
-                {"kind": "worker_hang", "start_after_s": 65.0}, {"kind": "worker_kill", "start_after_s": 3.0},
-                {"kind": "node_loss", "start_after_s": 25.0}, {"kind": "s3_outage", "start_after_s": 40.0},
-                {"kind": "worker_hang", "start_after_s": 65.0}]},
+                {"kind": "s3_outage", "at_s": 30.0, "step_before": 80, "start_after_s": 40.0},
+                {"kind": "worker_hang", "at_s": 90.0, "step_before": 150, "start_after_s": None},  # stuck until 150 s
+                {"kind": "worker_kill", "at_s": 150.0, "step_before": 150, "start_after_s": 3.0},
+                {"kind": "node_loss", "at_s": 210.0, "step_before": 330, "start_after_s": 25.0},
+                {"kind": "worker_hang", "at_s": 270.0, "step_before": 400, "start_after_s": None}]},
         },
     }
 
@@ -41,11 +46,14 @@ def test_fleet_mtbf_goes_through_the_published_points() -> None:
 def test_costs_come_from_the_bench_json_and_scale_with_the_state() -> None:
     obj = _goodput_json()
     ours = costs_from_goodput(obj, "hpresil")
-    assert ours.recovery_s == {"worker_hang": 6.0, "worker_kill": 1.0, "node_loss": 6.0}  # medians; s3 rode out
+    # medians per kind; the S3 outage was trained through (240 steps of 0.25 s in its 60 s window)
+    assert ours.recovery_s == {"s3_outage": 0.0, "worker_hang": 6.0, "worker_kill": 1.0, "node_loss": 6.0}
     assert ours.rejoin_s == 13.0 and ours.startup_s == 10.0 and ours.save_s == 0.15
     assert ours.scaled(74e6).save_s == pytest.approx(0.30)
     theirs = costs_from_goodput(obj, "baseline")
     assert theirs.save_s == 1.2 and theirs.recovery_s["s3_outage"] == 40.0
+    # stuck: no step between the hang (90 s) and the next fault (150 s); the last hang has no window
+    assert theirs.recovery_s["worker_hang"] == pytest.approx(60.0)
     from hpresil.errors import ConfigError
 
     with pytest.raises(ConfigError, match="goodput.py --json"):
@@ -57,6 +65,10 @@ def test_prediction_known_answer() -> None:
     p = predict(costs, budget_s=100.0, faults={"worker_kill": 2, "s3_outage": 1}, interval_s=4.0)
     # (100 - 10 - 2 x (2 + 4/2)) x (1 - 0.2/4) / 100
     assert p.goodput == pytest.approx(82 * 0.95 / 100) and p.lost_per_fault_s == pytest.approx(4.0)
+    # a replayed schedule: the fault 1 s before the end costs that second, not 4
+    q = predict(costs, budget_s=100.0, faults={}, interval_s=4.0, fault_times=[("worker_kill", 50.0),
+                                                                               ("worker_kill", 99.0)])
+    assert q.goodput == pytest.approx((100 - 10 - 4 - 1) * 0.95 / 100)
 
 
 def test_check_predicts_each_system_of_a_run() -> None:
