@@ -358,6 +358,14 @@ def run_system(name: str, args: argparse.Namespace, root: str, server: SeaweedSe
     return acc, extra
 
 
+def _mp_semaphores() -> set[str]:
+    """The multiprocessing semaphore names in /dev/shm (a SIGKILLed process tree leaves its own)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+    except OSError:
+        return set()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=300.0, help="wall-clock seconds per system")
@@ -402,6 +410,7 @@ def main() -> None:
     # RAM tier on tmpfs, as on a real node; S3's data on disk.
     root = tempfile.mkdtemp(prefix="hpresil-goodput-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     server = SeaweedServer(tempfile.mkdtemp(prefix="hpresil-goodput-s3-"), weed)
+    semaphores = _mp_semaphores()
     server.start()
     env = server.env
     try:
@@ -451,6 +460,11 @@ def main() -> None:
                            "causes": list(CAUSES), "labels": LABELS}, f, indent=1)
     finally:
         server.stop()
+        for name in _mp_semaphores() - semaphores:  # the SIGKILLed nodes' multiprocessing semaphores
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
         if args.keep_logs:
             print(f"logs kept: {root} (hpresil-run report {root}/hpresil); S3 data {server.data_dir}")
         else:
