@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -83,11 +84,49 @@ def _client(params: RendezvousParameters) -> Any:
         cert = (cert, params.get("ssl_cert_key"))
     host: Any = tuple(members) if len(members) > 1 else members[0][0]
     try:
-        return etcd.Client(host=host, port=members[0][1], read_timeout=read_timeout, protocol=protocol,
-                           cert=cert, ca_cert=params.get("ca_cert"), allow_reconnect=True)
+        return _failover_client(etcd)(host=host, port=members[0][1], read_timeout=read_timeout, protocol=protocol,
+                                      cert=cert, ca_cert=params.get("ca_cert"), allow_reconnect=True)
     except Exception as exc:  # python-etcd raises EtcdException or urllib3's errors when no member answers
         raise RendezvousConnectionError(
             f"cannot reach the etcd cluster at {params.endpoint}: {exc}; {quorum_report(members, protocol)}") from exc
+
+
+def _failover_client(etcd: Any) -> type:
+    """python-etcd's ``Client`` with failover that threads can share.
+
+    python-etcd fails over by popping members off one shared list: an agent's
+    threads (torch's keep-alive, the liveness ring, the monitor loop) failing at
+    the same moment pop it empty, and every later request fails although members
+    are up. Here the next member is the one after the current in the configured
+    list, the list is never consumed, and each request gives up only after trying
+    every member twice.
+    """
+
+    class FailoverClient(etcd.Client):  # type: ignore[misc, name-defined]
+        def __init__(self, **kwargs: Any) -> None:
+            host, port, protocol = kwargs["host"], kwargs["port"], kwargs["protocol"]
+            pairs = host if isinstance(host, tuple) else ((host, port),)
+            self._members = [f"{protocol}://{h}:{p}" for h, p in pairs]
+            self._tries = threading.local()
+            super().__init__(**kwargs)
+
+        @property
+        def machines(self) -> list[str]:
+            return list(self._members)  # every member was given: no discovery round trip
+
+        def api_execute(self, path: str, method: str, params: Any = None, timeout: Any = None) -> Any:
+            self._tries.n = 0
+            return super().api_execute(path, method, params=params, timeout=timeout)
+
+        def _next_server(self, cause: Exception | None = None) -> str:
+            self._tries.n = getattr(self._tries, "n", 0) + 1
+            if self._tries.n > 2 * len(self._members):
+                raise etcd.EtcdConnectionFailed(f"no etcd member answers ({', '.join(self._members)})", cause=cause)
+            current = self._base_uri
+            i = self._members.index(current) if current in self._members else -1
+            return self._members[(i + 1) % len(self._members)]
+
+    return FailoverClient
 
 
 def create_etcd_v2_handler(params: RendezvousParameters) -> Any:
