@@ -98,8 +98,8 @@ def _failover_client(etcd: Any) -> type:
     threads (torch's keep-alive, the liveness ring, the monitor loop) failing at
     the same moment pop it empty, and every later request fails although members
     are up. Here the next member is the one after the current in the configured
-    list, the list is never consumed, and each request gives up only after trying
-    every member twice.
+    list, the list is never consumed, and each request gives up once every member
+    failed it.
     """
 
     class FailoverClient(etcd.Client):  # type: ignore[misc, name-defined]
@@ -120,7 +120,7 @@ def _failover_client(etcd: Any) -> type:
 
         def _next_server(self, cause: Exception | None = None) -> str:
             self._tries.n = getattr(self._tries, "n", 0) + 1
-            if self._tries.n > 2 * len(self._members):
+            if self._tries.n >= len(self._members):  # every member failed this request once
                 raise etcd.EtcdConnectionFailed(f"no etcd member answers ({', '.join(self._members)})", cause=cause)
             current = self._base_uri
             i = self._members.index(current) if current in self._members else -1

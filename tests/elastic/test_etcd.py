@@ -141,6 +141,7 @@ def test_job_survives_an_etcd_member_and_the_rank0_node(tmp_path, cluster, membe
 
 @pytest.mark.slow
 @pytest.mark.chaos
+@pytest.mark.timeout(300)  # the agents meet etcd's and the client's read timeouts before they give up
 def test_quorum_loss_fails_with_a_clear_error_and_keeps_the_snapshots(tmp_path, cluster) -> None:
     """Two of three members SIGKILLed: torch's agent syncs the rendezvous state on
     every monitor pass, so each agent ends (within the read timeout) with an error
