@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -39,6 +40,8 @@ DEFAULT_PORT = 2379
 #: torch's key prefixes for the rendezvous state and the store (kept, so torch's tools find them).
 STATE_PREFIX = "/torch/elastic/rendezvous"
 STORE_PREFIX = "/torch/elastic/store"
+#: A member a request failed on is skipped by the agent's other requests for this long.
+_DOWN_FOR_S = 5.0
 
 
 def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
@@ -98,8 +101,9 @@ def _failover_client(etcd: Any) -> type:
     threads (torch's keep-alive, the liveness ring, the monitor loop) failing at
     the same moment pop it empty, and every later request fails although members
     are up. Here the next member is the one after the current in the configured
-    list, the list is never consumed, and each request gives up once every member
-    failed it.
+    list that no member marked down (a request to it failed in the last few seconds)
+    in any thread, the list is never consumed, and a request gives up after as many
+    tries as there are members.
     """
 
     class FailoverClient(etcd.Client):  # type: ignore[misc, name-defined]
@@ -108,6 +112,8 @@ def _failover_client(etcd: Any) -> type:
             pairs = host if isinstance(host, tuple) else ((host, port),)
             self._members = [f"{protocol}://{h}:{p}" for h, p in pairs]
             self._tries = threading.local()
+            self._lock = threading.Lock()
+            self._down: dict[str, float] = {}  # member -> when a request to it last failed
             super().__init__(**kwargs)
 
         @property
@@ -120,11 +126,19 @@ def _failover_client(etcd: Any) -> type:
 
         def _next_server(self, cause: Exception | None = None) -> str:
             self._tries.n = getattr(self._tries, "n", 0) + 1
-            if self._tries.n >= len(self._members):  # every member failed this request once
+            if self._tries.n > len(self._members):
                 raise etcd.EtcdConnectionFailed(f"no etcd member answers ({', '.join(self._members)})", cause=cause)
-            current = self._base_uri
-            i = self._members.index(current) if current in self._members else -1
-            return self._members[(i + 1) % len(self._members)]
+            # The member that failed is the one in the error (another thread may have moved
+            # _base_uri meanwhile); it is skipped by every thread for a while.
+            pool = getattr(cause, "pool", None)
+            failed = f"{self._protocol}://{pool.host}:{pool.port}" if pool is not None else self._base_uri
+            now = time.monotonic()
+            with self._lock:
+                self._down[failed] = now
+                start = self._members.index(failed) + 1 if failed in self._members else 0
+                order = self._members[start:] + self._members[:start]
+                up = [m for m in order if now - self._down.get(m, -1e9) > _DOWN_FOR_S]
+            return (up or order)[0]
 
     return FailoverClient
 
