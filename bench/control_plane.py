@@ -180,8 +180,7 @@ def _tcpstore_server(port: int, ready: Any) -> None:
     server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600),
                       use_libuv=True)
     ready.set()
-    del ready  # the server lives as long as ``server`` does: until the process is killed
-    while True:
+    while True:  # ``server`` serves as long as this frame holds it: until the process is killed
         time.sleep(60)
 
 

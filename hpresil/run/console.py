@@ -30,13 +30,12 @@ import threading
 import time
 from typing import TextIO
 
-from hpresil.run.failure import summarise_exception
+from hpresil.run.failure import TRACEBACK_HEADER, exception_line, summarise_exception
 
-__all__ = ["ConsoleConfig", "WorkerConsole", "exception_line"]
+__all__ = ["ConsoleConfig", "WorkerConsole"]
 
 log = logging.getLogger(__name__)
 
-TRACEBACK_HEADER = "Traceback (most recent call last):"
 _CHUNK = 1 << 16
 
 
@@ -57,18 +56,6 @@ class ConsoleConfig:
     def __post_init__(self) -> None:
         if self.hold_s < 0 or self.poll_s <= 0:
             raise ValueError(f"ConsoleConfig: hold_s must be >= 0 and poll_s > 0 (got {self.hold_s}, {self.poll_s})")
-
-
-def exception_line(lines: list[str]) -> str | None:
-    """The exception line of the last traceback in ``lines`` (``KeyError: 'x'``):
-    the first unindented line after that traceback's frames."""
-    start = max((i for i, line in enumerate(lines) if line.startswith(TRACEBACK_HEADER)), default=-1)
-    if start < 0:
-        return None
-    for line in lines[start + 1:]:
-        if line.strip() and not line[0].isspace():
-            return line.strip()
-    return None
 
 
 class _Stream:

@@ -18,11 +18,13 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 
 from hpresil.checkpoint.ram.files import write_atomic
 
-__all__ = ["explain_failure", "failure_summary", "guard_error_files", "summarise_exception", "is_peer_loss",
-           "pick_root_cause", "process_running",
+__all__ = ["explain_failure", "exception_line", "failure_summary", "guard_error_files", "summarise_exception",
+           "is_peer_loss", "pick_root_cause", "process_running", "TRACEBACK_HEADER",
            "traceback_from_stderr", "traceback_from_error_file"]
 
 _MAX_LINES = 40
+#: The first line of every Python traceback.
+TRACEBACK_HEADER = "Traceback (most recent call last):"
 
 #: What a rank prints when it failed *because* a peer died: its collective lost the
 #: connection. Such a rank is a consequence, not the root cause.
@@ -55,7 +57,7 @@ def traceback_from_stderr(path: str | None, max_lines: int = _MAX_LINES) -> str 
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return None
-    start = text.rfind("Traceback (most recent call last)")
+    start = text.rfind(TRACEBACK_HEADER)
     if start < 0:
         return None
     lines = text[start:].rstrip().splitlines()
@@ -166,6 +168,18 @@ def traceback_from_error_file(failure: ProcessFailure) -> str | None:
         return None
 
 
+def exception_line(lines: list[str]) -> str | None:
+    """The exception line of the last traceback in ``lines`` (``KeyError: 'x'``):
+    the first unindented line after that traceback's frames."""
+    start = max((i for i, line in enumerate(lines) if line.startswith(TRACEBACK_HEADER)), default=-1)
+    if start < 0:
+        return None
+    for line in lines[start + 1:]:
+        if line.strip() and not line[0].isspace():
+            return line.strip()
+    return None
+
+
 def summarise_exception(line: str, limit: int = 200) -> str:
     """An exception line made short: a broken collective says so (its text is long and
     the same on every survivor), anything else is cut at ``limit`` characters."""
@@ -180,7 +194,10 @@ def failure_summary(failure: ProcessFailure, stderr_path: str | None = None) -> 
     KeyError: 'x'`` (the exception from its error file or its stderr log)."""
     how = _how(failure)
     tb = _traceback(failure, stderr_path) if failure.exitcode >= 0 else None
-    return f"{how}: {summarise_exception(tb.rstrip().splitlines()[-1])}" if tb else how
+    if not tb:
+        return how
+    lines = tb.rstrip().splitlines()
+    return f"{how}: {summarise_exception(exception_line(lines) or lines[-1])}"
 
 
 def _how(failure: ProcessFailure) -> str:

@@ -11,7 +11,8 @@ import pytest
 
 from _launch import base_env, hpresil_run, script
 from hpresil.testing import faults
-from hpresil.run.console import ConsoleConfig, WorkerConsole, exception_line
+from hpresil.run.console import ConsoleConfig, WorkerConsole
+from hpresil.run.failure import exception_line
 from hpresil.run.recovery import RecoveryReport, rank_ranges
 
 TB = [
