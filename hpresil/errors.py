@@ -16,6 +16,7 @@ __all__ = [
     "StateMismatchError",
     "ReshardError",
     "NoCheckpointError",
+    "UnhealthyStateError",
     "HealthError",
     "HealthUnavailableError",
     "NodeUnhealthyError",
@@ -69,6 +70,12 @@ class ReshardError(StateMismatchError):
 class NoCheckpointError(StorageError):
     """No reachable tier holds a checkpoint, and a tier that may hold one cannot
     be reached: restoring would silently start the job over."""
+
+
+class UnhealthyStateError(CheckpointError):
+    """The training state went bad (NaN/Inf, a loss spike, replicas that
+    diverged) and the policy says stop, or rolling back did not help: the
+    message names the step, the cause and the flag that sets the policy."""
 
 
 class HealthError(HpresilError):

@@ -30,8 +30,10 @@ flattening: nested mappings joined with ``.``). Tensors live in the arena at
 Use :meth:`CommitRecord.to_json` / :meth:`CommitRecord.from_json` to write
 and parse it, and :func:`slot_path` for the file names.
 
-The seal (:class:`Seal`, JSON) holds one ``sum64`` checksum per tensor entry
-(:mod:`hpresil.checkpoint.integrity`), the ``commit_id`` of the record it
+The seal (:class:`Seal`, JSON) holds one checksum per tensor entry
+(:mod:`hpresil.checkpoint.integrity`), the snapshot's health
+(:mod:`hpresil.checkpoint.health`: ``ok``, ``suspect`` or ``poisoned``,
+never chosen while a healthy snapshot exists), the ``commit_id`` of the record it
 was computed for and the record's :func:`record_digest` (so a changed layout
 or plain value in the record fails verification like a changed tensor byte);
 a seal whose ``commit_id`` differs from the slot's current record is stale
@@ -160,6 +162,9 @@ class Entry:
         nbytes: byte length in the arena (tensors).
         replicated: every rank holds an identical full copy (DDP parameters);
             restore may read any rank's copy, the durable tier writes one.
+        compared: a parameter or optimizer state that every rank holding the
+            same chunk must hold bitwise identically; the divergence check
+            (:mod:`hpresil.checkpoint.divergence`) compares these.
         value: the JSON value (``kind == "json"``), encoded by
             :mod:`hpresil.checkpoint.flatten`'s codec (tuples, bytes and
             non-string dict keys are tagged objects).
@@ -177,6 +182,7 @@ class Entry:
     offset: int = 0
     nbytes: int = 0
     replicated: bool = True
+    compared: bool = False
     value: Any = None
     path: list[str | int] | None = None
 
@@ -196,6 +202,8 @@ class Entry:
                 "nbytes": self.nbytes,
                 "replicated": self.replicated,
             }
+            if self.compared:
+                obj["compared"] = True
         if self.path is not None:
             obj["path"] = self.path
         return obj
@@ -231,6 +239,12 @@ class CommitRecord:
         upload_timeout: seconds one durable upload of this snapshot may take
             (``CheckpointConfig.upload_timeout``); 0 leaves it to the drainer's
             own bound.
+        loss: the loss given to ``save(step, loss=...)`` (``None``: not given);
+            the sealer's spike and non-finite test reads it.
+        checked: hex bitmap of the tensor entries (bit ``i``: ``entries``'
+            ``i``-th tensor) whose NaN/Inf check ran on the device
+            (:func:`hpresil.checkpoint.health.device_finite_flags`).
+        nonfinite: those of them whose device norm was not finite.
     """
 
     version: int
@@ -248,6 +262,9 @@ class CommitRecord:
     created: float
     timeline: str = ""
     upload_timeout: float = 0.0
+    loss: float | None = None
+    checked: str = ""
+    nonfinite: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         """Serialises the record (see :meth:`from_json`)."""
@@ -301,6 +318,9 @@ _RECORD_FIELDS: dict[str, Any] = {
 #: Optional header fields (absent: the dataclass default) and their checks.
 _OPTIONAL_FIELDS: dict[str, Any] = {
     "upload_timeout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"),
+    "loss": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "checked": lambda v: isinstance(v, str) and all(c in "0123456789abcdef" for c in v),
+    "nonfinite": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
 }
 
 
@@ -339,7 +359,7 @@ def check_record_fields(obj: Any, *, header_only: bool = False) -> None:
                 and len(shape) == len(gshape) == len(goff)
                 and all(o + n <= g for o, n, g in zip(goff, shape, gshape))
                 and _is_int(e.get("offset")) and e["offset"] >= 0 and _is_int(e.get("nbytes")) and e["nbytes"] >= 0
-                and isinstance(e.get("replicated", True), bool)):
+                and isinstance(e.get("replicated", True), bool) and isinstance(e.get("compared", False), bool)):
             raise ValueError(f"tensor entry {e['key']!r}: malformed dtype, shape, offsets or size")
 
 
@@ -363,7 +383,14 @@ class Seal:
         commit_id: the :class:`CommitRecord` it was computed for.
         step: the record's step (for humans and logs).
         rank: the record's rank.
-        checksums: ``sum64`` checksum per tensor entry key.
+        health: ``ok``, ``suspect`` or ``poisoned`` (:mod:`hpresil.checkpoint.health`).
+        causes: why it is not ``ok``: ``nonfinite``, ``spike``, ``divergence``.
+        poisoned: entries that became non-finite.
+        detail: the verdict for humans.
+        replica: ``"<layout>:<digest>"`` (16 hex digits each) of the entries
+            marked ``compared``: which chunks they are, and XXH3-64 of their
+            checksums in order; empty when the record has none.
+        checksums: checksum per tensor entry key.
         sealed: Unix time the seal was written.
         record: :func:`record_digest` of the record (empty in seals written
             without it: the record is then not verified).
@@ -373,6 +400,13 @@ class Seal:
     commit_id: str
     step: int
     rank: int
+    # Health before the checksums: a header-only scan (which stops at
+    # "checksums") still sees it.
+    health: str = "ok"
+    causes: list[str] = dataclasses.field(default_factory=list)
+    poisoned: list[str] = dataclasses.field(default_factory=list)
+    detail: str = ""
+    replica: str = ""
     checksums: dict[str, str]
     sealed: float
     record: str = ""
@@ -396,6 +430,9 @@ class Seal:
             seal = cls(**obj)
             sums = seal.checksums
             if not (isinstance(seal.commit_id, str) and _is_int(seal.step) and _is_int(seal.rank)
+                    and seal.health in ("ok", "suspect", "poisoned") and isinstance(seal.detail, str)
+                    and isinstance(seal.replica, str)
+                    and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (seal.causes, seal.poisoned))
                     and isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
                     and isinstance(seal.sealed, (int, float)) and isinstance(seal.record, str)):
                 raise ValueError("a field has the wrong type")
@@ -417,12 +454,15 @@ def slot_path(shm_dir: str, rank: int, slot: int, suffix: Literal["bin", "json",
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SnapshotRef:
-    """A snapshot some tier can serve: which step, which tier, which ranks."""
+    """A snapshot some tier can serve: which step, which tier, which ranks, and
+    whether any of those ranks' seals found it unhealthy (``suspect`` or
+    ``poisoned``, :mod:`hpresil.checkpoint.health`)."""
 
     tier: TierName
     step: int
     world_size: int
     ranks: frozenset[int]
+    health: str = "ok"
 
 
 class SnapshotSource(Protocol):

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -45,7 +45,10 @@ from hpresil.checkpoint.ram.sealer import Sealer
 from hpresil.checkpoint.ram.source import RamSource
 from hpresil.checkpoint.ram.writer import RamWriter
 from hpresil.checkpoint.restore import RestoreResult, restore_state
-from hpresil.errors import ConfigError, NoCheckpointError, StorageError
+from hpresil.checkpoint.divergence import compare_keys
+from hpresil.checkpoint.guard import Guard
+from hpresil.checkpoint.rollback import RollbackPolicy, SkipList, iterate
+from hpresil.errors import ConfigError, NoCheckpointError, StorageError, UnhealthyStateError
 from hpresil.hang.heartbeat import get as heartbeat_get
 from hpresil.hang.heartbeat import heartbeat, phase
 from hpresil.events import worker_sink
@@ -76,6 +79,7 @@ def default_shm_dir() -> str:
 
 
 HANG_KEY = "hpresil_hang"
+SKIP_KEY = "hpresil_skip"
 
 
 def _agree_timeline() -> str:
@@ -187,12 +191,17 @@ class Checkpointer:
         shm_dir: str | None = None,
         run_services: bool | None = None,
         events: EventSink | None = None,
+        rollback: RollbackPolicy | None = None,
     ) -> None:
-        if HANG_KEY in state:
-            raise ConfigError(f"state key {HANG_KEY!r} is reserved by hpresil; rename that entry")
+        for key in (HANG_KEY, SKIP_KEY):
+            if key in state:
+                raise ConfigError(f"state key {key!r} is reserved by hpresil; rename that entry")
+        self.policy = rollback or RollbackPolicy.from_env()
+        self._skip = SkipList()
         # The hang watchdog's calibration travels with the checkpoint, so a
-        # restarted job does not have to re-learn its step time.
-        self.state = {**state, HANG_KEY: _HangCalibration()}
+        # restarted job does not have to re-learn its step time; so do the
+        # steps whose data a spike rollback skips.
+        self.state = {**state, HANG_KEY: _HangCalibration(), SKIP_KEY: self._skip}
         self.config = config or CheckpointConfig(
             every=every, durable=durable, durable_every=durable_every, keep=keep, slots=slots, verify_on_restore=verify_on_restore
         )
@@ -227,6 +236,8 @@ class Checkpointer:
         self._last_step: int | None = None  # the step of the newest save() call, snapshot or not
         self._staging_dir: str | None = None
         self._services: list[tuple[Sealer, Any]] = []  # (sealer, drainer or None) per directory
+        self._guard: Guard | None = None
+        self._compared: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
         self.last_restore: RestoreResult | None = None
 
     # -- setup -----------------------------------------------------------
@@ -250,6 +261,9 @@ class Checkpointer:
             if self.world_size > 1:
                 log.warning("WORLD_SIZE=%d but torch.distributed is not initialised: restores agree locally only", self.world_size)
         self._started = True
+        self._guard = Guard(self.policy, self.shm_dir, self.rank, self.world_size, events=self.events,
+                            distributed=self.world_size > 1 and dist.is_available() and dist.is_initialized())
+        self._guard.skip = self._skip
         try:
             self._ram = RamWriter(self.shm_dir, self.rank, slots=self.config.slots, run_id=self.run_id,
                                   slot_wait=self.config.slot_wait.total_seconds(),
@@ -275,11 +289,18 @@ class Checkpointer:
         self._services.append((sealer, drainer))
 
     # -- saving ----------------------------------------------------------
-    def save(self, step: int) -> bool:
+    def save(self, step: int, *, loss: Any = None) -> bool:
         """Snapshots the state as of ``step`` (no-op unless ``step % every == 0``).
 
         Returns after the copy into shared memory; sealing and the durable
         upload happen in the background. Must be called on every rank.
+
+        Args:
+            loss: this step's loss (a number or a one-element tensor; a CUDA
+                tensor is read once its copy completes, never forcing a host
+                synchronize). A non-finite loss, or a spike over the recent
+                snapshots' losses, marks the snapshot suspect
+                (:mod:`hpresil.checkpoint.health`).
 
         Returns:
             Whether a snapshot was taken.
@@ -292,7 +313,53 @@ class Checkpointer:
         if step % self.config.every:
             return False
         with phase("checkpoint"):
-            return self._save(step)
+            self._start()
+            assert self._guard is not None
+            if self._guard.check(step, self._restore):
+                return False  # rolled back: the state is an older step's now
+            saved = self._save(step, loss=loss)
+            self._guard.vote(step)
+            return saved
+
+    def steps(self, start: int, stop: int) -> Iterator[int]:
+        """The training loop's steps, ``start`` up to ``stop`` (exclusive),
+        rewound when a rollback restores an older step.
+
+        Example::
+
+            start = ckpt.restore()
+            for step in ckpt.steps(start + 1, total + 1):
+                loss = train_step(batch(step))
+                ckpt.save(step, loss=loss)
+
+        With ``skip_spike_data`` the steps whose data produced a loss spike
+        are left out.
+        """
+        self._start()
+        assert self._guard is not None
+        self._guard.iterating = True
+        return iterate(start, stop, self._guard.cursor, self._skip)
+
+    def rollback(self, before: int | None = None) -> int:
+        """Restores the newest healthy snapshot older than ``before`` (default:
+        the newest snapshot taken) and returns its step; :meth:`steps` goes
+        on after it. Collective: every rank must call it.
+
+        Raises:
+            UnhealthyStateError: there is no such snapshot.
+        """
+        self._start()
+        assert self._guard is not None
+        step = self._last_step or 0
+        bound = before if before is not None else (self._last_snapshot[0] if self._last_snapshot else step + 1)
+        t0 = time.perf_counter()
+        result = self._restore(bound)
+        if result is None:
+            raise UnhealthyStateError(f"rollback: no healthy snapshot before step {bound} in any tier")
+        self._guard.cursor[0] = result.step + 1
+        self.events.emit("rollback", from_step=step, to_step=result.step, cause="manual", bad_step=bound,
+                         tier=result.tier, attempt=1, duration_s=round(time.perf_counter() - t0, 6))
+        return result.step
 
     def should_stop(self, step: int) -> bool:
         """Whether the job is being stopped (SIGTERM); if so, snapshots ``step``
@@ -323,10 +390,13 @@ class Checkpointer:
                 time.sleep(0.02)
         return True
 
-    def _save(self, step: int, final: bool = False) -> bool:
+    def _save(self, step: int, final: bool = False, loss: Any = None) -> bool:
         self._start()
         t0 = time.perf_counter()
         flat = fl.flatten(self.state)
+        keys = tuple(l.key for l in flat.leaves if l.is_tensor)
+        if keys != self._compared[0]:  # what the divergence check compares, once per layout
+            self._compared = (keys, compare_keys(self.state, [(l.key, l.path) for l in flat.leaves if l.is_tensor]))
         durable = self.durable_url is not None and (final or step % self.config.durable_every == 0)
         writer = self._ram
         if writer is None:
@@ -336,11 +406,11 @@ class Checkpointer:
         try:
             nbytes = writer.save(
                 step, flat.leaves, world_size=self.world_size, durable=durable, durable_url=self.durable_url,
-                keep=self.config.keep, on_commit=self._on_commit,
+                keep=self.config.keep, on_commit=self._on_commit, loss=loss, compared=self._compared[1],
             )
         except StorageError as exc:
             self._degrade(exc)
-            return self._save(step, final) if self._staging is not None and durable else False
+            return self._save(step, final, loss) if self._staging is not None and durable else False
         tier = "ram" if writer is self._ram else "durable"  # durable: staged on disk (RAM tier degraded)
         if nbytes is None:
             self.events.emit("checkpoint_skipped", step=step, tier=tier, reason="slots_busy",
@@ -388,8 +458,9 @@ class Checkpointer:
 
     # -- restoring -------------------------------------------------------
     def restore(self) -> int:
-        """Restores the state in place from the newest snapshot every rank can
-        load (RAM, then peer replicas, then durable) and returns its step; 0 when there is none.
+        """Restores the state in place from the newest healthy snapshot every
+        rank can load (RAM, then peer replicas, then durable) and returns its
+        step; 0 when there is none.
 
         Collective: every rank must call it.
 
@@ -399,6 +470,10 @@ class Checkpointer:
             NoCheckpointError: nothing to restore in RAM or peers while the durable
                 store is unreachable (after a restart); a :class:`StorageError`.
         """
+        result = self._restore(None)
+        return 0 if result is None else result.step
+
+    def _restore(self, before: int | None) -> RestoreResult | None:
         self._start()
         for w in (self._ram, self._staging):
             if w is not None:
@@ -410,7 +485,9 @@ class Checkpointer:
             sources.append(PeerSource(self.shm_dir, rank=self.rank, world_size=self.world_size))
         if self._store is not None:
             sources.append(DurableSource(self._store))
-        result = restore_state(self.state, sources, events=self.events)
+        result = restore_state(self.state, sources, events=self.events, before=before)
+        if result is None and before is not None:
+            return None  # a rollback found nothing older: the caller reports it, the state is untouched
         if result is None and self._durable_down is not None:
             # The durable tier may hold what RAM and peers lack: never start over without asking it.
             raise NoCheckpointError(f"no RAM or peer snapshot to restore and the durable tier is unreachable "
@@ -444,7 +521,12 @@ class Checkpointer:
                     dropped += drop_newer(self.shm_dir, r, step)
         if dropped:
             log.info("rank %d: dropped RAM snapshots of abandoned steps %s", self.rank, dropped)
-        return step
+        self._last_snapshot = None
+        if before is not None:
+            self._last_step = step  # a rollback: close() makes this step durable, not the abandoned one
+        assert self._guard is not None
+        self._guard.reset()
+        return result
 
     def _check_durable_shared(self, token: str) -> None:
         """Warns once, on every rank, when the nodes write to different durable

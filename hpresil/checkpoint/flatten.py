@@ -28,9 +28,10 @@ import torch
 
 from hpresil.errors import CheckpointError, IntegrityError, StateMismatchError
 
-#: Keys hpresil adds to the state itself (the hang calibration); snapshots
-#: written without them (older versions, raw RamWriter) still restore.
-OPTIONAL_PREFIXES = ("hpresil_hang.",)
+#: Keys hpresil adds to the state itself (the hang calibration, the steps a
+#: spike rollback skips); snapshots written without them (older versions, raw
+#: RamWriter) still restore.
+OPTIONAL_PREFIXES = ("hpresil_hang.", "hpresil_skip.")
 
 __all__ = [
     "Leaf",

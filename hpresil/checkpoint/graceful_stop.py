@@ -56,7 +56,7 @@ def requested() -> bool:
     return _requested.is_set()
 
 
-def _cpu_group() -> Any:
+def cpu_group() -> Any:
     """A gloo group over all ranks (the default group when it is gloo), so the
     per-step agreement never waits for the GPU stream."""
     import torch.distributed as dist
@@ -76,5 +76,5 @@ def agree(flag: bool) -> bool:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=cpu_group())
     return bool(value.item())

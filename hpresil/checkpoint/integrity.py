@@ -1,18 +1,23 @@
 """Checksums for snapshot data: one streaming object that every writer,
 reader and the peer wire use.
 
-``sum64``: the bytes read as little-endian 64-bit words (zero-padded at the
-end), summed modulo 2**64, plus the byte length; written as
-``"sum64:<hex>:<length>"``. Any single corrupted word changes it, and it runs
-at memory bandwidth (numpy's reduction, which releases the GIL and starts no
-thread pool of its own: torch's OpenMP workers spin after each parallel sum
-and took CPU from a receiving thread). It guards against corruption, not
-tampering: the peer transport authenticates separately.
+``xxh3`` (written by everything new): the bytes are cut into 1 MiB leaves,
+each hashed with XXH3-64 (the ``xxhash`` package, which releases the GIL);
+the checksum is XXH3-128 of the leaf digests followed by the byte length,
+written ``"xxh3:<32 hex>:<length>"``. Unlike an additive sum it catches
+swapped words and changes that cancel out, which the replica-divergence check
+(:mod:`hpresil.checkpoint.health`) relies on. Because leaves are independent,
+pieces of one byte string that start at multiples of :data:`LEAF` can be
+hashed on different threads and joined with :meth:`Checksum.merge`.
 
-Because the sum is additive, pieces of one byte string that start at
-multiples of 8 bytes can be summed on different threads and combined with
-:meth:`Checksum.merge`; :class:`Checksum` also takes pieces of any length in
-order (it carries an unaligned remainder to the next piece).
+``sum64`` (read only: seals written before ``xxh3``): the bytes as
+little-endian 64-bit words summed modulo 2**64, plus the length, written
+``"sum64:<hex>:<length>"``. :meth:`Checksum.like` picks the algorithm of an
+expected value, so old seals still verify.
+
+Both guard against corruption, not tampering: the peer transport
+authenticates separately. :class:`Checksum` also takes pieces of any length
+in order (it carries an incomplete leaf or word to the next piece).
 """
 
 from __future__ import annotations
@@ -21,13 +26,27 @@ from typing import Callable
 
 import numpy as np
 import torch
+import xxhash
 
-__all__ = ["ALGORITHM", "Checksum", "checksum", "checksum_cancellable", "checksum_bytes", "verify", "CHUNK"]
+__all__ = [
+    "ALGORITHM",
+    "ALGORITHMS",
+    "LEAF",
+    "Checksum",
+    "checksum",
+    "checksum_cancellable",
+    "checksum_bytes",
+    "verify",
+    "CHUNK",
+]
 
-ALGORITHM = "sum64"
+ALGORITHM = "xxh3"
+ALGORITHMS = ("xxh3", "sum64")
 _MASK = (1 << 64) - 1
 
-#: Bytes summed between two looks at ``cancelled`` (a multiple of 8).
+#: Bytes per ``xxh3`` leaf: pieces hashed apart must start at multiples of it.
+LEAF = 1 << 20
+#: Bytes hashed between two looks at ``cancelled``.
 CHUNK = 64 << 20
 
 
@@ -40,22 +59,39 @@ def _as_bytes(data: torch.Tensor) -> np.ndarray:
 
 
 class Checksum:
-    """A running ``sum64`` over bytes fed in order.
+    """A running checksum over bytes fed in order.
+
+    Args:
+        algorithm: ``"xxh3"`` (default) or ``"sum64"`` (to verify old seals).
 
     Example::
 
-        c = Checksum()
+        c = Checksum.like(expected)   # or Checksum() to write a new one
         for piece in pieces:          # CPU tensors, any dtype, contiguous
             c.update(piece)
-        c.hexdigest()                 # "sum64:<hex>:<length>"
+        c.hexdigest() == expected
+
+    Raises:
+        ValueError: an unknown algorithm.
     """
 
-    __slots__ = ("_total", "_n", "_rest")
+    __slots__ = ("algorithm", "_n", "_total", "_rest", "_leaves")
 
-    def __init__(self) -> None:
-        self._total = 0
+    def __init__(self, algorithm: str = ALGORITHM) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        self.algorithm = algorithm
         self._n = 0
-        self._rest = b""  # bytes after the last whole word, waiting for the next piece
+        self._total = 0  # sum64: the running sum
+        self._rest = b""  # bytes after the last whole word (sum64) or leaf (xxh3)
+        self._leaves = bytearray()  # xxh3: the digests of the whole leaves so far
+
+    @classmethod
+    def like(cls, expected: str | None) -> "Checksum":
+        """A checksum of the algorithm ``expected`` was written with (the
+        default for ``None`` or an unknown prefix, which then fails to match)."""
+        algorithm = expected.split(":", 1)[0] if expected else ALGORITHM
+        return cls(algorithm if algorithm in ALGORITHMS else ALGORITHM)
 
     @property
     def nbytes(self) -> int:
@@ -80,85 +116,118 @@ class Checksum:
         if not n:
             return self
         self._n += n
+        unit = 8 if self.algorithm == "sum64" else LEAF
         start = 0
         if self._rest:
-            take = min(8 - len(self._rest), n)
+            take = min(unit - len(self._rest), n)
             self._rest += raw[:take].tobytes()
             start = take
-            if len(self._rest) < 8:
+            if len(self._rest) < unit:
                 return self
-            self._total += int.from_bytes(self._rest, "little")
+            self._fold(np.frombuffer(self._rest, dtype=np.uint8))
             self._rest = b""
-        whole = start + (n - start) // 8 * 8
+        whole = start + (n - start) // unit * unit
         if whole > start:
-            self._total += int(np.add.reduce(raw[start:whole].view(np.uint64), dtype=np.uint64))
+            self._fold(raw[start:whole])
         if whole < n:
             self._rest = raw[whole:].tobytes()
         return self
 
+    def _fold(self, whole: np.ndarray) -> None:
+        """Adds whole units (words or leaves)."""
+        if self.algorithm == "sum64":
+            self._total += int(np.add.reduce(whole.view(np.uint64), dtype=np.uint64))
+            return
+        for lo in range(0, whole.size, LEAF):
+            self._leaves += xxhash.xxh3_64_digest(whole[lo : lo + LEAF])
+
     def merge(self, later: "Checksum") -> "Checksum":
-        """Appends the bytes ``later`` summed, as if they had been fed here.
+        """Appends the bytes ``later`` hashed, as if they had been fed here.
 
         Raises:
-            ValueError: this checksum ends inside a word (its byte count is not
-                a multiple of 8), so ``later``'s words are not aligned with ours.
+            ValueError: the algorithms differ, or this checksum ends inside a
+                unit (a word for ``sum64``, a leaf for ``xxh3``), so ``later``'s
+                units are not aligned with ours.
         """
+        if later.algorithm != self.algorithm:
+            raise ValueError(f"Checksum.merge: {self.algorithm} and {later.algorithm} do not combine")
         if self._rest and later._n:
-            raise ValueError("Checksum.merge: the first part must end on a multiple of 8 bytes")
+            unit = 8 if self.algorithm == "sum64" else LEAF
+            raise ValueError(f"Checksum.merge: the first part must end on a multiple of {unit} bytes")
         self._total += later._total
+        self._leaves += later._leaves
         self._n += later._n
         self._rest = later._rest if later._n else self._rest
         return self
 
     def hexdigest(self) -> str:
-        """``"sum64:<hex>:<length>"`` of everything fed (the last word zero-padded)."""
-        total = self._total
-        if self._rest:
-            total += int.from_bytes(self._rest + b"\0" * (8 - len(self._rest)), "little")
-        return f"{ALGORITHM}:{total & _MASK:016x}:{self._n}"
+        """``"<algorithm>:<hex>:<length>"`` of everything fed."""
+        if self.algorithm == "sum64":
+            total = self._total
+            if self._rest:
+                total += int.from_bytes(self._rest + b"\0" * (8 - len(self._rest)), "little")
+            return f"sum64:{total & _MASK:016x}:{self._n}"
+        tail = xxhash.xxh3_64_digest(self._rest) if self._rest else b""
+        return f"xxh3:{xxhash.xxh3_128_hexdigest(bytes(self._leaves) + tail + self._n.to_bytes(8, 'little'))}:{self._n}"
 
 
-def checksum(data: torch.Tensor) -> str:
-    """Returns the checksum of a tensor's bytes as ``"sum64:<hex>:<len>"``.
+def checksum(data: torch.Tensor, like: str | None = None) -> str:
+    """Returns the checksum of a tensor's bytes (``"xxh3:<hex>:<len>"``).
 
     Args:
-        data: any contiguous CPU tensor; its raw bytes are summed.
+        data: any contiguous CPU tensor; its raw bytes are hashed.
+        like: an expected value: hash with its algorithm (to verify old seals).
 
     Raises:
         ValueError: ``data`` is not contiguous or not on the CPU.
     """
-    return Checksum().update(data).hexdigest()
+    return Checksum.like(like).update(data).hexdigest()
 
 
-def checksum_cancellable(data: torch.Tensor, cancelled: Callable[[], bool] | None, chunk: int | None = None) -> str | None:
-    """:func:`checksum`, summed ``chunk`` bytes (default :data:`CHUNK`) at a time; ``None`` as soon as
-    ``cancelled()`` (asked before each chunk) is true. The sealer uses it so a
-    writer that needs the slot back waits for one chunk, not a whole snapshot.
+def checksum_cancellable(
+    data: torch.Tensor,
+    cancelled: Callable[[], bool] | None,
+    chunk: int | None = None,
+    *,
+    probe: Callable[[np.ndarray], None] | None = None,
+) -> str | None:
+    """:func:`checksum`, hashed ``chunk`` bytes (default :data:`CHUNK`) at a
+    time; ``None`` as soon as ``cancelled()`` (asked before each chunk) is
+    true. The sealer uses it so a writer that needs the slot back waits for one
+    chunk, not a whole snapshot.
+
+    Args:
+        probe: called with each leaf right after it was hashed, while it is
+            still in cache (the sealer's health check rides this pass).
 
     Raises:
         ValueError: ``data`` is not contiguous or not on the CPU, or ``chunk``
-            is not a positive multiple of 8.
+            is not positive.
     """
     raw = _as_bytes(data)
     chunk = CHUNK if chunk is None else chunk
-    if chunk <= 0 or chunk % 8:
-        raise ValueError(f"chunk={chunk}: must be a positive multiple of 8 bytes")
+    if chunk <= 0:
+        raise ValueError(f"chunk={chunk}: must be a positive number of bytes")
     c = Checksum()
-    whole = raw.size - raw.size % 8
-    for lo in range(0, whole, chunk):
+    if not raw.size and cancelled is not None and cancelled():
+        return None
+    for lo in range(0, raw.size, chunk):
         if cancelled is not None and cancelled():
             return None
-        c.update_array(raw[lo : min(lo + chunk, whole)])
-    if cancelled is not None and not whole and cancelled():
-        return None
-    return c.update_array(raw[whole:]).hexdigest()
+        hi = min(lo + chunk, raw.size)
+        for leaf in range(lo, hi, LEAF):
+            piece = raw[leaf : min(leaf + LEAF, hi)]
+            c.update_array(piece)
+            if probe is not None:
+                probe(piece)
+    return c.hexdigest()
 
 
-def checksum_bytes(data: bytes | bytearray | memoryview) -> str:
+def checksum_bytes(data: bytes | bytearray | memoryview, like: str | None = None) -> str:
     """Same as :func:`checksum` for a bytes-like object."""
-    return Checksum().update_bytes(data).hexdigest()
+    return Checksum.like(like).update_bytes(data).hexdigest()
 
 
 def verify(data: torch.Tensor, expected: str) -> bool:
-    """True when ``data`` has checksum ``expected``."""
-    return checksum(data) == expected
+    """True when ``data`` has checksum ``expected`` (in its algorithm)."""
+    return checksum(data, like=expected) == expected

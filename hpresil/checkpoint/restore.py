@@ -116,8 +116,10 @@ def _pool_shared(sources: Sequence[SnapshotSource], comm: _Comm) -> None:
             log.warning("%s tier unavailable for restore: %s", source.tier, exc)
 
 
-def _availability(sources: Sequence[SnapshotSource]) -> Avail:
+def _availability(sources: Sequence[SnapshotSource]) -> tuple[Avail, dict[int, str]]:
+    """What the sources hold, and the steps some seal found unhealthy (with the health)."""
     avail: Avail = {}
+    unhealthy: dict[int, str] = {}
     for t, source in enumerate(sources):
         try:
             refs = source.steps()
@@ -125,18 +127,38 @@ def _availability(sources: Sequence[SnapshotSource]) -> Avail:
             log.warning("%s tier unavailable for restore: %s", source.tier, exc)
             continue
         avail[t] = {(r.step, r.world_size): sorted(r.ranks) for r in refs}
-    return avail
+        for r in refs:
+            if r.health != "ok" and unhealthy.get(r.step) != "poisoned":
+                unhealthy[r.step] = r.health
+    return avail, unhealthy
 
 
-def choose(all_avail: list[Avail], world: int) -> tuple[int, int, dict[int, list[int]]] | None:
+def choose(
+    all_avail: list[Avail], world: int, unhealthy: Mapping[int, str] | None = None, before: int | None = None
+) -> tuple[int, int, dict[int, list[int]]] | None:
     """The newest ``(step, saved world size)`` every rank can load, and for each
     rank its usable tiers in order; ``None`` when there is none.
 
+    A step in ``unhealthy`` (a seal on some rank found it poisoned or suspect)
+    is chosen only when no healthy step can be loaded; steps at or after
+    ``before`` never are (a rollback).
+
     Deterministic, so every rank computes the same answer from the same input.
     """
-    keys = {key for avail in all_avail for per_tier in avail.values() for key in per_tier}
+    unhealthy = unhealthy or {}
+    keys = {key for avail in all_avail for per_tier in avail.values() for key in per_tier
+            if before is None or key[0] < before}
     # Newest step first; at equal step prefer a snapshot of the current world size.
-    for step, ws in sorted(keys, key=lambda k: (k[0], k[1] == world, k[1]), reverse=True):
+    ordered = sorted(keys, key=lambda k: (k[0], k[1] == world, k[1]), reverse=True)
+    healthy = [k for k in ordered if k[0] not in unhealthy]
+    return _first_loadable(all_avail, world, healthy) or _first_loadable(
+        all_avail, world, [k for k in ordered if k[0] in unhealthy])
+
+
+def _first_loadable(
+    all_avail: list[Avail], world: int, ordered: list[tuple[int, int]]
+) -> tuple[int, int, dict[int, list[int]]] | None:
+    for step, ws in ordered:
         plan: dict[int, list[int]] = {}
         for r, avail in enumerate(all_avail):
             tiers = []
@@ -158,8 +180,9 @@ def restore_state(
     sources: Sequence[SnapshotSource],
     *,
     events: EventSink | None = None,
+    before: int | None = None,
 ) -> RestoreResult | None:
-    """Restores ``state`` in place from the newest snapshot all ranks can load.
+    """Restores ``state`` in place from the newest healthy snapshot all ranks can load.
 
     Collective when ``torch.distributed`` is initialised: every rank must call it.
 
@@ -167,6 +190,7 @@ def restore_state(
         state: the state mapping given to the Checkpointer.
         sources: the tiers, fastest first.
         events: where ``checkpoint_restored`` / ``integrity_failed`` go.
+        before: only steps before this one (a rollback).
 
     Returns:
         What was restored, or ``None`` when no snapshot exists that every rank can load.
@@ -181,12 +205,17 @@ def restore_state(
     comm = _Comm()
     t0 = time.perf_counter()
     _pool_shared(sources, comm)
-    avail = _availability(sources)
+    avail, bad = _availability(sources)
     tried: list[int] = []
     skipped: list[str] = []  # steps chosen and found unusable, with the first failing rank's reason
     try:
         for _ in range(_MAX_ROUNDS):
-            chosen = choose(comm.all_gather(avail), comm.world)
+            gathered = comm.all_gather([avail, bad])
+            unhealthy: dict[int, str] = {}
+            for _, theirs in gathered:
+                for s, h in theirs.items():
+                    unhealthy[int(s)] = "poisoned" if "poisoned" in (h, unhealthy.get(int(s))) else h
+            chosen = choose([a for a, _ in gathered], comm.world, unhealthy, before)
             if chosen is None and tried:
                 # A failed round loads in place: ranks that read a snapshot before
                 # another rank failed hold its tensors, others partly. Starting
@@ -200,6 +229,13 @@ def restore_state(
                 return None
             step, ws, plan = chosen
             tried.append(step)
+            if not tried[1:]:
+                newer = sorted(s for s in unhealthy if s > step and (before is None or s < before))
+                if newer:
+                    skipped.append(f"unhealthy steps {newer} ({', '.join(sorted({unhealthy[s] for s in newer}))})")
+                if step in unhealthy:
+                    log.warning("rank %d: no healthy snapshot can be loaded; restoring %s step %d",
+                                comm.rank, unhealthy[step], step)
             status, result = _load_one(state, sources, plan[comm.rank], step, ws, comm, events)
             if status is not None:
                 # No tier could serve this rank: stop offering (step, ws) from any.
@@ -226,6 +262,7 @@ def restore_state(
                     bytes=nbytes,
                     world_size_saved=ws,
                     **({"skipped": skipped} if skipped else {}),
+                    **({"health": unhealthy[step]} if step in unhealthy else {}),
                 )
                 log.info(
                     "rank %d: restored step %d from %s (%.1f MiB in %.3fs, saved at world size %d)%s",

@@ -24,7 +24,8 @@ from hpresil.errors import ConfigError, LaunchError, NodeUnhealthyError
 from hpresil.hang.config import HANG_OPTIONS, hang_config
 from hpresil.netenv.api import Plan
 from hpresil.netenv.env import apply_launcher_env
-from hpresil.run.options import HPRESIL_OPTIONS, build_parser, check_entrypoint, resolve_rendezvous, seconds, validate
+from hpresil.run.options import (HPRESIL_OPTIONS, build_parser, check_entrypoint, resolve_rendezvous, seconds, validate,
+                                 worker_env)
 from hpresil.runtime.api import RuntimeConfig
 
 __all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS", "SUBCOMMANDS", "run_subcommand"]
@@ -106,6 +107,7 @@ def _prepare(args: argparse.Namespace, runtime_config: RuntimeConfig, log_dir: s
     net_plan = _net_env_plan(args)
     check_entrypoint(args)  # after every value check, before anything starts
     env_changes = apply_launcher_env(plan=net_plan)
+    os.environ.update(worker_env(args))  # the workers' rollback policy, inherited
     from hpresil.run.warm import preload_modules, warm_entrypoint
 
     warm = warm_entrypoint(args, args.warm_start, preload_modules(args.preload, args.training_script_args))

@@ -22,8 +22,8 @@ from hpresil.checkpoint.peer.api import PEER_OPTIONS
 from hpresil.errors import ConfigError
 from hpresil.hang.config import HANG_OPTIONS
 
-__all__ = ["HPRESIL_OPTIONS", "build_parser", "check_entrypoint", "resolve_rendezvous", "seconds", "torch_version",
-           "validate"]
+__all__ = ["HPRESIL_OPTIONS", "WORKER_OPTIONS", "build_parser", "check_entrypoint", "resolve_rendezvous", "seconds",
+           "torch_version", "validate", "worker_env"]
 
 #: hpresil's options: (flag, env var, kind, default, help).
 HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
@@ -65,6 +65,19 @@ HPRESIL_OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
      "auto: when a worker fails and the nodes stay the same (none lost, none waiting to join), the agents "
      "agree through the rendezvous store and restart their workers with the same ranks, without a new "
      "rendezvous round (which costs seconds); off: torchrun's stop -> rendezvous -> start on every failure."),
+    ("--on-nonfinite", "HPRESIL_ON_NONFINITE", "choice:rollback,stop,warn", "rollback",
+     "A snapshot whose state (or loss, from ckpt.save(step, loss=...)) holds NaN/Inf: rollback: every rank "
+     "restores the newest healthy snapshot in-process and trains on; stop: the workers raise "
+     "UnhealthyStateError; warn: report only."),
+    ("--on-spike", "HPRESIL_ON_SPIKE", "choice:rollback,warn", "warn",
+     "A loss spike (above median + 6 MAD of the recent snapshots' losses): rollback or warn."),
+    ("--on-divergence", "HPRESIL_ON_DIVERGENCE", "choice:rollback,leave,warn", "rollback",
+     "Replicas that must be bitwise identical (DDP parameters and optimizer state, replicated DTensor "
+     "shards) differ (silent data corruption): rollback to the newest snapshot they agreed on; leave: "
+     "also make a node that diverges again leave the job like an unhealthy GPU; warn: report only."),
+    ("--rollback-tries", "HPRESIL_ROLLBACK_TRIES", "str", "3",
+     "Rollbacks for one bad step (each one snapshot further back) before the workers stop with an error "
+     "naming it: a crash loop ends instead of spending --max-restarts."),
     ("--tracebacks", "HPRESIL_TRACEBACKS", "choice:auto,off", "auto",
      "auto: when neither --redirects nor --tee is given, keep each worker's stderr in the job log dir "
      "(workers/) and copy it to the console, where the tracebacks of a failure the job recovers from "
@@ -211,6 +224,22 @@ def validate(args: argparse.Namespace) -> None:
         from hpresil.run.warm import preload_modules
 
         preload_modules(args.preload)
+    tries = str(getattr(args, "rollback_tries", "3"))
+    if not (tries.isdigit() and int(tries) >= 1):
+        raise ConfigError(f"--rollback-tries {tries!r}: takes an integer >= 1")
+
+
+#: Options the workers read from the environment (the Checkpointer's rollback policy).
+WORKER_OPTIONS = ("--on-nonfinite", "--on-spike", "--on-divergence", "--rollback-tries")
+
+
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """The ``HPRESIL_*`` variables of :data:`WORKER_OPTIONS` as given (flag or variable)."""
+    env = {}
+    for flag, env_var, *_ in HPRESIL_OPTIONS:
+        if flag in WORKER_OPTIONS:
+            env[env_var] = str(getattr(args, flag.lstrip("-").replace("-", "_")))
+    return env
 
 
 def check_entrypoint(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from hpresil.checkpoint.divergence_watch import DivergenceWatch
 from hpresil.checkpoint.durable.drain import Drainer
 from hpresil.checkpoint.peer.replicator import Replicator
 from hpresil.checkpoint.ram.sealer import Sealer
@@ -27,6 +28,7 @@ DEFAULT_SERVICES: tuple[type[NodeService], ...] = (
     TopologyService,
     HealthService,
     Sealer,
+    DivergenceWatch,  # a node whose replicas diverged twice leaves (--on-divergence leave)
     Replicator,  # peer server + replication of sealed snapshots
     Drainer,
     Watchdog,

@@ -152,13 +152,13 @@ def test_sealer_yields_a_slot_the_writer_reclaims(monkeypatch: pytest.MonkeyPatc
     slow = threading.Event()
     slow.set()
 
-    def slow_checksum(data: torch.Tensor, cancelled: Any, chunk: int | None = None) -> str | None:
+    def slow_checksum(data: torch.Tensor, cancelled: Any, chunk: int | None = None, *, probe: Any = None) -> str | None:
         def look() -> bool:
             sealing.set()
             if slow.is_set():
                 time.sleep(0.02)  # 4 KiB chunks every 20 ms: a seal of 1 MiB would take 5 s
             return cancelled()
-        return integrity.checksum_cancellable(data, look, 4096 if slow.is_set() else chunk)
+        return integrity.checksum_cancellable(data, look, 4096 if slow.is_set() else chunk, probe=probe)
 
     state = {"t": torch.randn(1 << 18)}  # 1 MiB
     w = RamWriter(shm, 0, slots=2, run_id="r", slot_wait=30.0)
@@ -190,13 +190,14 @@ def test_chunked_checksum_equals_the_whole_and_stops_when_cancelled(nbytes: int,
     data = torch.randint(-(2**62), 2**62, ((nbytes + 7) // 8,), dtype=torch.int64).view(torch.uint8)[:nbytes].clone()
     assert integrity.checksum_cancellable(data, lambda: False, chunk) == checksum(data)
     assert integrity.checksum_cancellable(data, lambda: True, chunk) is None
-    with pytest.raises(ValueError, match="multiple of 8"):
-        integrity.checksum_cancellable(data, None, 12)
+    with pytest.raises(ValueError, match="positive"):
+        integrity.checksum_cancellable(data, None, 0)
 
 
 @pytest.mark.parametrize("nbytes", [0, 5, 8, 67, 1000, 4096 + 3])
 def test_streaming_checksum_matches_integrity(monkeypatch: pytest.MonkeyPatch, shm: str, nbytes: int) -> None:
     monkeypatch.setattr(ram_source, "CHUNK", 64)  # many chunks, threaded
+    monkeypatch.setattr(integrity, "LEAF", 64)  # ... that merge as whole leaves
     data = torch.randint(0, 256, (nbytes + 16,), dtype=torch.uint8)
     path = os.path.join(shm, "blob")
     with open(path, "wb") as f:
@@ -225,10 +226,10 @@ def _write_then_die(shm: str) -> None:
     _save(w, 1, state)
     real = ram.RamWriter._copy
 
-    def copy_half_then_die(self: Any, slot: Any, views: list[torch.Tensor], tensors: list[torch.Tensor]) -> Any:
+    def copy_half_then_die(self: Any, slot: Any, views: list[torch.Tensor], tensors: list[torch.Tensor], loss: Any) -> Any:
         views[0].copy_(tensors[0])
         os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, slot, views, tensors)
+        return real(self, slot, views, tensors, loss)
 
     ram.RamWriter._copy = copy_half_then_die
     state["a"].fill_(2.0), state["b"].fill_(2.0)
@@ -528,19 +529,41 @@ def test_pin_holds_the_listed_commit_and_refuses_a_reused_held_or_short_slot(shm
             pass
 
 
+@pytest.mark.parametrize("algorithm", ["xxh3", "sum64"])
 @pytest.mark.parametrize("nbytes", [0, 1, 7, 8, 13, 64, 1000, 4099])
-def test_streaming_checksum_in_any_pieces_and_merged_parts_equals_the_whole(nbytes: int) -> None:
+def test_streaming_checksum_in_any_pieces_and_merged_parts_equals_the_whole(
+    monkeypatch: pytest.MonkeyPatch, nbytes: int, algorithm: str
+) -> None:
+    monkeypatch.setattr(integrity, "LEAF", 64)  # many leaves in a small input
+    unit = 64 if algorithm == "xxh3" else 8
     data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
-    whole = checksum(data)
+    whole = Checksum(algorithm).update(data).hexdigest()
+    assert whole.startswith(algorithm + ":") and whole.endswith(f":{nbytes}")
     gen = torch.Generator().manual_seed(nbytes)
-    c, pos = Checksum(), 0
+    c, pos = Checksum(algorithm), 0
     while pos < nbytes:  # pieces of any length, fed in order
         n = int(torch.randint(1, 12, (1,), generator=gen))
         c.update(data[pos : pos + n])
         pos += n
     assert c.hexdigest() == whole and c.nbytes == nbytes
-    cut = nbytes // 2 // 8 * 8  # parts summed apart (on other threads) merge when the first ends on a word
-    assert Checksum().update(data[:cut]).merge(Checksum().update(data[cut:])).hexdigest() == whole
-    if nbytes % 8 and nbytes > 8:
-        with pytest.raises(ValueError, match="multiple of 8"):
-            Checksum().update(data[:-1]).merge(Checksum().update(data[-1:]))
+    cut = nbytes // 2 // unit * unit  # parts hashed apart (on other threads) merge when the first ends on a unit
+    assert Checksum(algorithm).update(data[:cut]).merge(Checksum(algorithm).update(data[cut:])).hexdigest() == whole
+    if nbytes % unit and nbytes > unit:
+        with pytest.raises(ValueError, match=f"multiple of {unit}"):
+            Checksum(algorithm).update(data[:-1]).merge(Checksum(algorithm).update(data[-1:]))
+    assert Checksum.like(whole).algorithm == algorithm and integrity.verify(data, whole)
+
+
+def test_xxh3_catches_what_an_additive_sum_misses() -> None:
+    """Swapped words and changes that cancel out keep sum64 but not xxh3 (the
+    divergence check compares replicas by these checksums)."""
+    words = torch.arange(1, 1 + (3 << 20) // 8, dtype=torch.int64)
+    swapped = words.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    cancel = words.clone()
+    cancel[5] += 1
+    cancel[(2 << 20) // 8] -= 1  # in another leaf
+    for changed in (swapped, cancel):
+        assert checksum(changed, like="sum64:0:0") == checksum(words, like="sum64:0:0")
+        assert checksum(changed) != checksum(words)
+    assert checksum(words).startswith("xxh3:")

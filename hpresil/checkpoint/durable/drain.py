@@ -115,6 +115,7 @@ class Drainer(NodeService):
         # step -> local rank -> (commit_id, timeline) uploaded (or found uploaded)
         self._done: dict[int, dict[int, tuple[str, str]]] = {}
         self._parsed: ScanCache = {}
+        self._unhealthy: set[str] = set()  # commit ids not uploaded for their health (logged once)
         self._failures = 0
         self._retry_at = 0.0
         self._next_scan = 0.0
@@ -237,6 +238,13 @@ class Drainer(NodeService):
             if info.record.durable_url and not self._warm:
                 self._warm_up()
             if info.record.durable and info.seal is not None:
+                if info.seal.health != "ok":
+                    # Never uploaded: retention then only ever counts healthy steps.
+                    if info.record.commit_id not in self._unhealthy:
+                        self._unhealthy.add(info.record.commit_id)
+                        log.warning("rank %d step %d: snapshot %s (%s); not uploading it to the durable tier",
+                                    info.rank, info.record.step, info.seal.health, ", ".join(info.seal.causes))
+                    continue
                 found.setdefault(info.rank, []).append(info)
         return found
 

@@ -14,7 +14,7 @@ from ``torch.save`` under :class:`torch.serialization.skip_data` (which leaves
 the data record's CRC at 0, accepted by ``torch.load``), so the raw bytes
 stream straight from the shared-memory arena without an extra copy. hpresil's
 own reader reads the raw byte range recorded in ``rank<R>.json`` and verifies
-its ``sum64``; it never unpickles anything from storage. JSON values are also
+its checksum; it never unpickles anything from storage. JSON values are also
 written as ``torch.save`` bytes so that ``dcp.load`` restores them, but hpresil
 takes them from ``rank<R>.json``.
 
@@ -220,7 +220,7 @@ def plan_rank_file(
 
     Args:
         record: the rank's commit record.
-        checksums: ``key -> sum64`` of every tensor entry (from the seal).
+        checksums: ``key -> checksum`` of every tensor entry (from the seal).
         owners: replicated entry owners from :func:`assign_owners`.
 
     Returns:

@@ -36,7 +36,7 @@ answers ``ok`` or closes. Before authentication frames are limited to
 
 * ``put`` {rank, record, seal, nbytes} -> ``put`` {accept, reason}; if
   accepted a ``data`` frame carries ``nbytes`` bytes -> ``put_done`` {ok, error}.
-  The receiver verifies every entry's ``sum64`` against the seal before it
+  The receiver verifies every entry's checksum against the seal before it
   commits the replica.
 * ``list`` -> ``list`` {snapshots: [[rank, step, world_size, commit_id,
   created, timeline], ...]}: sealed snapshots in this node's RAM and replicas.

@@ -148,7 +148,7 @@ class PeerClient:
         """Reads byte ranges of a snapshot straight into tensors, verifying each.
 
         Args:
-            parts: ``(arena offset, out, expected sum64 or None, key)``; ``out``
+            parts: ``(arena offset, out, expected checksum or None, key)``; ``out``
                 is a contiguous ``uint8`` CPU tensor of the range's length.
 
         Raises:

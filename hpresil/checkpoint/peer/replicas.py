@@ -5,7 +5,7 @@ Receiving (:meth:`ReplicaStore.begin`): the replica goes into a slot of
 that rank, under ``LOCK_EX`` (readers take ``LOCK_SH`` and the receiver
 skips slots they hold). The old record and seal are unlinked first, the bytes
 are received straight into the mapped slot file and checked entry by entry
-against the seal's ``sum64``; only then are the seal and, last, the record
+against the seal's checksum; only then are the seal and, last, the record
 renamed into place. A transfer that fails or does not verify leaves a slot
 without a record, which no reader trusts, and the newest complete replica
 untouched.

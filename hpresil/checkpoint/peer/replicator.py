@@ -295,8 +295,8 @@ class Replicator(NodeService):
         ranks = list(group.global_ranks) if group is not None else None
         newest: dict[int, SlotInfo] = {}
         for info in scan(self.shm_dir, ranks, self._cache):
-            if info.seal is None:
-                continue
+            if info.seal is None or info.seal.health != "ok":
+                continue  # a peer keeps its healthy replica rather than an unhealthy newer one
             old = newest.get(info.rank)
             if old is None or old.record.created < info.record.created:
                 newest[info.rank] = info

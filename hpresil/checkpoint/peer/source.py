@@ -8,7 +8,7 @@ received), and every rank learns all of them (:meth:`PeerSource.pool`). A
 rank whose own RAM snapshot is gone (node replaced, ranks moved) then reads
 its entries, or with a changed world size the slices of the old ranks'
 entries it needs, from whichever nodes hold them, straight into the state's
-tensors, verifying every entry's ``sum64`` against the seal on arrival. A
+tensors, verifying every entry's checksum against the seal on arrival. A
 node that fails is skipped for another holder of the same commit; when none
 works the restore falls back to the durable tier.
 
@@ -30,6 +30,7 @@ import torch
 
 from hpresil import _env
 from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, SnapshotSource, TierName
+from hpresil.checkpoint.health import worst
 from hpresil.checkpoint.ram.files import scan
 from hpresil.errors import ConfigError, IntegrityError, StorageError
 from hpresil.checkpoint.peer import secret as job_secret
@@ -65,6 +66,7 @@ class PeerSource(SnapshotSource):
         self.rank, self.world_size = rank, world_size
         self.ready_timeout, self.io_timeout = ready_timeout, io_timeout
         self._index: dict[tuple[int, int], dict[int, list[_Cand]]] = {}
+        self._health: dict[tuple[int, int], str] = {}  # the worst seal of a step among all holders
         self._chosen: dict[tuple[int, int], tuple[str, list[tuple[str, int]]]] = {}  # (step, rank) -> commit, holders
         self._seals: dict[tuple[int, str], Seal] = {}
         self._clients: dict[tuple[str, int], PeerClient] = {}
@@ -105,17 +107,20 @@ class PeerSource(SnapshotSource):
             for i in scan(root):
                 if i.seal is not None:
                     r = i.record
-                    held.append([i.rank, r.step, r.world_size, r.commit_id, r.created, r.timeline])
+                    held.append([i.rank, r.step, r.world_size, r.commit_id, r.created, r.timeline, i.seal.health])
         return {"node": info["node"], "host": info["host"], "port": int(info["port"]), "held": held}
 
     def pool(self, shares: Sequence[Any]) -> None:
         """Learns what every node can serve (the shares of all ranks, same on every rank)."""
         index: dict[tuple[int, int], dict[int, dict[str, _Cand]]] = {}
+        self._health = {}
         for share in shares:
             if not isinstance(share, dict):
                 continue
-            for rank, step, ws, commit_id, created, timeline in share["held"]:
-                per = index.setdefault((int(step), int(ws)), {}).setdefault(int(rank), {})
+            for rank, step, ws, commit_id, created, timeline, health in share["held"]:
+                key = (int(step), int(ws))
+                self._health[key] = worst(self._health.get(key, "ok"), str(health))
+                per = index.setdefault(key, {}).setdefault(int(rank), {})
                 per[f"{commit_id}@{share['host']}:{share['port']}"] = (
                     float(created), str(commit_id), str(timeline), str(share["host"]), int(share["port"]))
         self._index = {}
@@ -128,7 +133,8 @@ class PeerSource(SnapshotSource):
     # -- SnapshotSource --------------------------------------------------
     def steps(self) -> list[SnapshotRef]:
         """Snapshots some node can serve, newest first (after :meth:`pool`)."""
-        refs = [SnapshotRef(tier="peer", step=s, world_size=ws, ranks=frozenset(per)) for (s, ws), per in self._index.items()]
+        refs = [SnapshotRef(tier="peer", step=s, world_size=ws, ranks=frozenset(per), health=self._health.get((s, ws), "ok"))
+                for (s, ws), per in self._index.items()]
         return sorted(refs, key=lambda r: (r.step, r.world_size), reverse=True)
 
     def records(self, step: int) -> dict[int, CommitRecord]:

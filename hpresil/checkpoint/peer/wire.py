@@ -33,7 +33,7 @@ __all__ = [
     "CHUNK",
 ]
 
-#: Bytes received (and summed) per step.
+#: Bytes received (and hashed) per step.
 CHUNK = 4 << 20
 
 
@@ -120,7 +120,7 @@ def expect(sock: socket.socket, op: str, max_header: int, max_payload: int = 0) 
 
 
 def recv_verified(sock: socket.socket, out: torch.Tensor, expected: str | None) -> bool:
-    """Receives ``out.numel()`` bytes into the ``uint8`` tensor ``out``, summing
+    """Receives ``out.numel()`` bytes into the ``uint8`` tensor ``out``, hashing
     each chunk as it lands.
 
     Returns:
@@ -131,7 +131,7 @@ def recv_verified(sock: socket.socket, out: torch.Tensor, expected: str | None) 
     """
     n = out.numel()
     view = memoryview(out.numpy()) if n else memoryview(b"")
-    running = Checksum()
+    running = Checksum.like(expected)
     for lo in range(0, n, CHUNK):
         hi = min(lo + CHUNK, n)
         recv_into(sock, view[lo:hi])

@@ -1,9 +1,12 @@
-"""The sealer: checksums committed RAM snapshots after the fact.
+"""The sealer: checksums and judges committed RAM snapshots after the fact.
 
 Keeping the checksum out of ``save`` is what makes the blocking time a bare
-copy; the sealer computes one ``sum64`` per tensor entry
-(:mod:`~hpresil.checkpoint.integrity`, ~3x faster than the copy here) and
-writes ``slot<K>.seal.json`` bound to the record's ``commit_id``, holding
+copy; the sealer computes one ``xxh3`` checksum per tensor entry
+(:mod:`~hpresil.checkpoint.integrity`, ~3x faster than the copy here), checks
+each floating-point leaf for NaN/Inf right after hashing it and judges the
+snapshot's health (:mod:`~hpresil.checkpoint.health`: ``snapshot_poisoned`` /
+``snapshot_suspect`` events), and writes ``slot<K>.seal.json`` bound to the
+record's ``commit_id``, holding
 ``LOCK_SH`` on the slot so the writer cannot reuse it meanwhile (it skips
 locked slots, waits a little, and asks through ``slot<K>.reclaim`` for
 slots whose commit is older than a sealed one: the sealer then abandons that
@@ -31,7 +34,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hpresil.checkpoint.api import FORMAT_VERSION, Seal, record_digest, slot_path
+from hpresil.checkpoint.api import FORMAT_VERSION, CommitRecord, Seal, rank_dir, record_digest, slot_path
+from hpresil.checkpoint.divergence import replica_summary
+from hpresil.checkpoint.health import HealthConfig, RankHealth, Verdict, probe_for
 from hpresil.checkpoint.integrity import checksum_cancellable
 from hpresil.checkpoint.ram.files import SlotInfo, frombuffer, scan, write_atomic
 from hpresil.checkpoint.ram.pin import SlotGone, pin
@@ -51,9 +56,11 @@ class SealerConfig:
 
     Attributes:
         interval: how often the sealing thread looks for commits without being woken.
+        health: how snapshots are judged (:class:`~hpresil.checkpoint.health.HealthConfig`).
     """
 
     interval: timedelta = timedelta(milliseconds=200)
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
         if self.interval <= timedelta(0):
@@ -97,6 +104,7 @@ class Sealer(NodeService):
         self._cache: dict[str, Any] = {}
         self._maps: dict[str, tuple[tuple[int, int], mmap.mmap, torch.Tensor]] = {}
         self._bad: set[str] = set()  # commit ids that could not be sealed
+        self._health: dict[int, RankHealth] = {}
 
     # -- node service ----------------------------------------------------
     def start(self, ctx: RuntimeContext) -> None:
@@ -198,21 +206,38 @@ class Sealer(NodeService):
                 t0 = time.perf_counter()
                 buf = self._map(path, held.fd, held.size)
                 sums: dict[str, str] = {}
+                nonfinite: set[str] = set()
+                check = self.config.health.check_finite
+                # entries the device already checked: probed only to confirm a non-finite norm
+                on_device = int(record.checked, 16) if record.checked else 0
+                hinted = set(record.nonfinite)
                 wanted = _Throttled(lambda: os.path.exists(reclaim), 0.002)
+                index = -1
                 for e in record.entries:
                     if e.kind != "tensor":
                         continue
-                    got = checksum_cancellable(buf[e.offset : e.offset + e.nbytes], wanted)
+                    index += 1
+                    skip = on_device >> index & 1 and e.key not in hinted
+                    probe = probe_for(e.dtype) if check and not skip else None
+                    got = checksum_cancellable(buf[e.offset : e.offset + e.nbytes], wanted, probe=probe)
                     if got is None:
                         log.debug("rank %d step %d: slot %d reclaimed by the writer; seal abandoned",
                                   record.rank, record.step, info.slot)
                         return False
                     sums[e.key] = got
+                    if probe is not None and probe.nonfinite:
+                        nonfinite.add(e.key)
+                verdict = self._judge(record, nonfinite)
                 seal = Seal(
                     version=FORMAT_VERSION,
                     commit_id=record.commit_id,
                     step=record.step,
                     rank=record.rank,
+                    health=verdict.health,
+                    causes=list(verdict.causes),
+                    poisoned=list(verdict.keys),
+                    detail=verdict.detail,
+                    replica=replica_summary(record.entries, sums),
                     checksums=sums,
                     sealed=time.time(),
                     record=record_digest(record),
@@ -231,6 +256,7 @@ class Sealer(NodeService):
             log.warning("rank %d step %d: cannot seal %s: %s", info.rank, info.record.step, path, exc)
             return False
         log.debug("rank %d step %d: sealed slot %d in %.3fs", record.rank, record.step, info.slot, duration)
+        self._report(record, verdict)
         self.events.emit(
             "checkpoint_sealed",
             step=record.step,
@@ -240,6 +266,25 @@ class Sealer(NodeService):
             duration_s=round(duration, 6),
         )
         return True
+
+    def _judge(self, record: CommitRecord, nonfinite: set[str]) -> Verdict:
+        judge = self._health.get(record.rank)
+        if judge is None:
+            assert self.shm_dir is not None
+            path = os.path.join(rank_dir(self.shm_dir, record.rank), "health.json")
+            judge = self._health[record.rank] = RankHealth(self.config.health, path)
+        keys = [e.key for e in record.entries if e.kind == "tensor"]
+        return judge.judge(keys, nonfinite, record.step, record.loss)
+
+    def _report(self, record: CommitRecord, verdict: Verdict) -> None:
+        if verdict.health == "poisoned":
+            log.error("rank %d step %d: snapshot poisoned: %s", record.rank, record.step, verdict.detail)
+            self.events.emit("snapshot_poisoned", step=record.step, rank=record.rank, keys=list(verdict.keys[:50]),
+                             causes=list(verdict.causes), detail=verdict.detail)
+        elif verdict.health == "suspect":
+            log.warning("rank %d step %d: snapshot suspect: %s", record.rank, record.step, verdict.detail)
+            self.events.emit("snapshot_suspect", step=record.step, rank=record.rank, causes=list(verdict.causes),
+                             loss=record.loss, detail=verdict.detail)
 
     def _map(self, path: str, fd: int, size: int) -> torch.Tensor:
         # Mappings are kept: re-mapping a slot each time would fault every page again.

@@ -4,9 +4,12 @@ Slot choice (double buffering): never the newest commit; preferably not the
 newest snapshot flagged for the durable tier, until a newer one is flagged (the
 sealer and the drainer reach it after newer snapshots under load, and it must
 not be overwritten before they do: else ``durable_every`` is silently skipped);
-then preferably not the newest sealed one (the newest *verified* snapshot
-survives a crash while a newer one is still unsealed); otherwise the oldest.
-With 3 slots that leaves two alternating slots and the durable one.
+then preferably not the last known good one, the newest sealed and healthy
+(it survives a crash while a newer one is still unsealed, and it is what a
+rollback restores when newer ones turn out poisoned,
+:mod:`hpresil.checkpoint.health`); otherwise the oldest. With 3 slots that
+leaves two alternating slots and the durable one. Those two preferred slots
+are taken only after the wait below, when nothing else could be locked.
 
 A slot locked by a reader (sealer, drainer, peer send) is skipped. When every
 slot the writer may take is locked, it waits for the first to be released, up
@@ -67,14 +70,15 @@ class SlotTable:
         have = [k for k in slots if k in self.commits]
         return max(have, key=lambda k: self.commits[k][:2]) if have else None
 
-    def sealed(self, k: int) -> bool:
-        """Whether slot ``k``'s current commit has its seal."""
+    def sealed(self, k: int, *, healthy: bool = False) -> bool:
+        """Whether slot ``k``'s current commit has its seal (and, with
+        ``healthy``, the seal found it healthy)."""
         commit = self.commits.get(k)
         if commit is None:
             return False
         path = slot_path(self.shm_dir, self.rank, k, "seal.json")
         seal = cached_parse(path, self._seal_cache, lambda: read_seal(path, None, header_only=True))
-        return seal is not None and seal.commit_id == commit[2]
+        return seal is not None and seal.commit_id == commit[2] and (not healthy or seal.health == "ok")
 
     def pick_and_lock(self) -> int | None:
         """Takes ``LOCK_EX`` on the slot to overwrite and returns it; ``None``
@@ -84,26 +88,39 @@ class SlotTable:
         newest_durable = self.newest([k for k in usable if k in self.durable
                                       and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
-        newest_sealed = self.newest([k for k in candidates if self.sealed(k)])
-        # Empty slots first, then oldest commit first; the newest sealed one, then the newest durable one last.
-        candidates.sort(key=lambda k: (k == newest_durable, k == newest_sealed, k in self.commits,
+        # The last known good: the newest commit itself once sealed healthy (never overwritten anyway).
+        good = newest if newest is not None and self.sealed(newest, healthy=True) else \
+            self.newest([k for k in candidates if self.sealed(k, healthy=True)])
+        # Empty slots first, then oldest commit first; the last known good one, then the newest durable one last.
+        candidates.sort(key=lambda k: (k == newest_durable, k == good, k in self.commits,
                                        self.commits.get(k, (0, 0.0))[:2]))
-        k = self._try_lock(candidates)
+        preferred = [k for k in candidates if k not in (newest_durable, good)] or candidates
+        k = self._try_lock(preferred)
         wait = self._refill()
-        if k is not None or not candidates or wait <= 0:
+        if k is not None or not candidates:
             return k
-        # Only now (rare) is the newest commit's seal looked up: the sealed commit every request is compared to.
-        top = newest if newest is not None and self.sealed(newest) else newest_sealed
-        asked = [c for c in candidates if top is not None and c in self.commits and c != newest_durable
+        if wait > 0:
+            k = self._wait_for(preferred, newest, newest_durable, good, wait)
+        # The protected slots only when nothing else could be had.
+        return k if k is not None else self._try_lock(candidates)
+
+    def _wait_for(self, preferred: list[int], newest: int | None, newest_durable: int | None, good: int | None,
+                  wait: float) -> int | None:
+        """Waits up to ``wait`` seconds for one of ``preferred``, asking the
+        readers of the older ones to let go."""
+        # The sealed commit every request is compared to.
+        top = newest if newest is not None and self.sealed(newest) else good
+        asked = [c for c in preferred if top is not None and c in self.commits and c != newest_durable
                  and self.commits[c][:2] < self.commits[top][:2]]
         requests = [slot_path(self.shm_dir, self.rank, c, "reclaim") for c in asked]
         t0 = time.monotonic()
+        k = None
         try:
             for path in requests:
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
             while k is None and time.monotonic() - t0 < wait:
                 time.sleep(0.001)
-                k = self._try_lock(candidates)
+                k = self._try_lock(preferred)
         finally:
             for path in requests:
                 unlink(path)

@@ -7,7 +7,7 @@ copy itself for 512 MiB), while the kernel copies from the page cache without
 touching page tables. On a tmpfs with huge pages (``huge=always`` or
 ``within_size``) mapping 512 MiB costs under a millisecond, so the slot is
 mapped and copied from directly (~1.0x memcpy, against ~1.5x for ``preadv``).
-Each 4 MiB chunk is summed right after it lands, while it is still
+Each 4 MiB chunk is hashed right after it lands, while it is still
 in cache, so verifying costs a fraction of the copy; the chunks of all the
 entries read together are spread over a few threads (``preadv`` and torch's
 sum release the GIL).
@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import torch
 
 from hpresil.checkpoint.api import CommitRecord, Entry, Seal, SnapshotRef, SnapshotSource, TierName, record_digest
+from hpresil.checkpoint.health import worst
+from hpresil.checkpoint import integrity
 from hpresil.checkpoint.integrity import Checksum
 from hpresil.checkpoint.ram.files import SlotInfo, scan
 from hpresil.checkpoint.ram.pin import Pinned, pin
@@ -40,9 +42,9 @@ __all__ = ["RamSource", "read_batch", "read_verified", "CHUNK"]
 
 log = logging.getLogger(__name__)
 
-#: Bytes per read-and-sum task: small enough that the sum reads from cache
+#: Bytes per read-and-hash task: small enough that the hash reads from cache
 #: right behind the copy, large enough to amortise the syscall (4 MiB measured
-#: best here); a multiple of 8 so that the chunks' checksums can be merged.
+#: best here); rounded to whole checksum leaves so the chunks' checksums merge.
 CHUNK = 4 << 20
 #: Below this many bytes a batch is read serially: handing chunks to threads costs more than it saves.
 _PARALLEL_MIN = 16 << 20
@@ -68,16 +70,17 @@ def read_batch(
     """
     tasks = []
     views = []
+    step = max(integrity.LEAF, CHUNK - CHUNK % integrity.LEAF)
     for idx, (fd, offset, out, expected, _) in enumerate(items):
         n = out.numel()
         views.append(memoryview(out.numpy()) if n else memoryview(b""))
-        tasks += [(idx, lo) for lo in range(0, n, CHUNK)]
+        tasks += [(idx, lo) for lo in range(0, n, step)]
 
     def chunk(task: tuple[int, int]) -> Checksum | None:
         idx, lo = task
         fd, offset, out, expected, _ = items[idx]
         n = out.numel()
-        hi = min(lo + CHUNK, n)
+        hi = min(lo + step, n)
         got = 0
         mapped = maps.get(fd) if maps else None
         if mapped is not None:
@@ -90,11 +93,11 @@ def read_batch(
             if r <= 0:
                 raise StorageError(f"snapshot file ends at {offset + lo + got}, entry needs {offset + n}")
             got += r
-        return None if expected is None else Checksum().update(out[lo:hi])
+        return None if expected is None else Checksum.like(expected).update(out[lo:hi])
 
     parallel = pool is not None and len(tasks) > 1 and sum(out.numel() for _, _, out, _, _ in items) >= _PARALLEL_MIN
     sums = pool.map(chunk, tasks) if parallel else map(chunk, tasks)
-    totals = [Checksum() for _ in items]
+    totals = [Checksum.like(expected) for _, _, _, expected, _ in items]
     for (idx, _), part in zip(tasks, sums):
         if part is not None:
             totals[idx].merge(part)
@@ -111,7 +114,7 @@ def read_verified(
     pool: ThreadPoolExecutor | None = None,
 ) -> None:
     """Reads ``out.numel()`` bytes at ``offset`` of ``fd`` into ``out`` and,
-    when ``expected`` is given, checks their ``sum64`` checksum (the value
+    when ``expected`` is given, checks their checksum (the value
     :func:`hpresil.checkpoint.integrity.checksum` computes); see :func:`read_batch`."""
     read_batch([(fd, offset, out, expected, "entry")], pool)
 
@@ -170,9 +173,13 @@ class RamSource(SnapshotSource):
         refs = []
         for step, per_rank in self._infos.items():
             by_ws: dict[int, set[int]] = {}
+            health: dict[int, str] = {}
             for rank, info in per_rank.items():
-                by_ws.setdefault(info.record.world_size, set()).add(rank)
-            refs += [SnapshotRef(tier="ram", step=step, world_size=ws, ranks=frozenset(r)) for ws, r in by_ws.items()]
+                ws = info.record.world_size
+                by_ws.setdefault(ws, set()).add(rank)
+                health[ws] = worst(health.get(ws, "ok"), info.seal.health if info.seal is not None else "ok")
+            refs += [SnapshotRef(tier="ram", step=step, world_size=ws, ranks=frozenset(r), health=health[ws])
+                     for ws, r in by_ws.items()]
         return sorted(refs, key=lambda r: (r.step, r.world_size), reverse=True)
 
     def records(self, step: int) -> dict[int, CommitRecord]:

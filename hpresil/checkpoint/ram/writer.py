@@ -40,9 +40,10 @@ import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
 from hpresil.checkpoint.flatten import Leaf, dtype_from_name, dtype_name, encode_json
+from hpresil.checkpoint.health import DeviceFlags, device_finite_flags
 from hpresil.checkpoint.ram.files import drop_newer, scan, unlink, write_atomic
 from hpresil.checkpoint.ram.slots import SlotTable
-from hpresil.errors import StorageError
+from hpresil.errors import CheckpointError, StorageError
 
 __all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "signature"]
 
@@ -79,17 +80,19 @@ def _path(leaf: Leaf) -> list[str | int] | None:
     return list(leaf.path) if ok else None
 
 
-def signature(leaves: Sequence[Leaf]) -> tuple[Any, ...]:
+def signature(leaves: Sequence[Leaf], compared: frozenset[str] = frozenset()) -> tuple[Any, ...]:
     """The layout-relevant description of ``leaves`` (cheap; compared every save)."""
-    return tuple(
+    return (compared, *(
         (l.key, l.value.dtype, tuple(l.value.shape), l.global_shape, l.global_offset, l.replicated)
         for l in leaves
         if isinstance(l.value, torch.Tensor)
-    )
+    ))
 
 
-def build_layout(leaves: Sequence[Leaf], sig: tuple[Any, ...] | None = None) -> Layout:
-    """Assigns 64-byte aligned arena regions to the tensor leaves."""
+def build_layout(leaves: Sequence[Leaf], sig: tuple[Any, ...] | None = None,
+                 compared: frozenset[str] = frozenset()) -> Layout:
+    """Assigns 64-byte aligned arena regions to the tensor leaves (``compared``:
+    the keys the divergence check compares)."""
     entries: list[Entry] = []
     offset = 0
     for leaf in leaves:
@@ -108,12 +111,14 @@ def build_layout(leaves: Sequence[Leaf], sig: tuple[Any, ...] | None = None) -> 
                 offset=offset,
                 nbytes=nbytes,
                 replicated=leaf.replicated,
+                compared=leaf.key in compared,
                 path=_path(leaf),
             )
         )
         offset = _align(offset + nbytes)
     text = ",".join(json.dumps(e.to_json_obj(), separators=(",", ":")) for e in entries)
-    return Layout(signature=signature(leaves) if sig is None else sig, entries=entries, nbytes=offset, entries_json=text)
+    return Layout(signature=signature(leaves, compared) if sig is None else sig, entries=entries, nbytes=offset,
+                  entries_json=text)
 
 
 class _Slot:
@@ -213,6 +218,9 @@ class RamWriter:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self._stream: Any = None
+        self._loss_host: dict[torch.dtype, torch.Tensor] = {}  # pinned, one per loss dtype
+        self._flags_host: dict[int, torch.Tensor] = {}  # pinned, by length: the device's NaN/Inf verdicts
+        self._flags: DeviceFlags | None = None  # those of the snapshot being copied
         self._table = SlotTable(shm_dir, rank, [slot.fd for slot in self._slots], slot_wait)
         for k in range(slots):  # a writer killed while it waited for a slot leaves its requests behind
             unlink(slot_path(shm_dir, rank, k, "reclaim"))
@@ -242,12 +250,18 @@ class RamWriter:
         durable_url: str | None,
         keep: int,
         on_commit: Callable[[int, int], None] | None = None,
+        loss: Any = None,
+        compared: frozenset[str] = frozenset(),
     ) -> int | None:
         """Copies ``leaves`` into a free slot and commits it.
 
         Args:
             on_commit: called with ``(slot, step)`` once the record is in place
                 (from a background thread for device tensors).
+            loss: a number or one-element tensor stored in the record; a
+                device tensor is copied behind the snapshot and read at the
+                commit, so the save never waits for it.
+            compared: keys of the entries the divergence check compares.
 
         Returns:
             Bytes of tensor data copied, or ``None`` when every slot that may be
@@ -259,9 +273,9 @@ class RamWriter:
             CheckpointError: a leaf cannot be stored (plain value without a JSON form).
         """
         self.wait()
-        sig = signature(leaves)
+        sig = signature(leaves, compared)
         if self._layout is None or sig != self._layout.signature:
-            self._layout = build_layout(leaves, sig)
+            self._layout = build_layout(leaves, sig, compared)
             log.info("rank %d: RAM arena layout %d entries, %.1f MiB", self.rank, len(self._layout.entries), self._layout.nbytes / 2**20)
         layout = self._layout
         json_entries = [
@@ -300,8 +314,10 @@ class RamWriter:
         try:
             views = slot.views_for(layout)
             tensors = [l.value for l in leaves if isinstance(l.value, torch.Tensor)]
-            event = self._copy(slot, views, tensors)
-            commit = lambda: self._commit(k, step, layout, json_entries, world_size, durable, durable_url, keep, on_commit)  # noqa: E731
+            event, loss_now = self._copy(slot, views, tensors, _loss_tensor(loss))
+            loss_read = (lambda: _loss_number(loss)) if loss_now is None else loss_now
+            commit = lambda: self._commit(k, step, layout, json_entries, world_size, durable, durable_url, keep,  # noqa: E731
+                                          on_commit, loss_read())
             if event is None:
                 commit()
             else:
@@ -313,28 +329,44 @@ class RamWriter:
                 fcntl.flock(slot.fd, fcntl.LOCK_UN)
         return layout.nbytes
 
-    def _copy(self, slot: _Slot, views: list[torch.Tensor], tensors: list[torch.Tensor]) -> Any:
+    def _copy(
+        self, slot: _Slot, views: list[torch.Tensor], tensors: list[torch.Tensor], loss: torch.Tensor | None
+    ) -> tuple[Any, Callable[[], float | None] | None]:
+        """Copies the tensors; returns the event device copies complete on
+        (``None``: done) and, for a device ``loss``, how to read it after that
+        event (``None``: read the argument as it is)."""
         cuda = [i for i, t in enumerate(tensors) if t.is_cuda]
         for i, t in enumerate(tensors):
             if not t.is_cuda and views[i].numel():
                 views[i].copy_(t)
-        if not cuda:
-            return None
+        on_device = loss is not None and loss.is_cuda
+        self._flags = None
+        if not cuda and not on_device:
+            return None, None
         if not slot.register_cuda():
             for i in cuda:
                 views[i].copy_(tensors[i])
-            return None
+            return None, None
         main = torch.cuda.current_stream()
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         self._stream.wait_stream(main)  # copy the values as of this save
+        read = None
         with torch.cuda.stream(self._stream):
             for i in cuda:
                 views[i].copy_(tensors[i], non_blocking=True)
+            self._flags = device_finite_flags(tensors, cuda, self._flags_host)
+            if on_device:
+                assert loss is not None
+                host = self._loss_host.get(loss.dtype)
+                if host is None:
+                    host = self._loss_host[loss.dtype] = torch.empty((), dtype=loss.dtype, pin_memory=True)
+                host.copy_(loss.detach().reshape(()), non_blocking=True)
+                read = lambda: float(host.item())  # noqa: E731  after the event: no device wait
             event = torch.cuda.Event()
             event.record(self._stream)
         main.wait_stream(self._stream)  # later kernels must not modify what is being copied
-        return event
+        return event, read
 
     def _commit_after(self, event: Any, commit: Callable[[], None]) -> None:
         try:
@@ -354,6 +386,7 @@ class RamWriter:
         durable_url: str | None,
         keep: int,
         on_commit: Callable[[int, int], None] | None,
+        loss: float | None,
     ) -> None:
         slot = self._slots[k]
         try:
@@ -374,7 +407,10 @@ class RamWriter:
                 "created": created,
                 "timeline": self.timeline,
                 "upload_timeout": self.upload_timeout,
+                "loss": loss,
             }
+            if self._flags is not None:  # read after the device copies completed
+                head["checked"], head["nonfinite"] = self._flags.result([e.key for e in layout.entries])
             parts = [layout.entries_json] if layout.entries_json else []
             parts += [json.dumps(e, separators=(",", ":")) for e in json_entries]
             text = json.dumps(head, separators=(",", ":"))[:-1] + ',"entries":[' + ",".join(parts) + "]}"
@@ -437,3 +473,26 @@ class RamWriter:
             for slot in self._slots:
                 slot.close()
             self._slots = []
+
+
+def _loss_tensor(loss: Any) -> torch.Tensor | None:
+    """``loss`` when it is a one-element tensor.
+
+    Raises:
+        CheckpointError: ``loss`` is neither a number nor a one-element tensor.
+    """
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1 or loss.is_complex():
+            raise CheckpointError(f"save(loss=...): a tensor of shape {tuple(loss.shape)}; give the loss as a "
+                                  "number or a one-element tensor (e.g. loss.detach())")
+        return loss
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        raise CheckpointError(f"save(loss={loss!r}): give the loss as a number or a one-element tensor")
+    return None
+
+
+def _loss_number(loss: Any) -> float | None:
+    """A CPU ``loss`` as a float (a CPU tensor's value is already there)."""
+    if loss is None:
+        return None
+    return float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)

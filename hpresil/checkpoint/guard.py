@@ -1,0 +1,229 @@
+"""The Checkpointer's guard: at each snapshot it reads the job's health vote,
+acts on it (rollback, stop or warn, per :class:`~hpresil.checkpoint.rollback.RollbackPolicy`),
+and starts the next vote with this rank's verdicts and its replica digest.
+
+Timeline of one fault: the state goes bad before the snapshot of step ``S``;
+the sealer marks that snapshot (or, for a divergence, its replica digest
+differs); the vote started at the save of ``S`` or ``S + 1`` carries it; at the
+next save every rank reads the same result and rolls back together to the
+newest healthy snapshot before ``S`` (before the last step the replicas
+agreed on, for a divergence). The training loop goes on from there:
+:meth:`~hpresil.Checkpointer.steps` rewinds its step counter.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any, Callable
+
+from hpresil.checkpoint.divergence import DivergenceCheck, Verdict, parse_replica
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.restore import RestoreResult
+from hpresil.checkpoint.rollback import HealthVote, RollbackPolicy, SkipList, local_verdicts, now
+from hpresil.errors import UnhealthyStateError
+
+__all__ = ["Guard", "DIVERGENCE_FILE"]
+
+log = logging.getLogger(__name__)
+
+#: Per node, in the RAM tier's directory: how often ranks of this node diverged
+#: (read by :class:`~hpresil.checkpoint.divergence_watch.DivergenceWatch`).
+DIVERGENCE_FILE = "divergence.json"
+
+Restore = Callable[[int], "RestoreResult | None"]
+
+
+class Guard:
+    """Rollback and divergence for one rank.
+
+    Args:
+        policy: what to do per cause.
+        shm_dir: the RAM tier directory holding this rank's seals.
+        rank: this rank.
+        world: the world size.
+        distributed: whether to vote with the other ranks.
+        events: where ``rollback`` and ``replica_divergence`` go.
+    """
+
+    def __init__(self, policy: RollbackPolicy, shm_dir: str, rank: int, world: int, distributed: bool,
+                 events: Any) -> None:
+        self.policy = policy
+        self.shm_dir = shm_dir
+        self.rank = rank
+        self.events = events
+        self.cursor = [0]  # the next step steps() yields
+        self.skip = SkipList()
+        self.iterating = False
+        self._distributed = distributed
+        self._world = world
+        self._vote: HealthVote | None = None
+        self._div: DivergenceCheck | None = None
+        self._since = now()
+        self._cache: dict[str, Any] = {}
+        self._warned: set[tuple[str, int]] = set()
+        self._last: tuple[str, int, int] | None = None  # (cause, bad step, target) of the last rollback
+        self._tries = 0
+        self._prev: int | None = None  # the step of the previous snapshot: the one the next vote compares
+        self._pending: tuple[int | None, tuple[int, int] | None] = (None, None)  # compared step, our digest
+        self._layout: int | None = None
+        self._agreed: int | None = None  # the newest step every replica group agreed on
+
+    def reset(self) -> None:
+        """After a restore: verdicts about commits made before now are settled."""
+        self._since = now()
+        self._prev = None
+        self._pending = (None, None)
+        if self._vote is not None:
+            self._vote.result()  # a vote in flight is read and dropped (every rank restores together)
+
+    # -- the vote ------------------------------------------------------------
+    def vote(self, step: int) -> None:
+        """Starts this snapshot's vote with this rank's verdicts (after the save of ``step``)."""
+        if self._vote is None:
+            group = None
+            if self._distributed:
+                from hpresil.checkpoint import graceful_stop
+
+                group = graceful_stop.cpu_group()
+                self._div = DivergenceCheck(self.rank, self._world, group)
+            self._vote = HealthVote(group, self._distributed)
+        extra = None
+        compared, summary = self._prev, None
+        if self._div is not None:
+            summary = self._summary(compared)
+            extra = self._div.contribute(self._layout, summary)
+        self._vote.start(local_verdicts(self.shm_dir, self.rank, self._since, self._cache), extra)
+        self._pending = (compared, summary)
+        self._prev = step
+
+    def _summary(self, step: int | None) -> tuple[int, int] | None:
+        """Our replica digest of ``step`` (from its seal), and the newest layout seen."""
+        found = None
+        newest = -1
+        for info in scan(self.shm_dir, [self.rank], self._cache):
+            seal = info.seal
+            if seal is None or not seal.replica or info.record.created <= self._since:
+                continue
+            parsed = parse_replica(seal.replica)
+            if parsed is None:
+                continue
+            if info.record.step > newest:
+                newest, self._layout = info.record.step, parsed[0]
+            if info.record.step == step and seal.health == "ok":
+                found = parsed
+        return found
+
+    # -- acting ----------------------------------------------------------------
+    def check(self, step: int, restore: Restore) -> bool:
+        """Reads the last vote and acts on it before the snapshot of ``step``.
+
+        Args:
+            restore: ``restore(before) -> RestoreResult | None``, collective.
+
+        Returns:
+            Whether the state was rolled back (no snapshot is taken at ``step`` then).
+
+        Raises:
+            UnhealthyStateError: the policy says stop, no healthy snapshot is
+                left, or ``max_tries`` rollbacks did not help.
+        """
+        got = self._vote.result() if self._vote is not None else None
+        if got is None:
+            return False
+        decision, extra = got
+        bad = dict(decision.bad)
+        if self._div is not None:
+            compared, summary = self._pending
+            verdict = self._div.judge(compared, extra, summary)
+            if verdict.regroup:
+                self._div.regroup(summary, self._layout)
+            if verdict.ranks and compared is not None:
+                bad["divergence"] = compared
+                self._report_divergence(verdict)
+            elif verdict.agreed and compared is not None:
+                self._agreed = compared
+        ranked = sorted(bad.items(), key=lambda kv: (self.policy.action(kv[0]) == "warn", kv[1]))
+        if not ranked:
+            return False
+        cause, bad_step = ranked[0]
+        action = self.policy.action(cause)
+        flag = f"--on-{cause}"
+        if action == "warn":
+            if (cause, bad_step) not in self._warned:
+                self._warned.add((cause, bad_step))
+                log.warning("rank %d: snapshot of step %d is unhealthy (%s); %s warn: training on", self.rank,
+                            bad_step, cause, flag)
+            return False
+        if action == "stop":
+            raise UnhealthyStateError(f"step {bad_step}: the training state is unhealthy ({cause}); stopping "
+                                      f"({flag} stop; {flag} rollback restores the newest healthy snapshot instead)")
+        before = bad_step
+        if cause == "divergence" and self._agreed is not None and self._agreed < bad_step:
+            before = self._agreed + 1  # back to what every replica agreed on
+        return self._rollback(step, cause, bad_step, before, restore)
+
+    def _rollback(self, step: int, cause: str, bad: int, before: int, restore: Restore) -> bool:
+        last = self._last
+        if last is not None and last[0] == cause and bad <= last[1]:
+            # It came back at (or before) the step it came at: go one snapshot further back.
+            self._tries += 1
+            before = min(before, last[2])
+        else:
+            self._tries = 1
+        if self._tries > self.policy.max_tries:
+            raise UnhealthyStateError(
+                f"step {bad}: the training state went bad ({cause}) again after {self.policy.max_tries} rollbacks "
+                f"(each one snapshot further back); look at the data and the code of step {bad}, or raise "
+                f"--rollback-tries")
+        t0 = time.perf_counter()
+        result = restore(before)
+        if result is None:
+            raise UnhealthyStateError(f"step {bad}: the training state went bad ({cause}) and no healthy snapshot "
+                                      f"before step {before} is left in any tier")
+        target = result.step
+        self._last = (cause, bad, target)
+        self.cursor[0] = target + 1
+        if self._agreed is not None and self._agreed > target:
+            self._agreed = target
+        if cause == "spike" and self.policy.skip_spike_data:
+            self.skip.steps.add(bad)
+        duration = time.perf_counter() - t0
+        log.warning("rank %d: rolled back from step %d to step %d (%s at step %d, try %d of %d) in %.3fs%s",
+                    self.rank, step, target, cause, bad, self._tries, self.policy.max_tries, duration,
+                    "" if self.iterating else "; the loop does not use ckpt.steps(), so its step counter "
+                    "does not rewind")
+        self.events.emit("rollback", from_step=step, to_step=target, cause=cause, bad_step=bad, tier=result.tier,
+                         attempt=self._tries, duration_s=round(duration, 6))
+        return True
+
+    def _report_divergence(self, verdict: Verdict) -> None:
+        log.error("rank %d: replicas diverged at step %s: ranks %s hold different bytes than their replicas",
+                  self.rank, verdict.step, verdict.ranks)
+        if self.rank not in verdict.ranks:
+            return
+        node = os.environ.get("HPRESIL_NODE_ID") or socket.gethostname()
+        self.events.emit("replica_divergence", step=verdict.step, ranks=verdict.ranks, node=node)
+        path = os.path.join(self.shm_dir, DIVERGENCE_FILE)
+        try:
+            # The node's ranks update one file: read, merge and replace it under a lock.
+            with open(path + ".lock", "a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        seen = json.load(f)
+                except (OSError, ValueError):
+                    seen = {}
+                steps = sorted({*seen.get("steps", []), verdict.step})
+                record = {"node": node, "steps": steps, "count": len(steps), "policy": self.policy.on_divergence,
+                          "ranks": sorted({*seen.get("ranks", []), self.rank})}
+                tmp = f"{path}.tmp{os.getpid()}"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(record, f)
+                os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot record the divergence in %s: %s", path, exc)

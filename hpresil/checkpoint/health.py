@@ -1,0 +1,298 @@
+"""Health of a snapshot: is the state it holds worth restoring?
+
+A snapshot every step faithfully copies a state that went bad, so the sealer
+judges each one in the pass it already makes over the bytes:
+
+* **poisoned**: a floating-point entry that was finite in this rank's earlier
+  snapshots now holds NaN or Inf. Entries non-finite from their first
+  snapshot on (a ``-inf`` causal-mask buffer) are legitimate; the keys seen
+  and the legitimate ones are kept per rank in ``rank<R>/health.json`` so a
+  restarted node runtime judges the same way.
+* **suspect**: the loss given to ``save(step, loss=...)`` is non-finite
+  (cause ``nonfinite``) or spikes above ``median + k * 1.4826 * MAD`` of the
+  losses of the previous ``window`` snapshots and at least ``min_rise`` above
+  the median (cause ``spike``).
+
+Where the NaN/Inf check runs:
+
+* **device tensors**: the RAM writer computes every floating-point tensor's
+  L2 norm on the snapshot's copy stream (``torch._foreach_norm``, one fused
+  launch per dtype, reading HBM while the copy crosses PCIe) and copies the
+  norms behind the snapshot (:func:`device_finite_flags`). The record then
+  says which entries were checked (``checked``) and which norms were not
+  finite (``nonfinite``); the sealer probes only those (a norm also overflows
+  for huge finite values, so the probe confirms). The sealer's CPU pays
+  nothing for them.
+* **host tensors**: :class:`FiniteProbe` checks the bytes of each leaf right
+  after the checksum hashed it (:func:`~hpresil.checkpoint.integrity.checksum_cancellable`'s
+  ``probe``): a float is non-finite exactly when its exponent bits are all
+  set, so two integer maxima over views of the bytes decide it (numpy's SIMD
+  reductions, from cache) without converting anything.
+
+Restore, replication and the durable drain never choose an unhealthy
+snapshot while a healthy one exists (:mod:`hpresil.checkpoint.restore`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from hpresil.errors import ConfigError
+
+__all__ = ["Health", "HEALTHY", "worst", "DeviceFlags", "device_finite_flags", "checked_bitmap", "HealthConfig", "FiniteProbe", "probe_for", "LossWindow", "RankHealth", "Verdict"]
+
+log = logging.getLogger(__name__)
+
+Health = Literal["ok", "suspect", "poisoned"]
+HEALTHY: Health = "ok"
+_RANK = {"ok": 0, "suspect": 1, "poisoned": 2}
+
+
+def worst(a: str, b: str) -> str:
+    """The worse of two healths (``poisoned`` > ``suspect`` > ``ok``)."""
+    return a if _RANK.get(a, 2) >= _RANK.get(b, 2) else b
+
+#: dtype name -> (signed view, unsigned view, exponent mask, sign bit): a value
+#: is non-finite when (bits & ~sign) >= mask, i.e. signed max >= mask (positive
+#: NaN/Inf) or unsigned max >= sign | mask (negative ones).
+_FLOATS: dict[str, tuple[Any, Any, int, int]] = {
+    "float64": (np.int64, np.uint64, 0x7FF0_0000_0000_0000, 1 << 63),
+    "float32": (np.int32, np.uint32, 0x7F80_0000, 1 << 31),
+    "complex64": (np.int32, np.uint32, 0x7F80_0000, 1 << 31),
+    "complex128": (np.int64, np.uint64, 0x7FF0_0000_0000_0000, 1 << 63),
+    "float16": (np.int16, np.uint16, 0x7C00, 1 << 15),
+    "bfloat16": (np.int16, np.uint16, 0x7F80, 1 << 15),
+}
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class HealthConfig:
+    """How the sealer judges snapshots.
+
+    Attributes:
+        check_finite: look for NaN/Inf in floating-point entries.
+        spike_window: losses of this many earlier snapshots form the baseline.
+        spike_k: a loss above ``median + spike_k * 1.4826 * MAD`` is a spike.
+        spike_min_rise: ... and only when it is also this fraction above the
+            median (a very smooth loss has a tiny MAD).
+        spike_min_samples: no spike verdict before this many earlier losses.
+    """
+
+    check_finite: bool = True
+    spike_window: int = 50
+    spike_k: float = 6.0
+    spike_min_rise: float = 0.1
+    spike_min_samples: int = 20
+
+    def __post_init__(self) -> None:
+        if self.spike_window < 3:
+            raise ConfigError(f"spike_window={self.spike_window}: a median and MAD need at least 3 losses")
+        if not 2 <= self.spike_min_samples <= self.spike_window:
+            raise ConfigError(f"spike_min_samples={self.spike_min_samples}: must be between 2 and "
+                              f"spike_window={self.spike_window}")
+        if not (self.spike_k > 0 and self.spike_min_rise >= 0):
+            raise ConfigError(f"spike_k={self.spike_k}, spike_min_rise={self.spike_min_rise}: must be > 0 and >= 0")
+
+
+class FiniteProbe:
+    """Whether the bytes fed (in order, any split) hold a NaN or Inf of ``dtype``."""
+
+    __slots__ = ("_signed", "_unsigned", "_mask", "_neg", "_width", "_rest", "nonfinite")
+
+    def __init__(self, dtype: str) -> None:
+        signed, unsigned, mask, sign = _FLOATS[dtype]
+        self._signed, self._unsigned = signed, unsigned
+        self._mask, self._neg = mask, sign | mask
+        self._width = np.dtype(signed).itemsize
+        self._rest = b""  # a value split between two pieces
+        self.nonfinite = False
+
+    def __call__(self, piece: np.ndarray) -> None:
+        if self.nonfinite or not piece.size:
+            return
+        if self._rest:
+            take = min(self._width - len(self._rest), piece.size)
+            self._rest += piece[:take].tobytes()
+            piece = piece[take:]
+            if len(self._rest) == self._width:
+                self._check(np.frombuffer(self._rest, dtype=np.uint8))
+                self._rest = b""
+        whole = piece.size - piece.size % self._width
+        if whole:
+            self._check(piece[:whole])
+        if whole < piece.size:
+            self._rest = piece[whole:].tobytes()
+
+    def _check(self, raw: np.ndarray) -> None:
+        if int(raw.view(self._signed).max()) >= self._mask or int(raw.view(self._unsigned).max()) >= self._neg:
+            self.nonfinite = True
+
+
+def probe_for(dtype: str) -> FiniteProbe | None:
+    """A probe for entries of ``dtype`` (torch's name without ``torch.``);
+    ``None`` for dtypes without NaN/Inf (integers, bool) or without a checked
+    encoding (8-bit floats)."""
+    return FiniteProbe(dtype) if dtype in _FLOATS else None
+
+
+class DeviceFlags:
+    """Per-entry norms computed on the device for one snapshot; read with
+    :meth:`result` once the snapshot's copy event completed."""
+
+    __slots__ = ("indices", "host")
+
+    def __init__(self, indices: list[int], host: torch.Tensor) -> None:
+        self.indices = indices
+        self.host = host
+
+    def result(self, keys: list[str]) -> tuple[str, list[str]]:
+        """``(checked bitmap, keys whose norm is not finite)`` for the record,
+        given the tensor entries' keys in layout order."""
+        norms = self.host.numpy()
+        bad = [keys[i] for i, ok in zip(self.indices, np.isfinite(norms)) if not ok]
+        return checked_bitmap(self.indices, len(keys)), bad
+
+
+def device_finite_flags(
+    tensors: list[torch.Tensor], cuda: list[int], pinned: dict[int, torch.Tensor]
+) -> DeviceFlags | None:
+    """Queues, on the current (copy) stream, the L2 norm of every non-empty
+    floating-point device tensor among ``tensors[i] for i in cuda`` and their
+    copy into a pinned host buffer (kept in ``pinned`` by length and reused).
+
+    Returns:
+        What to read at the commit, or ``None`` when no tensor qualifies.
+    """
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i in cuda:
+        t = tensors[i]
+        if t.is_floating_point() and t.numel() and str(t.dtype).removeprefix("torch.") in _FLOATS:
+            by_dtype.setdefault(t.dtype, []).append(i)
+    if not by_dtype:
+        return None
+    order = [i for group in by_dtype.values() for i in group]
+    norms = [n.float() for group in by_dtype.values()
+             for n in torch._foreach_norm([tensors[i].detach() for i in group], 2)]
+    host = pinned.get(len(order))
+    if host is None:
+        host = pinned[len(order)] = torch.empty(len(order), dtype=torch.float32, pin_memory=True)
+    host.copy_(torch.stack(norms), non_blocking=True)
+    return DeviceFlags(order, host)
+
+
+def checked_bitmap(indices: list[int], n: int) -> str:
+    """Hex bitmap (bit ``i`` of the big number: entry ``i``) of ``indices`` among ``n`` entries."""
+    value = 0
+    for i in indices:
+        value |= 1 << i
+    return f"{value:0{(n + 3) // 4}x}" if indices else ""
+
+
+class LossWindow:
+    """The losses of a rank's recent snapshots, by step, for the spike test."""
+
+    def __init__(self, config: HealthConfig) -> None:
+        self.config = config
+        self._losses: dict[int, float] = {}
+
+    def judge(self, step: int, loss: float) -> tuple[str, str] | None:
+        """Records ``loss`` at ``step``; ``(cause, detail)`` when it is suspect."""
+        c = self.config
+        if not math.isfinite(loss):
+            self._losses.pop(step, None)
+            return "nonfinite", f"loss {loss}"
+        earlier = sorted(s for s in self._losses if s < step)[-c.spike_window:]
+        self._losses[step] = loss
+        for s in sorted(self._losses)[: max(0, len(self._losses) - 4 * c.spike_window)]:
+            del self._losses[s]
+        if len(earlier) < c.spike_min_samples:
+            return None
+        values = [self._losses[s] for s in earlier]
+        median = statistics.median(values)
+        mad = statistics.median(abs(v - median) for v in values)
+        limit = max(median + c.spike_k * 1.4826 * mad, median + c.spike_min_rise * abs(median))
+        if loss > limit:
+            return "spike", f"loss {loss:.6g} > {limit:.6g} (median {median:.6g} of the {len(values)} earlier snapshots)"
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """The sealer's judgement of one snapshot."""
+
+    health: Health
+    causes: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()  # entries that became non-finite
+    detail: str = ""
+
+
+class RankHealth:
+    """One rank's memory of which entries may be non-finite, and its losses.
+
+    Args:
+        path: where the keys seen and the legitimate non-finite ones persist
+            (``<shm_dir>/ckpt/rank<R>/health.json``); ``None`` keeps them in memory.
+    """
+
+    def __init__(self, config: HealthConfig, path: str | None) -> None:
+        self.config = config
+        self.path = path
+        self.losses = LossWindow(config)
+        self._seen: set[str] = set()
+        self._legit: set[str] = set()
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    obj = json.load(f)
+                self._seen = {k for k in obj.get("seen", []) if isinstance(k, str)}
+                self._legit = {k for k in obj.get("legit", []) if isinstance(k, str)}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("ignoring unreadable %s (%s); the next snapshot sets what is legitimate", path, exc)
+
+    def judge(self, keys: list[str], nonfinite: set[str], step: int, loss: float | None) -> Verdict:
+        """Judges a snapshot of ``keys`` whose entries ``nonfinite`` hold NaN/Inf."""
+        new = [k for k in keys if k not in self._seen]
+        if new:
+            self._seen.update(new)
+            self._legit.update(k for k in new if k in nonfinite)  # non-finite from its first snapshot on
+            self._persist()
+        bad = tuple(sorted(nonfinite - self._legit))
+        causes: list[str] = []
+        details: list[str] = []
+        if bad:
+            causes.append("nonfinite")
+            details.append(f"{len(bad)} entr{'y' if len(bad) == 1 else 'ies'} became non-finite: {', '.join(bad[:5])}"
+                           + (" ..." if len(bad) > 5 else ""))
+        if loss is not None:
+            judged = self.losses.judge(step, float(loss))
+            if judged is not None:
+                if judged[0] not in causes:
+                    causes.append(judged[0])
+                details.append(judged[1])
+        if bad:
+            return Verdict("poisoned", tuple(causes), bad, "; ".join(details))
+        if causes:
+            return Verdict("suspect", tuple(causes), (), "; ".join(details))
+        return Verdict(HEALTHY)
+
+    def _persist(self) -> None:
+        if self.path is None:
+            return
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"seen": sorted(self._seen), "legit": sorted(self._legit)}, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.path, exc)
