@@ -200,6 +200,8 @@ class LossLog:
         dist.all_reduce(mean_loss)
         mean_loss /= self.world_size
         now = time.perf_counter()
+        if step <= self.last_logged:  # a rollback rewound the loop
+            self.last_logged = step - 1
         ms = 1000.0 * (now - self.t_log) / (step - self.last_logged)
         self.t_log, self.last_logged = now, step
         if self.rank == 0:
@@ -280,8 +282,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
         )
     loss_log = LossLog(rank, world_size, every=args.log_every, total=args.steps, start_step=start_step)
     t_start = time.perf_counter()
-    for step in range(start_step, args.steps):
-        maybe_inject(step)
+    # ckpt.steps() is range() that a rollback (a NaN, a spike, diverged replicas) rewinds.
+    done_steps = ckpt.steps(start_step + 1, args.steps + 1) if ckpt is not None else range(start_step + 1, args.steps + 1)
+    for done in done_steps:
+        step = done - 1  # the step this iteration computes; its snapshot is labelled `done`
+        maybe_inject(step, state=model)
         lr = lr_at(step, peak=args.lr, warmup=args.warmup, total=args.steps)
         for group in optim.param_groups:
             group["lr"] = lr
@@ -299,7 +304,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
         optim.step()
         t_save = time.perf_counter()
         if ckpt is not None:
-            ckpt.save(step + 1)  # after the step, so a restore resumes at the next one
+            ckpt.save(step + 1, loss=loss)  # after the step, so a restore resumes at the next one
         elif baseline is not None:
             baseline.save(step + 1)
         step_log.write(step=step + 1, world=world_size, save_s=time.perf_counter() - t_save)

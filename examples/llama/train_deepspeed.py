@@ -120,8 +120,10 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
               f"ZeRO-{engine.zero_optimization_stage()}, steps {start_step}..{args.steps}", flush=True)
     loss_log = LossLog(rank, world_size, every=args.log_every, total=args.steps, start_step=start_step)
     t_start = time.perf_counter()
-    for step in range(start_step, args.steps):
-        maybe_inject(step)
+    steps = ckpt.steps(start_step + 1, args.steps + 1) if ckpt is not None else range(start_step + 1, args.steps + 1)
+    for done in steps:  # range() that a rollback rewinds
+        step = done - 1
+        maybe_inject(step, state=engine.module)
         inputs, targets = make_batch(table, seed=args.seed, step=step, rank=rank, world_size=world_size,
                                      batch_size=args.batch_size, seq_len=margs.max_seq_len)
         logits = engine(inputs)
@@ -129,7 +131,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
         engine.backward(loss)
         engine.step()  # clips, steps the optimizer and the LR schedule
         if ckpt is not None:
-            ckpt.save(step + 1)  # after the step, so a restore resumes at the next one
+            ckpt.save(step + 1, loss=loss.detach())  # after the step, so a restore resumes at the next one
         loss_log(step, loss)
 
     elapsed = time.perf_counter() - t_start

@@ -110,8 +110,9 @@ def train(args: argparse.Namespace) -> None:
     start = ckpt.restore()
 
     t0 = time.perf_counter()
-    for step in range(start, args.steps):
-        maybe_inject(step)
+    for done in ckpt.steps(start + 1, args.steps + 1):  # range() that a rollback rewinds
+        step = done - 1
+        maybe_inject(step, state=model)
         tokens = make_batch(args.seed, step, replica, layout.dp, args.batch_size, margs)
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
@@ -121,7 +122,7 @@ def train(args: argparse.Namespace) -> None:
             dist.all_reduce(p.grad, group=edp_group if id(p) in experts else dp_group)
             p.grad /= layout.dp
         optim.step()
-        ckpt.save(step + 1)
+        ckpt.save(step + 1, loss=loss.detach())
         if step % args.log_every == 0 or step == args.steps - 1:
             mean = loss.detach().clone()
             dist.all_reduce(mean, group=dp_group)

@@ -427,18 +427,25 @@ class Seal:
             obj = json.loads(text)
             if obj.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {obj.get('version')!r}, expected {FORMAT_VERSION}")
-            seal = cls(**obj)
-            sums = seal.checksums
-            if not (isinstance(seal.commit_id, str) and _is_int(seal.step) and _is_int(seal.rank)
-                    and seal.health in ("ok", "suspect", "poisoned") and isinstance(seal.detail, str)
-                    and isinstance(seal.replica, str)
-                    and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (seal.causes, seal.poisoned))
-                    and isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
-                    and isinstance(seal.sealed, (int, float)) and isinstance(seal.record, str)):
-                raise ValueError("a field has the wrong type")
-            return seal
+            return cls(**obj).checked()
         except (ValueError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(f"malformed seal: {exc}") from exc
+
+    def checked(self) -> "Seal":
+        """``self``, after checking every field's type (also for seals parsed header-only).
+
+        Raises:
+            ValueError: a field has the wrong type or an unknown health.
+        """
+        sums = self.checksums
+        if not (isinstance(self.commit_id, str) and _is_int(self.step) and _is_int(self.rank)
+                and self.health in ("ok", "suspect", "poisoned") and isinstance(self.detail, str)
+                and isinstance(self.replica, str)
+                and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (self.causes, self.poisoned))
+                and isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
+                and isinstance(self.sealed, (int, float)) and isinstance(self.record, str)):
+            raise ValueError("a field has the wrong type")
+        return self
 
 
 def rank_dir(shm_dir: str, rank: int) -> str:

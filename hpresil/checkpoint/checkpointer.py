@@ -23,9 +23,10 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -38,7 +39,7 @@ from hpresil.checkpoint.durable.shared import shared_by_all_nodes
 from hpresil.checkpoint.durable.source import DurableSource
 from hpresil.checkpoint.durable.stores import DurableStore, open_store
 from hpresil.checkpoint.durable.stores.api import redact
-from hpresil.checkpoint.durable.writer import is_committed
+from hpresil.checkpoint.durable.writer import is_committed, mark_unhealthy
 from hpresil.checkpoint.peer.source import PeerSource
 from hpresil.checkpoint.ram.files import drop_newer, scan
 from hpresil.checkpoint.ram.sealer import Sealer
@@ -237,6 +238,9 @@ class Checkpointer:
         self._staging_dir: str | None = None
         self._services: list[tuple[Sealer, Any]] = []  # (sealer, drainer or None) per directory
         self._guard: Guard | None = None
+        #: Called with the step after every restore that loaded one (a rollback's
+        #: too), e.g. to rebuild derived state; integrations set it.
+        self.on_restored: Callable[[int], None] | None = None
         self._compared: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
         self.last_restore: RestoreResult | None = None
 
@@ -262,7 +266,8 @@ class Checkpointer:
                 log.warning("WORLD_SIZE=%d but torch.distributed is not initialised: restores agree locally only", self.world_size)
         self._started = True
         self._guard = Guard(self.policy, self.shm_dir, self.rank, self.world_size, events=self.events,
-                            distributed=self.world_size > 1 and dist.is_available() and dist.is_initialized())
+                            distributed=self.world_size > 1 and dist.is_available() and dist.is_initialized(),
+                            on_rollback=self._abandon_durable)
         self._guard.skip = self._skip
         try:
             self._ram = RamWriter(self.shm_dir, self.rank, slots=self.config.slots, run_id=self.run_id,
@@ -524,9 +529,28 @@ class Checkpointer:
         self._last_snapshot = None
         if before is not None:
             self._last_step = step  # a rollback: close() makes this step durable, not the abandoned one
+        if result is not None and self.on_restored is not None:
+            self.on_restored(step)
         assert self._guard is not None
         self._guard.reset()
         return result
+
+    def _abandon_durable(self, target: int, cause: str) -> None:
+        """After a rollback to ``target``: rank 0 marks the newer durable steps
+        unhealthy, on a thread, so that the round trips to an object store do
+        not delay training (a crash within that moment may still restore one
+        of them: they are as fresh as the abandoned timeline)."""
+        if self.rank != 0 or self._store is None:
+            return
+        store, timeline = self._store, self._ram.timeline if self._ram is not None else ""
+
+        def mark() -> None:
+            try:
+                mark_unhealthy(store, target, cause, timeline)
+            except (StorageError, OSError) as exc:
+                log.warning("rank 0: cannot mark the durable steps after %d unhealthy: %s", target, exc)
+
+        threading.Thread(target=mark, name="hpresil-mark-unhealthy", daemon=True).start()
 
     def _check_durable_shared(self, token: str) -> None:
         """Warns once, on every rank, when the nodes write to different durable

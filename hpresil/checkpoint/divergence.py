@@ -38,7 +38,7 @@ import xxhash
 
 from hpresil.checkpoint.api import Entry
 
-__all__ = ["compare_keys", "replica_summary", "parse_replica", "DivergenceCheck", "Verdict"]
+__all__ = ["compare_keys", "replica_summary", "parse_replica", "DivergenceCheck", "Verdict", "DEPTH"]
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +86,24 @@ def parse_replica(text: str) -> tuple[int, int] | None:
 
 
 class Verdict:
-    """What one comparison found.
+    """What one vote's comparison found.
 
     Attributes:
-        step: the snapshot compared.
-        ranks: the ranks that diverged (empty: none).
-        agreed: whether every member of every replica group took part and agreed.
-        regroup: some rank's layout is not in the groups: gather them again.
+        step: the oldest compared snapshot that split (else the newest compared).
+        ranks: the ranks that diverged there (empty: none).
+        agreed: the newest compared snapshot every member of every group took
+            part in and agreed on, if any.
+        regroup: some rank's layout is not in the groups: learn them again.
     """
 
-    def __init__(self, step: int | None, ranks: list[int], agreed: bool, regroup: bool) -> None:
+    def __init__(self, step: int | None, ranks: list[int], agreed: int | None, regroup: bool) -> None:
         self.step, self.ranks, self.agreed, self.regroup = step, ranks, agreed, regroup
+
+
+#: Snapshots each vote compares: the two before the one just taken. A rank
+#: whose seal of the newer one is not written yet (it abstains there) has it
+#: for the older one at the next vote, so every snapshot is compared.
+DEPTH = 2
 
 
 class DivergenceCheck:
@@ -125,38 +132,50 @@ class DivergenceCheck:
 
     @property
     def width(self) -> int:
-        """Vote slots this check uses: one regroup flag, three per group."""
-        return 1 + 3 * len(self._groups)
+        """Vote slots this check uses: one regroup flag, three per group and compared snapshot."""
+        return 1 + 3 * DEPTH * len(self._groups)
 
-    def contribute(self, layout: int | None, summary: tuple[int, int] | None) -> torch.Tensor:
-        """This rank's slots: its digest of the compared snapshot (``summary``,
-        ``None`` to abstain) and whether the groups must be learned again (none
-        yet, or its ``layout`` changed)."""
+    def contribute(self, layout: int | None, summaries: Sequence[tuple[int, int] | None]) -> torch.Tensor:
+        """This rank's slots: its digests of the :data:`DEPTH` compared
+        snapshots (``None`` to abstain) and whether the groups must be learned
+        again (none yet, or its ``layout`` changed)."""
         vec = torch.full((self.width,), _ABSENT, dtype=torch.int64)
         vec[0] = 1 if not self._known or (layout is not None and layout != self._layout) else 0
         if self._slot is not None:
-            base = 1 + 3 * self._slot
-            if summary is not None and summary[0] == self._layout:
-                vec[base], vec[base + 1], vec[base + 2] = summary[1], -summary[1], 0
-            else:
-                vec[base + 2] = 1  # abstained: its seal is not there yet
+            for k, summary in enumerate(summaries):
+                base = 1 + 3 * (self._slot * DEPTH + k)
+                if summary is not None and summary[0] == self._layout:
+                    vec[base], vec[base + 1], vec[base + 2] = summary[1], -summary[1], 0
+                else:
+                    vec[base + 2] = 1  # abstained: that seal is not written yet (or the step had no snapshot)
         return vec
 
-    def judge(self, step: int | None, slots: torch.Tensor, summary: tuple[int, int] | None) -> Verdict:
-        """Reads the vote's slots; on a disagreement, names the ranks with one
-        exact all-gather (collective: every rank sees the same slots)."""
+    def judge(self, steps: Sequence[int | None], slots: torch.Tensor,
+              summaries: Sequence[tuple[int, int] | None]) -> Verdict:
+        """Reads the vote's slots (``steps``: the compared snapshots, newest
+        first); on a disagreement, names the ranks with one exact all-gather
+        (collective: every rank sees the same slots)."""
         if slots.numel() != self.width:
-            return Verdict(step, [], False, False)
+            return Verdict(None, [], None, False)
         regroup = int(slots[0]) == 1
-        split = abstained = False
-        for slot in range(len(self._groups)):
-            hi, neg_lo, absent = (int(v) for v in slots[1 + 3 * slot: 4 + 3 * slot])
-            if hi != _ABSENT and hi != -neg_lo:
-                split = True
-            if absent == 1:
-                abstained = True
-        ranks = self._name_ranks(summary) if split else []
-        return Verdict(step, ranks, not split and not abstained and bool(self._groups), regroup)
+        split: list[int] = []
+        agreed: int | None = None
+        for k, step in enumerate(steps):
+            if step is None:
+                continue
+            whole = bool(self._groups)
+            for g in range(len(self._groups)):
+                hi, neg_lo, absent = (int(v) for v in slots[1 + 3 * (g * DEPTH + k): 4 + 3 * (g * DEPTH + k)])
+                if hi != _ABSENT and hi != -neg_lo:
+                    split.append(k)
+                if absent == 1:
+                    whole = False
+            if whole and k not in split and agreed is None:
+                agreed = step
+        if not split:
+            return Verdict(steps[0] if steps else None, [], agreed, regroup)
+        k = max(split)  # the oldest snapshot that split
+        return Verdict(steps[k], self._name_ranks(summaries[k]), agreed, regroup)
 
     def regroup(self, summary: tuple[int, int] | None, layout: int | None) -> bool:
         """Learns the replica groups from every rank's ``(layout, digest)`` of

@@ -423,6 +423,8 @@ def prepare(
         problems.append(f"missing from the snapshot: {_names(missing)}")
     unexpected, build = [], []
     for key in extra:
+        if key.startswith(OPTIONAL_PREFIXES) and key.split(".", 1)[0] not in state:
+            continue  # hpresil's own entry, restored into a state without it (restore_state used directly)
         e = saved[key]
         sharded = e.kind == "tensor" and not e.replicated and e.shape != e.global_shape
         if e.path is None or sharded or any(key.startswith(p) for p in module_prefixes):

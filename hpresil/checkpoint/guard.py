@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any, Callable
 
-from hpresil.checkpoint.divergence import DivergenceCheck, Verdict, parse_replica
+from hpresil.checkpoint.divergence import DEPTH, DivergenceCheck, Verdict, parse_replica
 from hpresil.checkpoint.ram.files import scan
 from hpresil.checkpoint.restore import RestoreResult
 from hpresil.checkpoint.rollback import HealthVote, RollbackPolicy, SkipList, local_verdicts, now
@@ -48,14 +48,17 @@ class Guard:
         world: the world size.
         distributed: whether to vote with the other ranks.
         events: where ``rollback`` and ``replica_divergence`` go.
+        on_rollback: called with ``(restored step, cause)`` after each rollback
+            (the Checkpointer marks the abandoned durable steps).
     """
 
     def __init__(self, policy: RollbackPolicy, shm_dir: str, rank: int, world: int, distributed: bool,
-                 events: Any) -> None:
+                 events: Any, on_rollback: Callable[[int, str], None] | None = None) -> None:
         self.policy = policy
         self.shm_dir = shm_dir
         self.rank = rank
         self.events = events
+        self.on_rollback = on_rollback
         self.cursor = [0]  # the next step steps() yields
         self.skip = SkipList()
         self.iterating = False
@@ -68,16 +71,16 @@ class Guard:
         self._warned: set[tuple[str, int]] = set()
         self._last: tuple[str, int, int] | None = None  # (cause, bad step, target) of the last rollback
         self._tries = 0
-        self._prev: int | None = None  # the step of the previous snapshot: the one the next vote compares
-        self._pending: tuple[int | None, tuple[int, int] | None] = (None, None)  # compared step, our digest
+        self._prev: list[int | None] = [None] * DEPTH  # the snapshots the next vote compares, newest first
+        self._pending: tuple[list[int | None], list[tuple[int, int] | None]] = ([], [])  # compared, our digests
         self._layout: int | None = None
         self._agreed: int | None = None  # the newest step every replica group agreed on
 
     def reset(self) -> None:
         """After a restore: verdicts about commits made before now are settled."""
         self._since = now()
-        self._prev = None
-        self._pending = (None, None)
+        self._prev = [None] * DEPTH
+        self._pending = ([], [])
         if self._vote is not None:
             self._vote.result()  # a vote in flight is read and dropped (every rank restores together)
 
@@ -93,17 +96,18 @@ class Guard:
                 self._div = DivergenceCheck(self.rank, self._world, group)
             self._vote = HealthVote(group, self._distributed)
         extra = None
-        compared, summary = self._prev, None
+        compared, summaries = list(self._prev), []
         if self._div is not None:
-            summary = self._summary(compared)
-            extra = self._div.contribute(self._layout, summary)
+            summaries = self._summaries(compared)
+            extra = self._div.contribute(self._layout, summaries)
         self._vote.start(local_verdicts(self.shm_dir, self.rank, self._since, self._cache), extra)
-        self._pending = (compared, summary)
-        self._prev = step
+        self._pending = (compared, summaries)
+        self._prev = [step, *self._prev[:-1]]
 
-    def _summary(self, step: int | None) -> tuple[int, int] | None:
-        """Our replica digest of ``step`` (from its seal), and the newest layout seen."""
-        found = None
+    def _summaries(self, steps: list[int | None]) -> list[tuple[int, int] | None]:
+        """Our replica digests of ``steps`` (from their seals; ``None`` where
+        there is none yet), and the newest layout seen."""
+        found: list[tuple[int, int] | None] = [None] * len(steps)
         newest = -1
         for info in scan(self.shm_dir, [self.rank], self._cache):
             seal = info.seal
@@ -114,8 +118,8 @@ class Guard:
                 continue
             if info.record.step > newest:
                 newest, self._layout = info.record.step, parsed[0]
-            if info.record.step == step and seal.health == "ok":
-                found = parsed
+            if info.record.step in steps and seal.health == "ok":
+                found[steps.index(info.record.step)] = parsed
         return found
 
     # -- acting ----------------------------------------------------------------
@@ -138,15 +142,16 @@ class Guard:
         decision, extra = got
         bad = dict(decision.bad)
         if self._div is not None:
-            compared, summary = self._pending
-            verdict = self._div.judge(compared, extra, summary)
+            compared, summaries = self._pending
+            verdict = self._div.judge(compared, extra, summaries)
             if verdict.regroup:
-                self._div.regroup(summary, self._layout)
-            if verdict.ranks and compared is not None:
-                bad["divergence"] = compared
+                # learned from the newest compared snapshot every rank may have sealed by now
+                self._div.regroup(summaries[-1] if summaries else None, self._layout)
+            if verdict.ranks and verdict.step is not None:
+                bad["divergence"] = verdict.step
                 self._report_divergence(verdict)
-            elif verdict.agreed and compared is not None:
-                self._agreed = compared
+            elif verdict.agreed is not None:
+                self._agreed = max(verdict.agreed, self._agreed or -1)
         ranked = sorted(bad.items(), key=lambda kv: (self.policy.action(kv[0]) == "warn", kv[1]))
         if not ranked:
             return False
@@ -193,17 +198,22 @@ class Guard:
         if cause == "spike" and self.policy.skip_spike_data:
             self.skip.steps.add(bad)
         duration = time.perf_counter() - t0
-        log.warning("rank %d: rolled back from step %d to step %d (%s at step %d, try %d of %d) in %.3fs%s",
-                    self.rank, step, target, cause, bad, self._tries, self.policy.max_tries, duration,
-                    "" if self.iterating else "; the loop does not use ckpt.steps(), so its step counter "
-                    "does not rewind")
+        # Every rank rolls back together: rank 0 says so on the console.
+        log.log(logging.WARNING if self.rank == 0 else logging.DEBUG,
+                "rank %d: rolled back from step %d to step %d (%s at step %d, try %d of %d) in %.3fs%s",
+                self.rank, step, target, cause, bad, self._tries, self.policy.max_tries, duration,
+                "" if self.iterating else "; the loop does not use ckpt.steps(), so its step counter "
+                "does not rewind")
         self.events.emit("rollback", from_step=step, to_step=target, cause=cause, bad_step=bad, tier=result.tier,
                          attempt=self._tries, duration_s=round(duration, 6))
+        if self.on_rollback is not None:
+            self.on_rollback(target, cause)
         return True
 
     def _report_divergence(self, verdict: Verdict) -> None:
-        log.error("rank %d: replicas diverged at step %s: ranks %s hold different bytes than their replicas",
-                  self.rank, verdict.step, verdict.ranks)
+        log.log(logging.ERROR if self.rank == 0 else logging.DEBUG,
+                "rank %d: replicas diverged at step %s: ranks %s hold different bytes than their replicas",
+                self.rank, verdict.step, verdict.ranks)
         if self.rank not in verdict.ranks:
             return
         node = os.environ.get("HPRESIL_NODE_ID") or socket.gethostname()

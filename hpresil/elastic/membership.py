@@ -181,6 +181,7 @@ class Liveness:
         self._store_ok = True
         self._finished = False
         self._adopted = 0  # verdicts 1.._adopted have been read
+        self._adopting = threading.Lock()
         self._thread: threading.Thread | None = None
         # Counters are read with add(key, 0) (one round trip), or with check/get where
         # add is a consensus write (etcd): the peers' reads then cost no write.
@@ -234,13 +235,14 @@ class Liveness:
         """Reads the verdicts published since the last beat (one counter read when
         there are none); one not written yet (its watcher is between the two
         requests) is read next beat."""
-        epoch = read_counter(self.store, LOST_EPOCH_KEY, self._write_free)
-        while self._adopted < epoch:
-            key = LOST_KEY.format(index=self._adopted + 1)
-            if not self.store.check([key]):
-                return
-            self.tracker.adopt(_rank(self.store.get(key)))
-            self._adopted += 1
+        with self._adopting:  # the beat thread and a waiting agent may both read them
+            epoch = read_counter(self.store, LOST_EPOCH_KEY, self._write_free)
+            while self._adopted < epoch:
+                key = LOST_KEY.format(index=self._adopted + 1)
+                if not self.store.check([key]):
+                    return
+                self.tracker.adopt(_rank(self.store.get(key)))
+                self._adopted += 1
 
     def finish(self) -> None:
         """Marks this node's workers done, so peers never take its silence for a loss."""
@@ -265,6 +267,12 @@ class Liveness:
         step = self.config.refresh_interval.total_seconds() if poll is None else poll
         while self._thread is not None and not self.tracker.lost and self.clock() < deadline:
             if give_up():
+                # A node re-joining may be the watcher that just declared a loss: its
+                # verdict is published before it re-joins, so read it before giving up.
+                try:
+                    self._adopt_verdicts()
+                except Exception as exc:
+                    log.debug("liveness: cannot read the verdicts: %s", exc)
                 break
             with self._changed:
                 self._changed.wait(min(step, max(0.0, deadline - self.clock())))

@@ -53,6 +53,10 @@ EVENT_NAMES = frozenset(
         "peer_refused",
         "net_env",
         "env_warning",
+        "snapshot_poisoned",
+        "snapshot_suspect",
+        "rollback",
+        "replica_divergence",
     }
 )
 

@@ -25,6 +25,11 @@ into disjoint :class:`Segment` s, one kind each:
 * ``shutdown``: after the last step until the runtime stopped (final
   evaluation, waiting for uploads, teardown).
 
+An in-process rollback (event ``rollback``) ends an epoch like a fault and
+opens the next without a restart: the steps it undid are ``lost_work``, its
+restore is ``restore``. :class:`StateHealth` lists the snapshots found
+poisoned or suspect, the replica divergences and the rollbacks.
+
 Goodput is ``productive / wall``; by construction the kinds sum to the wall
 time. Step timing comes from the ``progress`` events the node runtime emits
 from the workers' heartbeats (see :mod:`hpresil.report.progress`), from
@@ -37,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["CAUSES", "KINDS", "Segment", "Epoch", "TierStats", "GoodputReport"]
+__all__ = ["CAUSES", "KINDS", "Segment", "Epoch", "TierStats", "StateHealth", "GoodputReport"]
 
 #: Kinds of lost time, in the order the report prints them.
 CAUSES: tuple[str, ...] = (
@@ -71,7 +76,8 @@ class Epoch:
         start: when the first node started its workers.
         end: when the next epoch started, else the end of the job.
         fault: what ended it: ``exit``, ``hang``, ``membership``, ``leave``,
-            ``succeeded``, ``failed`` or ``None`` (the job was stopped, e.g. SIGTERM).
+            ``rollback`` (in-process, no restart), ``succeeded``, ``failed``
+            or ``None`` (the job was stopped, e.g. SIGTERM).
         fault_ts: when that was noticed.
         base_step: the step it restored (0 without a restore).
         restore_tier: the tier it restored from, if any.
@@ -146,6 +152,29 @@ class TierStats:
 
 
 @dataclasses.dataclass(slots=True)
+class StateHealth:
+    """What the health checks found (:mod:`hpresil.checkpoint.health`).
+
+    Attributes:
+        poisoned: ``snapshot_poisoned`` events: ``{step, rank, keys}``.
+        suspect: ``snapshot_suspect`` events: ``{step, rank, causes, loss}``.
+        divergences: ``replica_divergence``, one per step: ``{step, ranks, nodes}``.
+        rollbacks: one per rollback of the job: ``{ts, from_step, to_step,
+            cause, bad_step, tier, attempt, duration_s}``.
+    """
+
+    poisoned: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    suspect: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    divergences: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing was found."""
+        return not (self.poisoned or self.suspect or self.divergences or self.rollbacks)
+
+
+@dataclasses.dataclass(slots=True)
 class GoodputReport:
     """Everything ``hpresil-run report`` prints or draws.
 
@@ -164,7 +193,9 @@ class GoodputReport:
         final_step: the last step kept.
         progress: ``(time, step, epoch)`` observations (restores included), for the timeline.
         world_sizes: ``(time, world size)`` at every epoch start.
-        marks: ``(time, kind, label)`` of failures, hangs, saves and restores.
+        marks: ``(time, kind, label)`` of failures, hangs, saves, restores,
+            rollbacks and unhealthy snapshots.
+        health: unhealthy snapshots, divergences and rollbacks.
     """
 
     log_dir: str
@@ -182,6 +213,7 @@ class GoodputReport:
     progress: list[tuple[float, int, int]] = dataclasses.field(default_factory=list)
     world_sizes: list[tuple[float, int]] = dataclasses.field(default_factory=list)
     marks: list[tuple[float, str, str]] = dataclasses.field(default_factory=list)
+    health: StateHealth = dataclasses.field(default_factory=StateHealth)
 
     @property
     def wall_s(self) -> float:
@@ -225,4 +257,5 @@ class GoodputReport:
             "hang_detections": self.hang_detections,
             "stragglers": self.stragglers,
             "final_step": self.final_step,
+            "health": dataclasses.asdict(self.health),
         }

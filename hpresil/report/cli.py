@@ -80,11 +80,36 @@ def format_report(report: GoodputReport) -> str:
                      f" {'restores':>8s} {'restore max':>11s} {'uploads':>7s} {'MB/s':>7s} {'lag max':>8s} {'degraded':>8s}")
         for name in sorted(report.tiers):
             lines.append("    " + _tier_row(report.tiers[name]))
+    lines += _health_lines(report)
     for ep in report.epochs:
         restored = f"restored step {ep.base_step} from {ep.restore_tier}" if ep.restore_tier else "no restore"
         lines.append(f"  start {ep.index}: +{ep.start - report.start:.2f} s, world size {ep.world_size}, {restored}, "
                      f"reached step {ep.max_step}, ended by {ep.fault or 'stop'}")
     return "\n".join(lines)
+
+
+def _steps(items: list[dict[str, object]]) -> str:
+    steps = sorted({int(str(i["step"])) for i in items})
+    shown = ", ".join(map(str, steps[:8])) + (" ..." if len(steps) > 8 else "")
+    return f"{len(steps)} (step{'s' if len(steps) != 1 else ''} {shown})" if steps else "0"
+
+
+def _health_lines(report: GoodputReport) -> list[str]:
+    """The state-health section (nothing when every snapshot was healthy)."""
+    h = report.health
+    if h.empty:
+        return []
+    causes = sorted({str(c) for s in h.suspect for c in s.get("causes", [])})  # type: ignore[union-attr]
+    lines = [f"  state health: poisoned snapshots {_steps(h.poisoned)}; suspect {_steps(h.suspect)}"
+             + (f" ({', '.join(causes)})" if causes else "") + f"; replica divergences {len(h.divergences)}; "
+             f"rollbacks {len(h.rollbacks)}"]
+    for d in h.divergences:
+        lines.append(f"    divergence at step {d['step']}: ranks {d['ranks']} (node {', '.join(map(str, d['nodes']))})")
+    for r in h.rollbacks:
+        lines.append(f"    rollback at +{float(r['ts']) - report.start:.2f} s: step {r['from_step']} -> {r['to_step']} "
+                     f"from {r['tier']} ({r['cause']} at step {r['bad_step']}, try {r['attempt']}) in "
+                     f"{float(r['duration_s']):.3f} s")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

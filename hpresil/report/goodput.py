@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from hpresil.errors import ConfigError
 from hpresil.events.jsonl import read_events
-from hpresil.report.api import Epoch, GoodputReport, Segment, TierStats
+from hpresil.report.api import Epoch, GoodputReport, Segment, StateHealth, TierStats
 
 __all__ = ["find_event_files", "load_events", "analyse", "build_report"]
 
@@ -93,13 +93,28 @@ def _f(e: dict[str, Any], key: str, default: float = 0.0) -> float:
     return default if value is None else value
 
 
-def _epochs(events: list[dict[str, Any]], end: float) -> list[Epoch]:
+def _epochs(events: list[dict[str, Any]], end: float, rolled: dict[int, int]) -> list[Epoch]:
+    """The epochs; ``rolled`` is filled with the step each rollback epoch restored."""
     epochs: list[Epoch] = []
     cur: Epoch | None = None
     started: set[str] = set()
+    rollback_key: Any = None
     for e in events:
         name, node = e["event"], e.get("node", "")
+        if name == "rollback" and cur is not None and node in started:
+            # Every rank reports the same rollback: the first report opens the next epoch.
+            key = (e.get("from_step"), e.get("to_step"), e.get("attempt"), e.get("cause"))
+            if key == rollback_key or cur.fault_ts is not None:
+                continue
+            t = e["ts"] - _f(e, "duration_s")
+            cur.fault, cur.fault_ts = "rollback", t
+            cur = Epoch(index=len(epochs), start=t, world_size=cur.world_size)
+            epochs.append(cur)
+            rolled[cur.index] = int(_f(e, "to_step"))
+            rollback_key = key
+            continue
         if name == "workers_start":
+            rollback_key = None
             if cur is None or cur.fault_ts is not None:
                 cur = Epoch(index=len(epochs), start=e["ts"])
                 epochs.append(cur)
@@ -172,7 +187,9 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
     starts = [e["ts"] for e in events if e["event"] == "runtime_start"]
     start = min(starts) if starts else events[0]["ts"]
     end = max(e["ts"] for e in events)
-    epochs = _epochs(events, end)
+    rolled: dict[int, int] = {}
+    epochs = _epochs(events, end, rolled)
+    health = StateHealth()
 
     saved: dict[tuple[int, int], tuple[float, float]] = {}  # (epoch, step) -> (max blocking, completion time)
     obs: list[list[tuple[float, int]]] = [[] for _ in epochs]
@@ -210,10 +227,15 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
             st.restore_s_total += _f(e, "duration_s")
             st.restore_s_max = max(st.restore_s_max, _f(e, "duration_s"))
             st.restore_bytes += int(_f(e, "bytes"))
-            if k >= 0:
-                if not restores[k]:
+            into = k
+            if k + 1 < len(epochs) and rolled.get(k + 1) == int(_f(e, "step", -1)) and ts >= epochs[k + 1].start - 1.0:
+                into = k + 1  # a rank that began the rollback a moment before the first one reported it
+            if into >= 0:
+                if not restores[into]:
                     marks.append((ts, "restore", f"step {e.get('step')} from {tier}"))
-                restores[k].append(e)
+                restores[into].append(e)
+        elif name in _HEALTH:
+            _note_health(health, marks, e)
         elif name in ("checkpoint_drained", "checkpoint_replicated"):
             tier = str(e.get("tier", "durable" if name == "checkpoint_drained" else "peer"))
             st = tiers.setdefault(tier, TierStats(tier))
@@ -306,6 +328,8 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
 
     restarts: dict[str, int] = {}
     for ep in epochs[:-1]:
+        if ep.fault == "rollback":
+            continue  # in-process: no restart
         cause = {"hang": "hang", "membership": "membership"}.get(ep.fault or "", "failure")
         restarts[cause] = restarts.get(cause, 0) + 1
     final = next((ep.max_step for ep in reversed(epochs) if ep.index not in idle), 0)
@@ -325,7 +349,43 @@ def analyse(events: list[dict[str, Any]], log_dir: str = "", files: list[str] | 
         progress=progress,
         world_sizes=[(ep.start, ep.world_size) for ep in epochs],
         marks=sorted(marks),
+        health=health,
     )
+
+
+#: Events about the state's health (see :class:`~hpresil.report.api.StateHealth`).
+_HEALTH = ("snapshot_poisoned", "snapshot_suspect", "replica_divergence", "rollback")
+
+
+def _note_health(health: StateHealth, marks: list[tuple[float, str, str]], e: dict[str, Any]) -> None:
+    """Adds one health event; the events every rank reports once per rollback or
+    divergence are kept once."""
+    name, ts, step = e["event"], e["ts"], int(_f(e, "step", -1))
+    if name == "snapshot_poisoned":
+        health.poisoned.append({"step": step, "rank": e.get("rank"), "keys": e.get("keys", [])})
+        if step not in {int(p["step"]) for p in health.poisoned[:-1]}:
+            marks.append((ts, "poisoned", f"step {step}"))
+    elif name == "snapshot_suspect":
+        health.suspect.append({"step": step, "rank": e.get("rank"), "causes": e.get("causes", []),
+                               "loss": e.get("loss")})
+        if step not in {int(p["step"]) for p in health.suspect[:-1]}:
+            marks.append((ts, "suspect", f"step {step} ({', '.join(map(str, e.get('causes', [])))})"))
+    elif name == "replica_divergence":
+        same = next((d for d in health.divergences if d["step"] == step), None)
+        if same is None:
+            health.divergences.append({"step": step, "ranks": e.get("ranks", []), "nodes": [e.get("node", "")]})
+            marks.append((ts, "divergence", f"step {step}: ranks {e.get('ranks')}"))
+        elif e.get("node", "") not in same["nodes"]:
+            same["nodes"].append(e.get("node", ""))
+    else:
+        key = (e.get("from_step"), e.get("to_step"), e.get("attempt"), e.get("cause"))
+        last = health.rollbacks[-1] if health.rollbacks else None
+        if last is not None and (last["from_step"], last["to_step"], last["attempt"], last["cause"]) == key:
+            return
+        health.rollbacks.append({"ts": ts, "from_step": e.get("from_step"), "to_step": e.get("to_step"),
+                                 "cause": e.get("cause"), "bad_step": e.get("bad_step"), "tier": e.get("tier"),
+                                 "attempt": e.get("attempt"), "duration_s": _f(e, "duration_s")})
+        marks.append((ts, "rollback", f"step {e.get('from_step')} -> {e.get('to_step')} ({e.get('cause')})"))
 
 
 def build_report(log_dir: str, run_id: str | None = None) -> GoodputReport:

@@ -1,7 +1,7 @@
 """The timeline picture of a run (matplotlib, the optional ``report`` extra).
 
-Top: the last kept step over time, with failures, hangs, restores and
-durable commits marked. Middle: the world size. Bottom: where each second went
+Top: the last kept step over time, with failures, hangs, restores, durable
+commits, rollbacks, unhealthy snapshots and replica divergences marked. Middle: the world size. Bottom: where each second went
 (the report's segments, coloured by kind).
 """
 
@@ -35,7 +35,9 @@ COLORS = {
     "shutdown": "#c7c7c7",
 }
 #: Vertical lines: colour and line style (solid or dashed, wide enough to show in the legend).
-_MARKS = {"exit": ("#d62728", "-"), "hang": ("#9467bd", "-"), "restore": ("#17becf", "--"), "durable": ("#ff7f0e", "--")}
+_MARKS = {"exit": ("#d62728", "-"), "hang": ("#9467bd", "-"), "restore": ("#17becf", "--"), "durable": ("#ff7f0e", "--"),
+          "rollback": ("#8c564b", "-"), "poisoned": ("#000000", ":"), "suspect": ("#7f7f7f", ":"),
+          "divergence": ("#e377c2", "-.")}
 
 
 def _pyplot():
@@ -94,7 +96,7 @@ def build_figure(report: GoodputReport, fig: "Figure") -> None:
     saves = [t - t0 for t, kind, _ in report.marks if kind.startswith("save:")]
     if saves:
         top.plot(saves, [0] * len(saves), "|", color="#1f77b4", markersize=8, label="save")
-    top.legend(loc="upper left", fontsize=8, ncol=5, handlelength=3)
+    top.legend(loc="upper left", fontsize=8, ncol=6, handlelength=3)
     top.set_title(f"goodput {100 * report.goodput:.1f}% over {report.wall_s:.1f} s "
                   f"({len(report.nodes)} node(s), {len(report.epochs)} start(s))")
     if report.world_sizes:

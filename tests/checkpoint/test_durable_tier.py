@@ -23,6 +23,8 @@ from hpresil.checkpoint.durable.layout import assign_owners, data_file, step_dir
 from hpresil.checkpoint.durable.stores import open_store, register_store
 from hpresil.checkpoint.durable.stores.generic import FsspecStore
 from hpresil.checkpoint.durable.stores.local import LocalStore
+from hpresil.checkpoint.durable.writer import DurableWriter, mark_unhealthy
+from hpresil.checkpoint.restore import choose
 from hpresil.checkpoint.integrity import checksum
 from hpresil.errors import ConfigError, IntegrityError, StorageError
 from hpresil.testing import RecordingSink as Events
@@ -820,3 +822,29 @@ def test_any_fsspec_url_that_carries_its_host_works_end_to_end(ftp_url: str, tmp
     src = DurableSource(ftp_url)
     assert [r.step for r in src.steps()] == [5]
     assert torch.equal(read_back(src, 5, 0)["model.w"], model_state(3)["model.w"])
+
+
+def test_rollback_marks_newer_durable_steps_and_retention_keeps_healthy_ones(tmp_path: Any) -> None:
+    """Timeline A committed 10, 20, 30; a rollback to 10 marks 20 and 30. A
+    restore then prefers 10, retention with keep=1 keeps 10 (the newest healthy
+    step) and the newer marked ones, and B's commit of 20 clears its mark."""
+    url, shm = f"file://{tmp_path}/ckpt", str(tmp_path / "shm")
+    drainer = Drainer(shm_dir=shm, events=Events())
+    for k, step in enumerate((10, 20, 30)):
+        write_snapshot(shm, rank=0, step=step, world_size=1, tensors=model_state(step), durable_url=url,
+                       timeline="A", slot=k, keep=1 if step == 10 else 3)
+        assert drainer.drain_once()
+    store = open_store(url)
+    assert mark_unhealthy(store, 10, "divergence", "B") == [30, 20]
+    src = DurableSource(url)
+    assert [(r.step, r.health) for r in src.steps()] == [(30, "suspect"), (20, "suspect"), (10, "ok")]
+    assert choose([{0: {(r.step, 1): [0] for r in src.steps()}}], 1,
+                  {r.step: r.health for r in src.steps() if r.health != "ok"})[0] == 10
+    assert DurableWriter(store).retain(1) == []  # 10 is the newest healthy step: nothing older to delete
+    for slot in (1, 2):  # the rollback dropped A's newer snapshots from RAM
+        for suffix in ("json", "seal.json"):
+            os.unlink(slot_path(shm, 0, slot, suffix))  # type: ignore[arg-type]
+    write_snapshot(shm, rank=0, step=20, world_size=1, tensors=model_state(2), durable_url=url, timeline="B", slot=1,
+                   keep=1)
+    assert drainer.drain_once()
+    assert [(r.step, r.health) for r in DurableSource(url).steps()] == [(30, "suspect"), (20, "ok")]  # 10 retired

@@ -141,3 +141,67 @@ def test_a_flipped_bit_in_one_replica_is_found_named_and_rolled_back_bitwise(tmp
         assert not [e for e in clean[r]["events"] if e["name"] in ("rollback", "replica_divergence")]
     with open(os.path.join(shm, "flip", "divergence.json")) as f:
         assert json.load(f)["ranks"] == named
+
+
+class _MaskedNormNet(torch.nn.Module):
+    """A -inf causal-mask buffer and BatchNorm statistics that differ per rank
+    (DDP without broadcast_buffers): both legitimately fail a naive check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.register_buffer("mask", torch.full((8, 8), float("-inf")).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = (x @ x.T)[:8, :8] + self.mask[: x.shape[0], : x.shape[0]]
+        return self.norm(self.lin(torch.softmax(scores, -1) @ x))
+
+
+def _quiet_worker(rank: int, world: int, shm: str, out: str, steps: int) -> None:
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}.init", rank=rank, world_size=world)
+    model = _MaskedNormNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    events = RecordingSink()
+    ckpt = Checkpointer({"model": model, "optim": opt}, shm_dir=shm, durable_every=0, events=events,
+                        run_services=True, rollback=RollbackPolicy(on_spike="rollback"))
+    for step in ckpt.steps(ckpt.restore() + 1, steps + 1):
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(1000 * rank + step))
+        loss = ddp(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ckpt.save(step, loss=loss.detach())
+        if step % 20 == 0:
+            ckpt.wait()  # now and then the seals keep up, so every rank compares
+    guard = ckpt._guard
+    assert guard is not None and guard._div is not None
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump({"events": sorted({name for name, _ in events.events}), "groups": guard._div._groups,
+                   "agreed": guard._agreed, "mask": bool(torch.isinf(model.mask).any()),
+                   "buffers_differ": float(model.norm.running_mean.sum())}, f)
+    ckpt.close(final_durable=False)
+
+
+def test_no_false_positive_over_200_steps_with_a_mask_buffer_and_per_rank_batchnorm(tmp_path: Any, shm: str) -> None:
+    world, out = 3, str(tmp_path / "quiet")
+    procs = [_FORK.Process(target=_quiet_worker, args=(r, world, shm, out, 200)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0] * world
+    results = []
+    for r in range(world):
+        with open(f"{out}.rank{r}") as f:
+            results.append(json.load(f))
+    for res in results:
+        assert not set(res["events"]) & {"snapshot_poisoned", "snapshot_suspect", "replica_divergence", "rollback"}
+        assert res["groups"] == [[0, 1, 2]], "the replicas were not compared"
+        assert res["agreed"] is not None and res["agreed"] > 150 and res["mask"]
+    assert len({res["buffers_differ"] for res in results}) == world  # the statistics do differ per rank

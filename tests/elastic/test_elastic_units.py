@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hpresil.elastic import ElasticConfig, ElasticSampler, plan_batch
+from hpresil.elastic.api import LOST_EPOCH_KEY, LOST_KEY
 from hpresil.elastic.membership import Liveness, LivenessTracker, lost_after_from_rdzv, restart_cause, tuned_rdzv_configs
 from hpresil.errors import ConfigError, StateMismatchError
 
@@ -221,6 +222,22 @@ def test_liveness_over_a_real_store_detects_a_silent_peer():
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_an_agent_that_stops_waiting_for_a_verdict_still_reads_the_one_a_rejoining_watcher_published():
+    """node 1 watches node 2, declares it lost, publishes the verdict and re-joins;
+    node 0 (not a watcher of node 2 here) gives up waiting because a node waits in
+    the rendezvous, and must still learn the loss: its restart is a loss, not a join."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    cfg = ElasticConfig(refresh_interval=timedelta(seconds=30), lost_after=timedelta(seconds=60))
+    waiting = Liveness(store, 0, 3, cfg).start()  # its beats are 30 s apart: only the final read can see it
+    try:
+        store.set(LOST_KEY.format(index=store.add(LOST_EPOCH_KEY, 1)), "2")  # what watcher.beat() publishes
+        assert waiting.wait_for_loss(5.0, give_up=lambda: True) == {2}
+    finally:
+        waiting.stop()
 
 
 class _CountingStore:

@@ -289,11 +289,15 @@ def test_dead_peer_degrades_then_replication_resumes(tmp_path) -> None:
 
 def test_pool_offers_only_the_live_timeline() -> None:
     src = PeerSource("/nonexistent", rank=1, world_size=2)
-    node_a = {"node": "a", "host": "h", "port": 1, "held": [[0, 7, 2, "c0", 200.0, "new"], [1, 7, 2, "old1", 100.0, "old"]]}
-    node_b = {"node": "b", "host": "g", "port": 2, "held": [[1, 6, 2, "c1", 150.0, "new"], [0, 6, 2, "c2", 150.0, "new"]]}
-    src.pool([node_a, None, node_b])
-    refs = {(r.step, r.world_size): set(r.ranks) for r in src.steps()}
-    assert refs == {(7, 2): {0}, (6, 2): {0, 1}}
+    node_a = {"node": "a", "host": "h", "port": 1,
+              "held": [[0, 7, 2, "c0", 200.0, "new", "ok"], [1, 7, 2, "old1", 100.0, "old", "ok"]]}
+    node_b = {"node": "b", "host": "g", "port": 2,
+              "held": [[1, 6, 2, "c1", 150.0, "new", "ok"], [0, 6, 2, "c2", 150.0, "new", "ok"]]}
+    node_c = {"node": "c", "host": "f", "port": 3, "held": [[1, 7, 2, "c3", 201.0, "new", "poisoned"]]}
+    src.pool([node_a, None, node_b, node_c])
+    refs = {(r.step, r.world_size): (set(r.ranks), r.health) for r in src.steps()}
+    # step 7's copy of rank 1 on node c was found poisoned: the whole step is, wherever it is held
+    assert refs == {(7, 2): ({0, 1}, "poisoned"), (6, 2): ({0, 1}, "ok")}
 
 
 def test_frame_limits_after_auth(server) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "MANIFEST",
     "META_DIR",
+    "verdict_json",
     "ArenaSlice",
     "Segment",
     "step_dir",
@@ -102,6 +103,12 @@ def rank_json(rank: int) -> str:
 def manifest_json() -> str:
     """Path (relative to the step directory) of the commit marker."""
     return MANIFEST
+
+
+def verdict_json() -> str:
+    """Path (relative to the step directory) of the marker that a rollback
+    abandoned the step (its state is suspect: restore prefers any healthy step)."""
+    return f"{META_DIR}/unhealthy.json"
 
 
 def record_from_obj(obj: Any) -> CommitRecord:

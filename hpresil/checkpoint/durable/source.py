@@ -15,7 +15,7 @@ import torch
 from hpresil.checkpoint.api import CommitRecord, Entry, SnapshotRef, SnapshotSource, TierName
 from hpresil.checkpoint.durable.layout import manifest_json, parse_manifest, rank_json, record_from_obj, step_dir
 from hpresil.checkpoint.durable.stores import DurableStore, open_store
-from hpresil.checkpoint.durable.writer import digest, list_committed
+from hpresil.checkpoint.durable.writer import digest, list_committed, list_unhealthy
 from hpresil.checkpoint.integrity import checksum
 from hpresil.errors import CheckpointError, IntegrityError, StorageError
 
@@ -47,11 +47,13 @@ class DurableSource(SnapshotSource):
     def steps(self) -> list[SnapshotRef]:
         """Committed steps, newest first."""
         found = list_committed(self.store)
+        unhealthy = list_unhealthy(self.store, [s for s, _ in found])
         with self._lock:
             self._manifests = dict(found)
             self._ranks = {s: v for s, v in self._ranks.items() if s in self._manifests}
         return [
-            SnapshotRef(tier="durable", step=s, world_size=int(m["world_size"]), ranks=frozenset(range(int(m["world_size"]))))
+            SnapshotRef(tier="durable", step=s, world_size=int(m["world_size"]), ranks=frozenset(range(int(m["world_size"]))),
+                        health="suspect" if s in unhealthy else "ok")
             for s, m in found
         ]
 

@@ -17,6 +17,13 @@ trust steps whose manifest exists and parses. Retention runs after a commit:
 committed steps beyond ``keep`` are deleted oldest first (manifest first, so
 readers never see half a deletion), never the newest one; uncommitted
 directories older than the newest commit are garbage.
+
+A rollback (:mod:`hpresil.checkpoint.guard`) marks the committed steps newer
+than the one it restored with ``.hpresil/unhealthy.json``
+(:func:`mark_unhealthy`): their state is what the job found bad, so a later
+restore chooses them only when nothing healthy is left, and retention keeps
+the newest ``keep`` *healthy* steps (plus anything newer). The marker goes
+when the new timeline commits the step again.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from hpresil.checkpoint.durable.layout import (
     parse_step_dir,
     rank_json,
     step_dir,
+    verdict_json,
 )
 from hpresil.checkpoint.durable.stores.api import Buffer, DurableStore, Progress
 from hpresil.errors import IntegrityError, StorageError
@@ -110,7 +118,7 @@ class DurableWriter:
             if not uploads or not self._superseded(step, uploads[0]):
                 return 0, []
             # Un-commit before rewriting anything: readers then fall back to an older step.
-            self.store.delete([f"{sdir}/{manifest_json()}", f"{sdir}/.metadata"])
+            self.store.delete([f"{sdir}/{manifest_json()}", f"{sdir}/.metadata", f"{sdir}/{verdict_json()}"])
         todo: list[RankUpload] = []
         for up in uploads:
             name = rank_json(up.rank)
@@ -222,7 +230,11 @@ class DurableWriter:
         if not committed:
             return []
         newest = committed[0][0]
-        doomed = [s for s, _ in committed[keep:]]
+        unhealthy = list_unhealthy(self.store, [s for s, _ in committed])
+        healthy = [s for s, _ in committed if s not in unhealthy]
+        # The newest `keep` healthy steps and anything newer than the oldest of them stay.
+        floor = healthy[keep - 1] if len(healthy) >= keep else (healthy[-1] if healthy else committed[-1][0])
+        doomed = [s for s, _ in committed if s < floor]
         committed_set = {s for s, _ in committed}
         stale = [
             s
@@ -265,3 +277,32 @@ def list_committed(store: DurableStore) -> list[tuple[int, dict[str, Any]]]:
         except IntegrityError as exc:
             log.warning("skipping durable step %d in %s: %s", s, store.url, exc)
     return out
+
+
+def list_unhealthy(store: DurableStore, steps: Sequence[int]) -> dict[int, str]:
+    """Of ``steps``, those a rollback marked, with the cause (one batched read)."""
+    paths = {s: f"{step_dir(s)}/{verdict_json()}" for s in steps}
+    blobs = store.read_many(list(paths.values()))
+    out = {}
+    for s, path in paths.items():
+        blob = blobs.get(path)
+        if blob is None:
+            continue
+        try:
+            obj = json.loads(blob)
+            out[s] = str(obj.get("cause", "unknown")) if isinstance(obj, dict) else "unknown"
+        except ValueError:
+            out[s] = "unknown"
+    return out
+
+
+def mark_unhealthy(store: DurableStore, after: int, cause: str, timeline: str) -> list[int]:
+    """Marks the committed steps newer than ``after`` as abandoned by a
+    rollback for ``cause``; returns them."""
+    steps = [s for s, _ in list_committed(store) if s > after]
+    for s in steps:
+        store.write_bytes(f"{step_dir(s)}/{verdict_json()}",
+                          _dump({"cause": cause, "rolled_back_to": after, "timeline": timeline}))
+    if steps:
+        log.warning("durable steps %s: marked unhealthy (%s); restores prefer healthy steps", steps, cause)
+    return steps

@@ -105,6 +105,7 @@ class Sealer(NodeService):
         self._maps: dict[str, tuple[tuple[int, int], mmap.mmap, torch.Tensor]] = {}
         self._bad: set[str] = set()  # commit ids that could not be sealed
         self._health: dict[int, RankHealth] = {}
+        self._episode = False  # an unhealthy snapshot was logged and no healthy one sealed since
 
     # -- node service ----------------------------------------------------
     def start(self, ctx: RuntimeContext) -> None:
@@ -277,12 +278,18 @@ class Sealer(NodeService):
         return judge.judge(keys, nonfinite, record.step, record.loss)
 
     def _report(self, record: CommitRecord, verdict: Verdict) -> None:
+        # One console line per episode (the first bad snapshot this node sees, until a
+        # healthy one is sealed again): a NaN reaches every rank and the next snapshots too.
+        loud = verdict.health != "ok" and not self._episode
+        self._episode = verdict.health != "ok" and (self._episode or loud)
         if verdict.health == "poisoned":
-            log.error("rank %d step %d: snapshot poisoned: %s", record.rank, record.step, verdict.detail)
+            log.log(logging.ERROR if loud else logging.DEBUG, "rank %d step %d: snapshot poisoned: %s", record.rank,
+                    record.step, verdict.detail)
             self.events.emit("snapshot_poisoned", step=record.step, rank=record.rank, keys=list(verdict.keys[:50]),
                              causes=list(verdict.causes), detail=verdict.detail)
         elif verdict.health == "suspect":
-            log.warning("rank %d step %d: snapshot suspect: %s", record.rank, record.step, verdict.detail)
+            log.log(logging.WARNING if loud else logging.DEBUG, "rank %d step %d: snapshot suspect: %s", record.rank,
+                    record.step, verdict.detail)
             self.events.emit("snapshot_suspect", step=record.step, rank=record.rank, causes=list(verdict.causes),
                              loss=record.loss, detail=verdict.detail)
 

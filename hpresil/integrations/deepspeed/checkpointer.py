@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from hpresil.checkpoint.api import CheckpointConfig
 from hpresil.checkpoint.checkpointer import Checkpointer
+from hpresil.checkpoint.rollback import RollbackPolicy
 from hpresil.errors import ReshardError, StateMismatchError
 from hpresil.events.api import EventSink
 from hpresil.integrations.deepspeed.api import OPTIMIZER, WORLD_KEY
@@ -46,7 +47,7 @@ class DeepSpeedCheckpointer:
             for :class:`hpresil.Checkpointer`: tensors, JSON data, objects with
             ``state_dict()``/``load_state_dict()``); restored in place.
         durable, every, durable_every, keep, slots, verify_on_restore, config,
-            shm_dir, run_services, events: as for :class:`hpresil.Checkpointer`.
+            shm_dir, run_services, events, rollback: as for :class:`hpresil.Checkpointer`.
 
     Raises:
         ConfigError: an unsupported optimizer or offload mode, or an invalid setting.
@@ -68,6 +69,7 @@ class DeepSpeedCheckpointer:
         shm_dir: str | None = None,
         run_services: bool | None = None,
         events: EventSink | None = None,
+        rollback: RollbackPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.stage = zero_stage(engine)
@@ -75,20 +77,35 @@ class DeepSpeedCheckpointer:
         self.checkpointer = Checkpointer(
             self.state, durable=durable, every=every, durable_every=durable_every, keep=keep, slots=slots,
             verify_on_restore=verify_on_restore, config=config, shm_dir=shm_dir, run_services=run_services,
-            events=events,
+            events=events, rollback=rollback,
         )
+        if isinstance(self._zero, Zero3OptimizerState):  # after every restore, a rollback's too
+            self.checkpointer.on_restored = lambda step: self._zero.gather_persistent()  # type: ignore[union-attr]
 
-    def save(self, step: int) -> bool:
+    def save(self, step: int, *, loss: Any = None) -> bool:
         """Snapshots the engine as of ``step`` (after ``engine.step()``); a no-op
         unless ``step % every == 0``. Must be called on every rank.
+
+        Args:
+            loss: this step's loss, for the health checks (see :meth:`hpresil.Checkpointer.save`).
 
         Returns:
             Whether a snapshot was taken.
 
         Raises:
             CheckpointError: a state value cannot be stored (the message names it).
+            UnhealthyStateError: the state went bad and the policy says stop.
         """
-        return self.checkpointer.save(step)
+        return self.checkpointer.save(step, loss=loss)
+
+    def steps(self, start: int, stop: int) -> Iterator[int]:
+        """The loop's steps, rewound by a rollback (see :meth:`hpresil.Checkpointer.steps`)."""
+        return self.checkpointer.steps(start, stop)
+
+    def rollback(self, before: int | None = None) -> int:
+        """Restores the newest healthy snapshot older than ``before`` (see
+        :meth:`hpresil.Checkpointer.rollback`). Collective."""
+        return self.checkpointer.rollback(before)
 
     def restore(self) -> int:
         """Restores the engine in place from the newest snapshot every rank can
@@ -109,8 +126,6 @@ class DeepSpeedCheckpointer:
             if self._zero is None or f"{OPTIMIZER}.{WORLD_KEY}" not in str(exc):
                 raise
             raise self._reshard_error(str(exc)) from exc
-        if step and isinstance(self._zero, Zero3OptimizerState):
-            self._zero.gather_persistent()
         return step
 
     def _reshard_error(self, message: str) -> ReshardError:

@@ -138,3 +138,66 @@ def test_a_nan_in_memory_poisons_the_next_snapshot_and_restore_skips_it(
     restored = events2.named("checkpoint_restored")[0]
     assert "unhealthy steps [6, 7] (poisoned)" in restored["skipped"][0]
     again.close(final_durable=False)
+
+
+def test_device_norms_name_the_nonfinite_entries_and_the_sealer_trusts_the_rest(shm: str) -> None:
+    """The device path's logic on CPU tensors: the norms flag NaN, Inf and a
+    finite tensor whose norm overflows; the sealer then probes only flagged
+    entries (confirming the overflow as finite) and skips the ones the device cleared."""
+    from hpresil.checkpoint.api import slot_path
+    from hpresil.checkpoint.flatten import flatten
+    from hpresil.checkpoint.health import device_finite_flags
+    from hpresil.checkpoint.ram.sealer import Sealer
+    from hpresil.checkpoint.ram.writer import RamWriter
+
+    big = torch.full((4,), 3e38)  # finite, but its L2 norm overflows float32
+    nan, fine, ints = torch.tensor([1.0, float("nan")]), torch.ones(3), torch.arange(3)
+    tensors = [big, nan, fine, ints, torch.tensor([float("-inf")], dtype=torch.bfloat16)]
+    flags = device_finite_flags(tensors, list(range(len(tensors))), {4: torch.empty(4)})
+    assert flags is not None
+    checked, bad = flags.result(["big", "nan", "fine", "ints", "bf16"])
+    assert bad == ["big", "nan", "bf16"] and int(checked, 16) == 0b10111
+    # A record that says the device checked everything and found only "big": the
+    # sealer confirms "big" is finite and never looks at "nan" (trusted as checked).
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    w.save(1, flatten({"big": big, "nan": nan, "fine": fine}).leaves, world_size=1, durable=False, durable_url=None,
+           keep=1)
+    w.wait()
+    (info,) = scan(shm)
+    path = slot_path(shm, 0, info.slot, "json")
+    record = json.loads(open(path).read())
+    record["checked"], record["nonfinite"] = "7", ["big"]
+    with open(path, "w") as f:
+        f.write(json.dumps(record))
+    assert Sealer(shm_dir=shm).flush()
+    (info,) = scan(shm)
+    assert info.seal is not None and info.seal.health == "ok"  # "nan" trusted as the device said; "big" confirmed
+    record["checked"], record["nonfinite"] = "", []  # not checked on a device: the sealer probes everything
+    os.unlink(slot_path(shm, 0, info.slot, "seal.json"))
+    with open(path, "w") as f:
+        f.write(json.dumps(record))
+    assert Sealer(shm_dir=shm).flush()
+    (info,) = scan(shm)
+    assert info.seal is not None and info.seal.poisoned == ["nan"]
+    w.close()
+
+
+def test_a_node_whose_replicas_diverged_twice_leaves_under_the_leave_policy(tmp_path: Any) -> None:
+    from hpresil.checkpoint.divergence_watch import DivergenceWatch
+    from hpresil.checkpoint.guard import DIVERGENCE_FILE
+
+    watch = DivergenceWatch(shm_dir=str(tmp_path))
+    path = tmp_path / DIVERGENCE_FILE
+    watch.tick()
+    assert watch.verdict() is None
+    path.write_text(json.dumps({"count": 1, "steps": [7], "ranks": [1], "policy": "leave"}))
+    watch.tick()
+    assert watch.verdict() is None  # once can be a cosmic ray
+    path.write_text(json.dumps({"count": 2, "steps": [7, 40], "ranks": [1], "policy": "rollback"}))
+    watch.tick()
+    assert watch.verdict() is None  # rollback only: the node stays
+    path.write_text(json.dumps({"count": 2, "steps": [7, 40], "ranks": [1], "policy": "leave", "x": 1}))
+    watch.tick()
+    verdict = watch.verdict()
+    assert verdict is not None and "diverged from their replicas 2 times" in verdict.message
+    assert verdict.findings[0].check == "replica_divergence" and verdict.exit_code != 0
