@@ -1,5 +1,6 @@
 """The user-facing :class:`Checkpointer`: save to RAM every step, restore from
-the fastest tier that every rank can load.
+the fastest tier that every rank can load (the restore side is
+:mod:`~hpresil.checkpoint.restoring`, shutdown :mod:`~hpresil.checkpoint.closing`).
 
 Under ``hpresil-run`` (``$HPRESIL_SHM_DIR`` set) the node runtime seals and
 drains the snapshots; elsewhere (plain ``torchrun``, a single process) the
@@ -15,134 +16,41 @@ goes on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import random
-import shutil
 import socket
-import sys
 import tempfile
-import threading
 import time
-from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping
-
-import torch
+from typing import Any, Callable, Mapping
 
 from hpresil import _env
 from hpresil.checkpoint import flatten as fl
 from hpresil.checkpoint import graceful_stop as stop
-from hpresil.checkpoint.api import CheckpointConfig, SnapshotSource, rank_dir
-from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
-from hpresil.checkpoint.durable.shared import shared_by_all_nodes
-from hpresil.checkpoint.durable.source import DurableSource
-from hpresil.checkpoint.durable.stores import DurableStore, open_store
-from hpresil.checkpoint.durable.stores.api import redact
-from hpresil.checkpoint.durable.writer import is_committed, mark_unhealthy
-from hpresil.checkpoint.peer.source import PeerSource
-from hpresil.checkpoint.ram.files import drop_newer, scan
-from hpresil.checkpoint.ram.sealer import Sealer
-from hpresil.checkpoint.ram.source import RamSource
-from hpresil.checkpoint.ram.writer import RamWriter
-from hpresil.checkpoint.restore import RestoreResult, restore_state
+from hpresil.checkpoint.api import CheckpointConfig
+from hpresil.checkpoint.closing import Closing
 from hpresil.checkpoint.divergence import compare_keys
+from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
+from hpresil.checkpoint.durable.stores import DurableStore, open_store
 from hpresil.checkpoint.guard import Guard
-from hpresil.checkpoint.rollback import RollbackPolicy, SkipList, iterate
-from hpresil.errors import ConfigError, NoCheckpointError, StorageError, UnhealthyStateError
-from hpresil.hang.heartbeat import get as heartbeat_get
-from hpresil.hang.heartbeat import heartbeat, phase
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.sealer import Sealer
+from hpresil.checkpoint.ram.writer import RamWriter
+from hpresil.checkpoint.restore import RestoreResult
+from hpresil.checkpoint.restoring import Restoring
+from hpresil.checkpoint.rollback import RollbackPolicy, SkipList
+from hpresil.checkpoint.stateful import HANG_KEY, SKIP_KEY, HangCalibration, RNGState, default_shm_dir
+from hpresil.errors import ConfigError, StorageError
 from hpresil.events import worker_sink
 from hpresil.events.api import EventSink
+from hpresil.hang.heartbeat import heartbeat, phase
 from hpresil.runtime.api import RuntimeContext, WorkerGroupInfo
-from hpresil.runtime.shm import remove_empty_parents
 
 __all__ = ["Checkpointer", "RNGState", "default_shm_dir"]
 
 log = logging.getLogger(__name__)
 
 
-def default_shm_dir() -> str:
-    """Where snapshots go without ``hpresil-run``: one directory per job and host.
-
-    The job is ``$TORCHELASTIC_RUN_ID`` (shared by the workers of one
-    ``torchrun`` launch and kept across its restarts), else ``$HPRESIL_RUN_ID``,
-    else a hash of the working directory and script, so rerunning the same
-    script resumes from RAM.
-    """
-    run_id = _env.get("TORCHELASTIC_RUN_ID") or _env.get(_env.RUN_ID)
-    if run_id is None:
-        script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-        run_id = "local-" + hashlib.sha1(f"{os.getcwd()}\0{script}".encode()).hexdigest()[:12]
-    from hpresil.runtime.shm import safe_component
-
-    return os.path.join("/dev/shm/hpresil", safe_component(run_id), safe_component(socket.gethostname()))
-
-
-HANG_KEY = "hpresil_hang"
-SKIP_KEY = "hpresil_skip"
-
-
-def _agree_timeline() -> str:
-    """A random id all ranks share from this restore on (rank 0's, broadcast as raw bytes)."""
-    ident = torch.frombuffer(bytearray(os.urandom(16)), dtype=torch.uint8).clone()
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(ident, src=0)
-    return bytes(ident.tolist()).hex()
-
-
-class _HangCalibration:
-    """The hang watchdog's calibration (slowest step and checkpoint seen) as a
-    stateful entry of every checkpoint."""
-
-    def __init__(self) -> None:
-        self._loaded: dict[str, float] | None = None
-
-    def state_dict(self) -> dict[str, float]:
-        hb = heartbeat_get()
-        return hb.calibration() if hb is not None else {"step_max": 0.0, "ckpt_max": 0.0, "n_steps": 0.0}
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        self._loaded = {k: float(v) for k, v in sd.items()}
-
-    def agree(self) -> None:
-        """Seeds this worker's heartbeat with the maximum over all ranks (one tiny all-reduce)."""
-        loaded = self._loaded
-        hb = heartbeat_get()
-        if loaded is None or hb is None:
-            return
-        values = torch.tensor([loaded.get("step_max", 0.0), loaded.get("ckpt_max", 0.0), loaded.get("n_steps", 0.0)],
-                              dtype=torch.float64)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        hb.seed({"step_max": float(values[0]), "ckpt_max": float(values[1]), "n_steps": float(values[2])})
-
-
-class RNGState:
-    """Random number generator states (Python, torch CPU, CUDA) as a stateful
-    object, so ``state={"rng": RNGState()}`` saves them on every save and puts
-    them back on restore. Stored as plain per-rank values (never replicated)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The current generator states."""
-        sd: dict[str, Any] = {"python": random.getstate(), "torch": bytes(torch.get_rng_state().numpy())}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            sd["cuda"] = [bytes(s.numpy()) for s in torch.cuda.get_rng_state_all()]
-        return sd
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Restores the generator states."""
-        random.setstate(sd["python"])
-        torch.set_rng_state(torch.frombuffer(bytearray(sd["torch"]), dtype=torch.uint8))
-        if "cuda" in sd and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in sd["cuda"]])
-
-
-class Checkpointer:
+class Checkpointer(Restoring, Closing):
     """Tiered checkpointing of a training state.
 
     Example::
@@ -202,7 +110,7 @@ class Checkpointer:
         # The hang watchdog's calibration travels with the checkpoint, so a
         # restarted job does not have to re-learn its step time; so do the
         # steps whose data a spike rollback skips.
-        self.state = {**state, HANG_KEY: _HangCalibration(), SKIP_KEY: self._skip}
+        self.state = {**state, HANG_KEY: HangCalibration(), SKIP_KEY: self._skip}
         self.config = config or CheckpointConfig(
             every=every, durable=durable, durable_every=durable_every, keep=keep, slots=slots, verify_on_restore=verify_on_restore
         )
@@ -267,7 +175,8 @@ class Checkpointer:
         self._started = True
         self._guard = Guard(self.policy, self.shm_dir, self.rank, self.world_size, events=self.events,
                             distributed=self.world_size > 1 and dist.is_available() and dist.is_initialized(),
-                            on_rollback=self._abandon_durable)
+                            on_rollback=self._abandon_durable,
+                            on_agreed=lambda step: self._ram.keep(step) if self._ram is not None else None)
         self._guard.skip = self._skip
         try:
             self._ram = RamWriter(self.shm_dir, self.rank, slots=self.config.slots, run_id=self.run_id,
@@ -325,46 +234,6 @@ class Checkpointer:
             saved = self._save(step, loss=loss)
             self._guard.vote(step)
             return saved
-
-    def steps(self, start: int, stop: int) -> Iterator[int]:
-        """The training loop's steps, ``start`` up to ``stop`` (exclusive),
-        rewound when a rollback restores an older step.
-
-        Example::
-
-            start = ckpt.restore()
-            for step in ckpt.steps(start + 1, total + 1):
-                loss = train_step(batch(step))
-                ckpt.save(step, loss=loss)
-
-        With ``skip_spike_data`` the steps whose data produced a loss spike
-        are left out.
-        """
-        self._start()
-        assert self._guard is not None
-        self._guard.iterating = True
-        return iterate(start, stop, self._guard.cursor, self._skip)
-
-    def rollback(self, before: int | None = None) -> int:
-        """Restores the newest healthy snapshot older than ``before`` (default:
-        the newest snapshot taken) and returns its step; :meth:`steps` goes
-        on after it. Collective: every rank must call it.
-
-        Raises:
-            UnhealthyStateError: there is no such snapshot.
-        """
-        self._start()
-        assert self._guard is not None
-        step = self._last_step or 0
-        bound = before if before is not None else (self._last_snapshot[0] if self._last_snapshot else step + 1)
-        t0 = time.perf_counter()
-        result = self._restore(bound)
-        if result is None:
-            raise UnhealthyStateError(f"rollback: no healthy snapshot before step {bound} in any tier")
-        self._guard.cursor[0] = result.step + 1
-        self.events.emit("rollback", from_step=step, to_step=result.step, cause="manual", bad_step=bound,
-                         tier=result.tier, attempt=1, duration_s=round(time.perf_counter() - t0, 6))
-        return result.step
 
     def should_stop(self, step: int) -> bool:
         """Whether the job is being stopped (SIGTERM); if so, snapshots ``step``
@@ -460,225 +329,6 @@ class Checkpointer:
             log.error("rank %d: cannot stage checkpoints in %s (%s); checkpointing is off", self.rank, self._staging_dir, exc2)
             return
         self._start_services(self._staging_dir)
-
-    # -- restoring -------------------------------------------------------
-    def restore(self) -> int:
-        """Restores the state in place from the newest healthy snapshot every
-        rank can load (RAM, then peer replicas, then durable) and returns its
-        step; 0 when there is none.
-
-        Collective: every rank must call it.
-
-        Raises:
-            StateMismatchError: the snapshot does not fit the state (names the keys).
-            CheckpointError: restoring failed on some rank.
-            NoCheckpointError: nothing to restore in RAM or peers while the durable
-                store is unreachable (after a restart); a :class:`StorageError`.
-        """
-        result = self._restore(None)
-        return 0 if result is None else result.step
-
-    def _restore(self, before: int | None) -> RestoreResult | None:
-        self._start()
-        for w in (self._ram, self._staging):
-            if w is not None:
-                w.wait()
-        sources: list[SnapshotSource] = [RamSource(self.shm_dir, verify=self.config.verify_on_restore)]
-        if _env.get(_env.SHM_DIR) is not None:
-            # Under hpresil-run every rank has a node runtime with a peer
-            # server: the same condition on every rank (the tier is pooled collectively).
-            sources.append(PeerSource(self.shm_dir, rank=self.rank, world_size=self.world_size))
-        if self._store is not None:
-            sources.append(DurableSource(self._store))
-        result = restore_state(self.state, sources, events=self.events, before=before)
-        if result is None and before is not None:
-            return None  # a rollback found nothing older: the caller reports it, the state is untouched
-        if result is None and self._durable_down is not None:
-            # The durable tier may hold what RAM and peers lack: never start over without asking it.
-            raise NoCheckpointError(f"no RAM or peer snapshot to restore and the durable tier is unreachable "
-                                    f"({self._durable_down}); not starting from scratch: fix the durable store "
-                                    f"and restart, or pass durable_every=0 to start over")
-        self.last_restore = result
-        self.state[HANG_KEY].agree()
-        timeline = _agree_timeline()
-        self._check_durable_shared(timeline)
-        for w in (self._ram, self._staging):
-            if w is not None:
-                w.timeline = timeline
-        step = 0 if result is None else result.step
-        # Newer snapshots belong to a timeline the job just abandoned: a later
-        # restore must never mix them with the new one.
-        dropped = self._ram.invalidate_after(step) if self._ram is not None else []
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if local_rank == 0:
-            # Directories of ranks that no worker on this node owns any more
-            # (a smaller world, or ranks moved to other nodes) are cleaned by
-            # the node's first worker; torchrun numbers a node's ranks
-            # contiguously. Without torchrun's variables only ranks beyond the
-            # world size are known to be nobody's.
-            if "LOCAL_RANK" in os.environ:
-                first = self.rank - local_rank
-                mine = range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-            else:
-                mine = range(self.world_size)
-            for r in _rank_dirs(self.shm_dir):
-                if r not in mine:
-                    dropped += drop_newer(self.shm_dir, r, step)
-        if dropped:
-            log.info("rank %d: dropped RAM snapshots of abandoned steps %s", self.rank, dropped)
-        self._last_snapshot = None
-        if before is not None:
-            self._last_step = step  # a rollback: close() makes this step durable, not the abandoned one
-        if result is not None and self.on_restored is not None:
-            self.on_restored(step)
-        assert self._guard is not None
-        self._guard.reset()
-        return result
-
-    def _abandon_durable(self, target: int, cause: str) -> None:
-        """After a rollback to ``target``: rank 0 marks the newer durable steps
-        unhealthy, on a thread, so that the round trips to an object store do
-        not delay training (a crash within that moment may still restore one
-        of them: they are as fresh as the abandoned timeline)."""
-        if self.rank != 0 or self._store is None:
-            return
-        store, timeline = self._store, self._ram.timeline if self._ram is not None else ""
-
-        def mark() -> None:
-            try:
-                mark_unhealthy(store, target, cause, timeline)
-            except (StorageError, OSError) as exc:
-                log.warning("rank 0: cannot mark the durable steps after %d unhealthy: %s", target, exc)
-
-        threading.Thread(target=mark, name="hpresil-mark-unhealthy", daemon=True).start()
-
-    def _check_durable_shared(self, token: str) -> None:
-        """Warns once, on every rank, when the nodes write to different durable
-        stores: no durable step could ever commit (see
-        :mod:`~hpresil.checkpoint.durable.shared`)."""
-        import torch.distributed as dist
-
-        # The same decision on every rank: the check is collective.
-        if self.durable_url is None or self._shared_checked or self.world_size < 2:
-            return
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        self._shared_checked = True
-        if shared_by_all_nodes(self._store, rank=self.rank, node_leader=int(os.environ.get("LOCAL_RANK", 0)) == 0,
-                               token=token, any_rank=stop.agree):
-            return
-        default = "" if self.config.durable else (" (the default: a directory in each node's own log dir; "
-                                                  "set HPRESIL_DURABLE or Checkpointer(durable=...))")
-        message = (f"durable URL {redact(self.durable_url)}{default} is not shared by all nodes: some node cannot see "
-                   f"rank 0's files there, so no durable step can ever commit (each node holds only its own "
-                   f"ranks). Use storage every node reaches: durable='s3://bucket/prefix' or a shared file system")
-        log.warning("rank %d: %s", self.rank, message)
-        self.events.emit("tier_degraded", tier="durable", reason="not_shared", error=message)
-
-    # -- shutdown --------------------------------------------------------
-    def wait(self, timeout: timedelta = timedelta(seconds=60)) -> None:
-        """Waits until the snapshots taken so far are committed and sealed (and,
-        with in-process services, drained)."""
-        for w in (self._ram, self._staging):
-            if w is not None:
-                w.wait()
-        for sealer, drainer in self._services:
-            sealer.flush(timeout)
-            if drainer is not None:
-                drainer.drain_once()
-
-    def close(self, *, keep_ram: bool | None = None, final_durable: bool | None = None) -> None:
-        """Makes the final state durable, finishes background work and releases the RAM tier.
-
-        Call it on every rank once training is done.
-
-        Args:
-            keep_ram: leave this rank's snapshots in shared memory. Default:
-                kept under ``hpresil-run`` (its runtime removes them at job
-                end), removed otherwise, since nothing else would free them.
-            final_durable: snapshot the step of the last :meth:`save` call for
-                the durable tier (unless its snapshot already is) and wait until
-                that step is committed there, at most ``close_timeout``; a
-                rerun then resumes from the end, not from the last
-                ``durable_every`` step. Default: ``CheckpointConfig.final_durable``.
-        """
-        # Waiting for the last durable upload can outlast the step timeout:
-        # tell the hang watchdog this is a phase of its own.
-        with phase("ckpt-close", timeout=self.config.upload_timeout + timedelta(minutes=1)):
-            if self.config.final_durable if final_durable is None else final_durable:
-                self._make_final_durable()
-            self._close(keep_ram)
-
-    def _committed(self, step: int) -> bool:
-        assert self._store is not None
-        try:
-            return is_committed(self._store, step)
-        except StorageError as exc:  # an outage: the drainer reports it; close() goes on waiting, bounded
-            log.debug("rank %d: cannot look for durable step %d: %s", self.rank, step, exc)
-            return False
-
-    def _make_final_durable(self) -> None:
-        step = self._last_step
-        if self.durable_url is None or step is None or (self._ram is None and self._staging is None):
-            return
-        if self._last_snapshot != (step, True) and not self._save(step, final=True):
-            log.warning("rank %d: the final snapshot of step %d was skipped; it is not durable", self.rank, step)
-            return
-        deadline = time.monotonic() + self.config.close_timeout.total_seconds()
-        self.wait(timedelta(seconds=30))  # committed and sealed; in-process, drained too
-        while self._store is not None and not self._committed(step):
-            if time.monotonic() >= deadline:
-                log.warning("rank %d: step %d is not committed to the durable tier %s after %.0fs (close_timeout); "
-                            "a rerun resumes from an older durable step unless the upload finishes", self.rank, step,
-                            redact(self.durable_url), self.config.close_timeout.total_seconds())
-                return
-            for _, drainer in self._services:  # in-process: the other ranks' markers may complete the step
-                if drainer is not None:
-                    drainer.drain_once()
-            time.sleep(0.1)
-        log.info("rank %d: final step %d is durable in %s", self.rank, step, redact(self.durable_url))
-
-    def _close(self, keep_ram: bool | None) -> None:
-        try:
-            self.wait(timedelta(seconds=30))
-        finally:
-            for sealer, drainer in self._services:
-                sealer.stop(timedelta(seconds=5))
-                if drainer is not None:
-                    drainer.stop(self.config.upload_timeout)
-            self._services = []
-            for w in (self._ram, self._staging):
-                if w is not None:
-                    w.close()
-            keep = (not self.run_services) if keep_ram is None else keep_ram
-            if self._ram is not None and not keep:
-                shutil.rmtree(rank_dir(self.shm_dir, self.rank), ignore_errors=True)
-                # and the per-job directories once the last rank of this node left them:
-                # ckpt/, the shm dir, and (in the default layout) the run and root directories
-                remove_empty_parents(rank_dir(self.shm_dir, self.rank), levels=4 if self._own_layout else 3)
-            if self._staging_dir is not None:
-                shutil.rmtree(self._staging_dir, ignore_errors=True)
-                remove_empty_parents(self._staging_dir, levels=2)  # <run>/ and hpresil-staging/ once empty
-            self._ram = self._staging = None
-            if self._store is not None:
-                self._store.close()
-                self._store = None
-
-    def __enter__(self) -> "Checkpointer":
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        # After an exception the state may be half-updated: never make it the final durable step.
-        self.close(final_durable=None if exc_type is None else False)
-
-
-def _rank_dirs(shm_dir: str) -> list[int]:
-    try:
-        names = os.listdir(os.path.join(shm_dir, "ckpt"))
-    except FileNotFoundError:
-        return []
-    return [int(n[4:]) for n in names if n.startswith("rank") and n[4:].isdigit()]
-
 
 def _restart_count() -> int:
     """How many times the launcher restarted this worker group (0: the first start)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import xxhash
@@ -151,10 +151,10 @@ class DivergenceCheck:
         return vec
 
     def judge(self, steps: Sequence[int | None], slots: torch.Tensor,
-              summaries: Sequence[tuple[int, int] | None]) -> Verdict:
+              summary_of: Callable[[int], tuple[int, int] | None]) -> Verdict:
         """Reads the vote's slots (``steps``: the compared snapshots, newest
-        first); on a disagreement, names the ranks with one exact all-gather
-        (collective: every rank sees the same slots)."""
+        first); on a disagreement, names the ranks with one exact all-gather of
+        each rank's ``summary_of(step)`` (collective: every rank sees the same slots)."""
         if slots.numel() != self.width:
             return Verdict(None, [], None, False)
         regroup = int(slots[0]) == 1
@@ -175,7 +175,9 @@ class DivergenceCheck:
         if not split:
             return Verdict(steps[0] if steps else None, [], agreed, regroup)
         k = max(split)  # the oldest snapshot that split
-        return Verdict(steps[k], self._name_ranks(summaries[k]), agreed, regroup)
+        step = steps[k]
+        assert step is not None
+        return Verdict(step, self._name_ranks(summary_of(step)), agreed, regroup)
 
     def regroup(self, summary: tuple[int, int] | None, layout: int | None) -> bool:
         """Learns the replica groups from every rank's ``(layout, digest)`` of

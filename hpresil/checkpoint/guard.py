@@ -22,8 +22,9 @@ import time
 from typing import Any, Callable
 
 from hpresil.checkpoint.divergence import DEPTH, DivergenceCheck, Verdict, parse_replica
-from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.files import SlotInfo, scan
 from hpresil.checkpoint.restore import RestoreResult
+from hpresil.checkpoint.graceful_stop import agree
 from hpresil.checkpoint.rollback import HealthVote, RollbackPolicy, SkipList, local_verdicts, now
 from hpresil.errors import UnhealthyStateError
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 DIVERGENCE_FILE = "divergence.json"
 
 Restore = Callable[[int], "RestoreResult | None"]
+#: The longest a rollback waits for an older snapshot still being sealed or uploaded.
+_SETTLE_S = 30.0
 
 
 class Guard:
@@ -50,15 +53,19 @@ class Guard:
         events: where ``rollback`` and ``replica_divergence`` go.
         on_rollback: called with ``(restored step, cause)`` after each rollback
             (the Checkpointer marks the abandoned durable steps).
+        on_agreed: called with the newest step every replica group agreed on
+            (the RAM writer keeps that snapshot).
     """
 
     def __init__(self, policy: RollbackPolicy, shm_dir: str, rank: int, world: int, distributed: bool,
-                 events: Any, on_rollback: Callable[[int, str], None] | None = None) -> None:
+                 events: Any, on_rollback: Callable[[int, str], None] | None = None,
+                 on_agreed: Callable[[int], None] | None = None) -> None:
         self.policy = policy
         self.shm_dir = shm_dir
         self.rank = rank
         self.events = events
         self.on_rollback = on_rollback
+        self.on_agreed = on_agreed
         self.cursor = [0]  # the next step steps() yields
         self.skip = SkipList()
         self.iterating = False
@@ -97,19 +104,20 @@ class Guard:
             self._vote = HealthVote(group, self._distributed)
         extra = None
         compared, summaries = list(self._prev), []
+        infos = scan(self.shm_dir, [self.rank], self._cache)  # this rank's slots: a few stats, parses only new files
         if self._div is not None:
-            summaries = self._summaries(compared)
+            summaries = self._summaries(infos, compared)
             extra = self._div.contribute(self._layout, summaries)
-        self._vote.start(local_verdicts(self.shm_dir, self.rank, self._since, self._cache), extra)
+        self._vote.start(local_verdicts(infos, self._since), extra)
         self._pending = (compared, summaries)
         self._prev = [step, *self._prev[:-1]]
 
-    def _summaries(self, steps: list[int | None]) -> list[tuple[int, int] | None]:
-        """Our replica digests of ``steps`` (from their seals; ``None`` where
-        there is none yet), and the newest layout seen."""
+    def _summaries(self, infos: list[SlotInfo], steps: list[int | None]) -> list[tuple[int, int] | None]:
+        """Our replica digests of ``steps`` (from their seals among ``infos``;
+        ``None`` where there is none yet), and the newest layout seen."""
         found: list[tuple[int, int] | None] = [None] * len(steps)
         newest = -1
-        for info in scan(self.shm_dir, [self.rank], self._cache):
+        for info in infos:
             seal = info.seal
             if seal is None or not seal.replica or info.record.created <= self._since:
                 continue
@@ -143,7 +151,7 @@ class Guard:
         bad = dict(decision.bad)
         if self._div is not None:
             compared, summaries = self._pending
-            verdict = self._div.judge(compared, extra, summaries)
+            verdict = self._div.judge(compared, extra, self._summary_now)
             if verdict.regroup:
                 # learned from the newest compared snapshot every rank may have sealed by now
                 self._div.regroup(summaries[-1] if summaries else None, self._layout)
@@ -152,6 +160,8 @@ class Guard:
                 self._report_divergence(verdict)
             elif verdict.agreed is not None:
                 self._agreed = max(verdict.agreed, self._agreed or -1)
+                if self.on_agreed is not None:
+                    self.on_agreed(self._agreed)
         ranked = sorted(bad.items(), key=lambda kv: (self.policy.action(kv[0]) == "warn", kv[1]))
         if not ranked:
             return False
@@ -187,6 +197,13 @@ class Guard:
                 f"--rollback-tries")
         t0 = time.perf_counter()
         result = restore(before)
+        deadline = time.monotonic() + _SETTLE_S
+        # Nothing healthy to restore yet, while some rank still has older snapshots on their
+        # way (a seal the busy sealer has not reached, an upload in flight): every rank
+        # agrees to wait and try again, so the ranks never leave the collective restore apart.
+        while result is None and time.monotonic() < deadline and agree(self._pending_older(before)):
+            time.sleep(0.2)
+            result = restore(before)
         if result is None:
             raise UnhealthyStateError(f"step {bad}: the training state went bad ({cause}) and no healthy snapshot "
                                       f"before step {before} is left in any tier")
@@ -195,6 +212,8 @@ class Guard:
         self.cursor[0] = target + 1
         if self._agreed is not None and self._agreed > target:
             self._agreed = target
+            if self.on_agreed is not None:
+                self.on_agreed(target)
         if cause == "spike" and self.policy.skip_spike_data:
             self.skip.steps.add(bad)
         duration = time.perf_counter() - t0
@@ -209,6 +228,28 @@ class Guard:
         if self.on_rollback is not None:
             self.on_rollback(target, cause)
         return True
+
+    def _summary_now(self, step: int, wait: float = 2.0) -> tuple[int, int] | None:
+        """Our digest of ``step`` for naming the ranks of a split, waiting a
+        little for its seal (every rank names together: an abstention there
+        would leave a group of three without a majority)."""
+        deadline = time.monotonic() + wait
+        while True:
+            (found,) = self._summaries(scan(self.shm_dir, [self.rank], self._cache), [step])
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.01)
+
+    def _pending_older(self, before: int) -> bool:
+        """Whether this rank has a snapshot older than ``before`` that may yet
+        become restorable: not sealed yet, or sealed healthy and flagged for the
+        durable tier (its upload may be in flight)."""
+        for info in scan(self.shm_dir, [self.rank], self._cache):
+            if info.record.step >= before:
+                continue
+            if info.seal is None or (info.record.durable and info.seal.health == "ok"):
+                return True
+        return False
 
     def _report_divergence(self, verdict: Verdict) -> None:
         log.log(logging.ERROR if self.rank == 0 else logging.DEBUG,

@@ -28,11 +28,11 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import torch
 
-from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.files import SlotInfo
 from hpresil.errors import ConfigError
 
 __all__ = ["RollbackPolicy", "Decision", "HealthVote", "SkipList", "CAUSES", "local_verdicts", "iterate", "now", "ENV"]
@@ -104,17 +104,12 @@ class Decision:
 
     bad: Mapping[str, int]
 
-    def first(self, policy: RollbackPolicy) -> tuple[str, int] | None:
-        """The cause to act on (rollback/stop before warn), with its bad step."""
-        ranked = sorted(self.bad.items(), key=lambda kv: (policy.action(kv[0]) == "warn", kv[1]))
-        return ranked[0] if ranked else None
 
-
-def local_verdicts(shm_dir: str, rank: int, since: float, cache: dict[str, Any]) -> dict[str, int]:
-    """The oldest step per cause among this rank's unhealthy seals of commits
-    made after ``since`` (Unix time)."""
+def local_verdicts(infos: Iterable[SlotInfo], since: float) -> dict[str, int]:
+    """The oldest step per cause among the unhealthy seals of ``infos`` (this
+    rank's scanned slots) of commits made after ``since`` (Unix time)."""
     bad: dict[str, int] = {}
-    for info in scan(shm_dir, [rank], cache):
+    for info in infos:
         seal = info.seal
         if seal is None or seal.health == "ok" or info.record.created <= since:
             continue

@@ -331,7 +331,7 @@ def _node_worker(rank: int, init: str, durable: str, shm: str, out: str) -> None
     warnings: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: warnings.append(r.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("hpresil.checkpoint.checkpointer").addHandler(handler)
+    logging.getLogger("hpresil.checkpoint.restoring").addHandler(handler)
     ckpt = Checkpointer({"w": torch.zeros(3)}, durable=durable, durable_every=1, shm_dir=shm, events=sink,
                         run_services=True)
     ckpt.restore()

@@ -61,7 +61,8 @@ def test_nan_and_bitflip_roll_back_in_process_and_end_bitwise_equal(tmp_path: Pa
     assert "rolled back from step" in console
     report = build_report(str(tmp_path / "hit" / "hpresil-logs"))
     assert [r["cause"] for r in report.health.rollbacks] == ["nonfinite", "divergence"]
-    assert report.health.divergences[0]["ranks"] == [1] and report.health.poisoned[0]["step"] == rollbacks[1][1]
+    assert report.health.divergences[0]["ranks"] == [1]
+    assert rollbacks[1][1] in {p["step"] for p in report.health.poisoned}
     assert report.restarts == {} and report.final_step == STEPS
     assert report.seconds("lost_work") > 0  # the steps the rollbacks undid
     from hpresil.report.cli import format_report

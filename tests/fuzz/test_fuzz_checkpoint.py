@@ -26,7 +26,7 @@ import torch
 from fuzzing import Fuzzer, Tally, deadline, quiet
 from hpresil import errors
 from hpresil.checkpoint import Checkpointer
-from hpresil.checkpoint.checkpointer import HANG_KEY, _HangCalibration
+from hpresil.checkpoint.stateful import HANG_KEY, HangCalibration as _HangCalibration
 from hpresil.checkpoint.durable.source import DurableSource
 from hpresil.checkpoint.durable.layout import MANIFEST, data_file, rank_json, step_dir
 from hpresil.checkpoint.durable.stores.local import LocalStore

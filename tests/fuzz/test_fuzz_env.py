@@ -148,7 +148,7 @@ def test_fuzz_worker_variables(tmp_path: Any) -> None:
     readers use them: the event sink, the default RAM-tier directory, the peer
     tier's wait for its node runtime, the fault plan's attempt."""
     from hpresil import _env
-    from hpresil.checkpoint.checkpointer import default_shm_dir
+    from hpresil.checkpoint.stateful import default_shm_dir
     from hpresil.events import worker_sink
     from hpresil.checkpoint.peer.source import PeerSource
     from hpresil.testing import faults

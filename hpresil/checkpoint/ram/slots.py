@@ -4,12 +4,15 @@ Slot choice (double buffering): never the newest commit; preferably not the
 newest snapshot flagged for the durable tier, until a newer one is flagged (the
 sealer and the drainer reach it after newer snapshots under load, and it must
 not be overwritten before they do: else ``durable_every`` is silently skipped);
-then preferably not the last known good one, the newest sealed and healthy
+then preferably not the last known good one: the newest sealed and healthy
 (it survives a crash while a newer one is still unsealed, and it is what a
 rollback restores when newer ones turn out poisoned,
-:mod:`hpresil.checkpoint.health`); otherwise the oldest. With 3 slots that
-leaves two alternating slots and the durable one. Those two preferred slots
-are taken only after the wait below, when nothing else could be locked.
+:mod:`hpresil.checkpoint.health`), or, while replicas are compared, the
+newest step they agreed on (``keep_step``, older: what a divergence rollback
+restores, and healthy too); otherwise the oldest. With 3 slots that
+leaves two alternating slots and the durable one. The durable slot is taken
+only after the wait below, when nothing else could be locked; the last known
+good one never while another slot exists (the snapshot is skipped instead).
 
 A slot locked by a reader (sealer, drainer, peer send) is skipped. When every
 slot the writer may take is locked, it waits for the first to be released, up
@@ -61,6 +64,8 @@ class SlotTable:
         self.durable: dict[int, str] = {}
         #: slots that could not be allocated
         self.unusable: set[int] = set()
+        #: a step whose slot is kept like the last known good one (set by the divergence check)
+        self.keep_step: int | None = None
         self._seal_cache: ScanCache = {}
         self._budget = slot_wait
         self._budget_at = time.monotonic()
@@ -89,20 +94,26 @@ class SlotTable:
                                       and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
         # The last known good: the newest commit itself once sealed healthy (never overwritten anyway).
-        good = newest if newest is not None and self.sealed(newest, healthy=True) else \
-            self.newest([k for k in candidates if self.sealed(k, healthy=True)])
+        kept = [k for k in usable if k in self.commits and self.commits[k][0] == self.keep_step]
+        if kept:  # the newest step every replica agreed on: what a divergence rollback restores
+            good: int | None = kept[0]
+        else:
+            good = newest if newest is not None and self.sealed(newest, healthy=True) else \
+                self.newest([k for k in candidates if self.sealed(k, healthy=True)])
         # Empty slots first, then oldest commit first; the last known good one, then the newest durable one last.
         candidates.sort(key=lambda k: (k == newest_durable, k == good, k in self.commits,
                                        self.commits.get(k, (0, 0.0))[:2]))
-        preferred = [k for k in candidates if k not in (newest_durable, good)] or candidates
+        # The last known good slot is never taken while there is another (a snapshot
+        # is skipped instead): a rollback needs it. The durable one only as a last resort.
+        allowed = [k for k in candidates if k != good] if len(candidates) > 1 else candidates
+        preferred = [k for k in allowed if k != newest_durable] or allowed
         k = self._try_lock(preferred)
         wait = self._refill()
         if k is not None or not candidates:
             return k
         if wait > 0:
             k = self._wait_for(preferred, newest, newest_durable, good, wait)
-        # The protected slots only when nothing else could be had.
-        return k if k is not None else self._try_lock(candidates)
+        return k if k is not None else self._try_lock(allowed)
 
     def _wait_for(self, preferred: list[int], newest: int | None, newest_durable: int | None, good: int | None,
                   wait: float) -> int | None:

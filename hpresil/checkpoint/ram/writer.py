@@ -439,6 +439,11 @@ class RamWriter:
             exc, self._pending_error = self._pending_error, None
             raise StorageError(f"asynchronous commit failed: {exc}") from exc
 
+    def keep(self, step: int | None) -> None:
+        """Keeps the slot of ``step`` like the last known good one (see
+        :mod:`~hpresil.checkpoint.ram.slots`); ``None`` stops."""
+        self._table.keep_step = step
+
     def invalidate_after(self, step: int) -> list[int]:
         """Drops the records of this rank's snapshots newer than ``step`` (they
         belong to a timeline the job has abandoned by restoring ``step``).
