@@ -35,6 +35,8 @@ chaos: venv
 bench: venv
 	$(PY) bench/launcher_overhead.py
 	$(PY) bench/checkpoint.py
+	$(PY) bench/seal.py
+	$(PY) bench/rollback.py
 	$(PY) bench/back_to_back.py
 	$(PY) bench/s3_drain.py
 	$(PY) bench/replication.py

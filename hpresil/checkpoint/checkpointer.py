@@ -58,9 +58,9 @@ class Checkpointer(Restoring, Closing):
         ckpt = hpresil.Checkpointer(state={"model": model, "optim": opt, "rng": RNGState()},
                                     durable="s3://bucket/run1", durable_every=50)
         start = ckpt.restore()
-        for step in range(start, total):
-            ...train...
-            ckpt.save(step + 1)
+        for step in ckpt.steps(start + 1, total + 1):  # range() that a rollback rewinds
+            loss = ...train...
+            ckpt.save(step, loss=loss)
         ckpt.close()
 
     Args:
@@ -79,6 +79,9 @@ class Checkpointer(Restoring, Closing):
         run_services: seal and drain on background threads here (default: only
             outside ``hpresil-run``, whose node runtime does it).
         events: event sink (default: :func:`hpresil.events.worker_sink`).
+        rollback: what to do about an unhealthy state (default: from
+            ``hpresil-run``'s ``--on-nonfinite``/``--on-spike``/``--on-divergence``,
+            see :class:`~hpresil.checkpoint.rollback.RollbackPolicy`).
 
     Raises:
         ConfigError: an invalid setting or durable URL.
