@@ -73,8 +73,8 @@ class RollbackPolicy:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: use one of {', '.join(choices)}")
-        if self.max_tries < 1:
-            raise ConfigError(f"max_tries={self.max_tries}: must be >= 1")
+        if not isinstance(self.max_tries, int) or isinstance(self.max_tries, bool) or self.max_tries < 1:
+            raise ConfigError(f"max_tries={self.max_tries!r}: must be an integer >= 1")
 
     @classmethod
     def from_env(cls) -> "RollbackPolicy":

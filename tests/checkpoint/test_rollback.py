@@ -71,13 +71,17 @@ def _run(tmp_path: Any, shm: str, name: str, world: int, env: dict[str, str] | N
          policy: dict[str, Any] | None = None, poison: int | None = None, durable: bool = False) -> list[dict[str, Any]]:
     out = str(tmp_path / name)
     url = f"file://{tmp_path}/{name}-durable" if durable else None
-    procs = [_FORK.Process(target=_worker, args=(r, world, os.path.join(shm, name), out, env or {}, policy or {}, poison,
-                                                 url))
-             for r in range(world)]
+    return _ranks(world, out, _worker, lambda r: (r, world, os.path.join(shm, name), out, env or {}, policy or {},
+                                                  poison, url))
+
+
+def _ranks(world: int, out: str, target: Any, args: Any, timeout: float = 120) -> list[dict[str, Any]]:
+    """Runs ``target(*args(rank))`` in one forked process per rank; returns each rank's ``<out>.rank<R>`` JSON."""
+    procs = [_FORK.Process(target=target, args=args(r)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(timeout)
     assert [p.exitcode for p in procs] == [0] * world
     results = []
     for r in range(world):
@@ -190,16 +194,7 @@ def _quiet_worker(rank: int, world: int, shm: str, out: str, steps: int) -> None
 
 def test_no_false_positive_over_200_steps_with_a_mask_buffer_and_per_rank_batchnorm(tmp_path: Any, shm: str) -> None:
     world, out = 3, str(tmp_path / "quiet")
-    procs = [_FORK.Process(target=_quiet_worker, args=(r, world, shm, out, 200)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert [p.exitcode for p in procs] == [0] * world
-    results = []
-    for r in range(world):
-        with open(f"{out}.rank{r}") as f:
-            results.append(json.load(f))
+    results = _ranks(world, out, _quiet_worker, lambda r: (r, world, shm, out, 200), timeout=180)
     for res in results:
         assert not set(res["events"]) & {"snapshot_poisoned", "snapshot_suspect", "replica_divergence", "rollback"}
         assert res["groups"] == [[0, 1, 2]], "the replicas were not compared"

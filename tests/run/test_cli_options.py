@@ -10,6 +10,7 @@ import pytest
 from torch.distributed.run import get_args_parser
 
 from _launch import base_env, hpresil_run, script
+from hpresil.errors import ConfigError
 from hpresil.run.cli import HPRESIL_OPTIONS, build_parser
 
 
@@ -75,6 +76,8 @@ def test_hpresil_variables_are_defaults_and_flags_win(monkeypatch: pytest.Monkey
         (["--hang-step-floor", "abc"], "--hang-step-floor='abc' is not a number of seconds"),
         (["--nproc-pre-node", "2"], "--nproc-pre-node: did you mean --nproc-per-node?"),
         (["--metric-port", "9400"], "--metric-port: did you mean --metrics-port?"),
+        (["--rollback-tries", "0"], "--rollback-tries '0': takes an integer >= 1"),
+        (["--on-spike", "stop"], "invalid choice"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_fix(tmp_path, argv: list[str], fix: str) -> None:
@@ -82,6 +85,24 @@ def test_bad_arguments_exit_2_naming_the_fix(tmp_path, argv: list[str], fix: str
     assert proc.returncode == 2, proc.stderr
     assert fix in proc.stderr
     assert "usage: hpresil-run" in proc.stderr
+
+
+def test_rollback_policy_reaches_the_workers_from_flags_or_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpresil.checkpoint.rollback import RollbackPolicy
+    from hpresil.run.options import worker_env
+
+    monkeypatch.setenv("HPRESIL_ON_DIVERGENCE", "leave")
+    args = build_parser().parse_args(["--on-spike", "rollback", "--rollback-tries", "5", "train.py"])
+    env = worker_env(args)
+    assert env == {"HPRESIL_ON_NONFINITE": "rollback", "HPRESIL_ON_SPIKE": "rollback", "HPRESIL_ON_DIVERGENCE": "leave",
+                   "HPRESIL_ROLLBACK_TRIES": "5"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    policy = RollbackPolicy.from_env()
+    assert (policy.on_spike, policy.on_divergence, policy.max_tries) == ("rollback", "leave", 5)
+    monkeypatch.setenv("HPRESIL_ROLLBACK_TRIES", "many")
+    with pytest.raises(ConfigError, match="max_tries='many'.*HPRESIL_ROLLBACK_TRIES"):
+        RollbackPolicy.from_env()
 
 
 def test_bad_hpresil_env_value_exits_2(tmp_path) -> None:
