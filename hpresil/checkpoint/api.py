@@ -427,11 +427,11 @@ class Seal:
             obj = json.loads(text)
             if obj.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {obj.get('version')!r}, expected {FORMAT_VERSION}")
-            return cls(**obj).checked()
+            return cls(**obj).validated()
         except (ValueError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(f"malformed seal: {exc}") from exc
 
-    def checked(self) -> "Seal":
+    def validated(self) -> "Seal":
         """``self``, after checking every field's type (also for seals parsed header-only).
 
         Raises:

@@ -117,7 +117,7 @@ def read_seal(path: str, commit_id: str | None, *, header_only: bool = False) ->
             head = _parse_head(data, b"checksums")
             if head is not None and head.get("version") == FORMAT_VERSION:
                 try:
-                    seal = Seal(**head, checksums={}, sealed=0.0).checked() if "sealed" not in head else None
+                    seal = Seal(**head, checksums={}, sealed=0.0).validated() if "sealed" not in head else None
                 except ValueError as exc:
                     raise IntegrityError(f"malformed seal: {exc}") from exc
         if seal is None:
