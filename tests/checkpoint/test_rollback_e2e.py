@@ -6,7 +6,6 @@ and a final model bitwise equal to the run no fault hit."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 

@@ -11,7 +11,6 @@ import os
 import random
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
