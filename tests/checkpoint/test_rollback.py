@@ -200,3 +200,27 @@ def test_no_false_positive_over_200_steps_with_a_mask_buffer_and_per_rank_batchn
         assert res["groups"] == [[0, 1, 2]], "the replicas were not compared"
         assert res["agreed"] is not None and res["agreed"] > 150 and res["mask"]
     assert len({res["buffers_differ"] for res in results}) == world  # the statistics do differ per rank
+
+
+def test_a_loss_spike_rolls_back_and_its_data_is_skipped(shm: str) -> None:
+    model, opt = _model()
+    events = RecordingSink()
+    ckpt = Checkpointer({"model": model, "optim": opt}, shm_dir=shm, durable_every=0, events=events,
+                        run_services=True, rollback=RollbackPolicy(on_spike="rollback", skip_spike_data=True))
+    ran = []
+    for step in ckpt.steps(ckpt.restore() + 1, 41):
+        ran.append(step)
+        x = _batch(step, 0, None) * (30.0 if step == 30 else 1.0)  # one batch far off the distribution
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ckpt.save(step, loss=loss.detach())
+        ckpt.wait()
+    (rollback,) = events.named("rollback")
+    assert (rollback["cause"], rollback["bad_step"]) == ("spike", 30) and rollback["to_step"] < 30
+    assert [e["step"] for e in events.named("snapshot_suspect")] == [30]
+    after = ran[ran.index(30) + 1:]
+    assert 30 not in after and after[-1] == 40, "the spike's data was trained on again"
+    assert ckpt._skip.steps == {30}  # travels with the checkpoint (hpresil_skip)
+    ckpt.close(final_durable=False)
