@@ -12,7 +12,9 @@ SGD momentum). Per iteration, after a few sealed snapshots:
   dropping the abandoned snapshots) until training may go on.
 
 Prints the slowest rank's times (best of ``--iters``) and the ratio the target
-is stated in (rollback <= 2x a plain RAM restore).
+is stated in (rollback <= 2x a plain RAM restore); then what the per-snapshot
+health vote costs a ``save``: saves with it against saves with the guard
+turned off, interleaved.
 
     python bench/rollback.py --mib 256 --ranks 2 --iters 3
 """
@@ -77,11 +79,24 @@ def _worker(rank: int, args: argparse.Namespace, shm: str, init: str, out: str) 
         assert len(events.named("rollback")) == before + 1, "no rollback happened"
         rollbacks.append(max(took))
         step = events.named("rollback")[-1]["to_step"]
-    times = torch.tensor([min(restores), min(rollbacks)], dtype=torch.float64)
+    # The health vote's cost in save(): saves with it against saves with the guard's check and vote
+    # turned into no-ops, interleaved, median of each.
+    guard = ckpt._guard
+    assert guard is not None
+    real = (guard.check, guard.vote)
+    with_vote, without = [], []
+    for i in range(2 * args.vote_saves):
+        off = i % 2 == 1
+        guard.check, guard.vote = ((lambda step, restore: False), (lambda step: None)) if off else real
+        (without if off else with_vote).append(train_and_save())
+    guard.check, guard.vote = real
+    times = torch.tensor([min(restores), min(rollbacks), sorted(with_vote)[len(with_vote) // 2],
+                          sorted(without)[len(without) // 2]], dtype=torch.float64)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"restore_s": float(times[0]), "rollback_s": float(times[1]),
+            json.dump({"restore_s": float(times[0]), "rollback_s": float(times[1]), "save_s": float(times[2]),
+                       "save_no_vote_s": float(times[3]),
                        "bytes": sum(p.numel() * 4 * 2 for p in model.parameters())}, f)
     ckpt.close(final_durable=False)
     dist.destroy_process_group()
@@ -92,6 +107,7 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=256, help="state per rank (MiB)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--vote-saves", type=int, default=10, help="saves timed with and without the health vote")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = p.parse_args()
     ctx = multiprocessing.get_context("fork")
@@ -109,6 +125,7 @@ def main() -> None:
         with open(out) as f:
             res: dict[str, Any] = json.load(f)
     res["rollback_vs_restore"] = round(res["rollback_s"] / res["restore_s"], 3)
+    res["vote_ms_per_save"] = round((res["save_s"] - res["save_no_vote_s"]) * 1e3, 3)
     if args.json:
         print(json.dumps(res))
         return
@@ -116,6 +133,8 @@ def main() -> None:
     print(f"  plain RAM restore     {res['restore_s'] * 1e3:8.1f} ms")
     print(f"  rollback (in save)    {res['rollback_s'] * 1e3:8.1f} ms")
     print(f"rollback vs restore: {res['rollback_vs_restore']:.2f}x (target <= 2x)")
+    print(f"save with the health vote {res['save_s'] * 1e3:.1f} ms, without {res['save_no_vote_s'] * 1e3:.1f} ms "
+          f"(median of {args.vote_saves} each): the vote costs {res['vote_ms_per_save']:.2f} ms per save")
 
 
 if __name__ == "__main__":
