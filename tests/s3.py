@@ -191,6 +191,15 @@ class SeaweedServer:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         self.proc = None
+        # SeaweedFS puts a unix socket per listener in /tmp itself (not $TMPDIR); a killed server leaves them.
+        ports = {self.master_grpc, self.volume_grpc, self.filer, self.filer_grpc, self.port, self.s3_grpc}
+        for name in os.listdir("/tmp"):
+            if name.startswith("seaweedfs-") and name.endswith(".sock") and name[:-5].rsplit("-", 1)[-1].isdigit() \
+                    and int(name[:-5].rsplit("-", 1)[-1]) in ports:
+                try:
+                    os.unlink(os.path.join("/tmp", name))
+                except FileNotFoundError:
+                    pass
 
     def log_tail(self, n: int = 4000) -> str:
         """The end of the server log (for failure messages)."""
