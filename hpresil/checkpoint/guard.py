@@ -22,10 +22,10 @@ import time
 from typing import Any, Callable
 
 from hpresil.checkpoint.divergence import DEPTH, DivergenceCheck, Verdict, parse_replica
-from hpresil.checkpoint.ram.files import SlotInfo, scan
+from hpresil.checkpoint.ram.files import SlotInfo, scan, write_atomic
 from hpresil.checkpoint.restore import RestoreResult
-from hpresil.checkpoint.graceful_stop import agree
-from hpresil.checkpoint.rollback import HealthVote, RollbackPolicy, SkipList, local_verdicts, now
+from hpresil.checkpoint.graceful_stop import agree, cpu_group
+from hpresil.checkpoint.rollback import HealthVote, RollbackPolicy, SkipList, local_verdicts
 from hpresil.errors import UnhealthyStateError
 
 __all__ = ["Guard", "DIVERGENCE_FILE"]
@@ -73,7 +73,7 @@ class Guard:
         self._world = world
         self._vote: HealthVote | None = None
         self._div: DivergenceCheck | None = None
-        self._since = now()
+        self._since = time.time()  # seals of commits made before this are settled (wall time: records carry it)
         self._cache: dict[str, Any] = {}
         self._warned: set[tuple[str, int]] = set()
         self._last: tuple[str, int, int] | None = None  # (cause, bad step, target) of the last rollback
@@ -85,7 +85,7 @@ class Guard:
 
     def reset(self) -> None:
         """After a restore: verdicts about commits made before now are settled."""
-        self._since = now()
+        self._since = time.time()
         self._prev = [None] * DEPTH
         self._pending = ([], [])
         if self._vote is not None:
@@ -97,9 +97,7 @@ class Guard:
         if self._vote is None:
             group = None
             if self._distributed:
-                from hpresil.checkpoint import graceful_stop
-
-                group = graceful_stop.cpu_group()
+                group = cpu_group()
                 self._div = DivergenceCheck(self.rank, self._world, group)
             self._vote = HealthVote(group, self._distributed)
         extra = None
@@ -270,11 +268,8 @@ class Guard:
                 except (OSError, ValueError):
                     seen = {}
                 steps = sorted({*seen.get("steps", []), verdict.step})
-                record = {"node": node, "steps": steps, "count": len(steps), "policy": self.policy.on_divergence,
-                          "ranks": sorted({*seen.get("ranks", []), self.rank})}
-                tmp = f"{path}.tmp{os.getpid()}"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(record, f)
-                os.replace(tmp, path)
+                write_atomic(path, json.dumps({"node": node, "steps": steps, "count": len(steps),
+                                               "policy": self.policy.on_divergence,
+                                               "ranks": sorted({*seen.get("ranks", []), self.rank})}))
         except OSError as exc:
             log.warning("cannot record the divergence in %s: %s", path, exc)

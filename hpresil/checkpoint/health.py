@@ -39,13 +39,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import statistics
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from hpresil.checkpoint.ram.files import write_atomic
 from hpresil.errors import ConfigError
 
 __all__ = ["Health", "HEALTHY", "worst", "DeviceFlags", "device_finite_flags", "checked_bitmap", "HealthConfig", "FiniteProbe", "probe_for", "LossWindow", "RankHealth", "Verdict"]
@@ -289,10 +289,7 @@ class RankHealth:
     def _persist(self) -> None:
         if self.path is None:
             return
-        tmp = f"{self.path}.tmp{os.getpid()}"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"seen": sorted(self._seen), "legit": sorted(self._legit)}, f)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps({"seen": sorted(self._seen), "legit": sorted(self._legit)}))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.path, exc)

@@ -38,6 +38,7 @@ import torch
 
 from hpresil.checkpoint import flatten as fl
 from hpresil.checkpoint.api import CommitRecord, Entry, SnapshotSource, TierName
+from hpresil.checkpoint.health import worst
 from hpresil.errors import CheckpointError, IntegrityError, StateMismatchError, StorageError
 from hpresil.events import NullEventLog
 from hpresil.events.api import EventSink
@@ -128,8 +129,8 @@ def _availability(sources: Sequence[SnapshotSource]) -> tuple[Avail, dict[int, s
             continue
         avail[t] = {(r.step, r.world_size): sorted(r.ranks) for r in refs}
         for r in refs:
-            if r.health != "ok" and unhealthy.get(r.step) != "poisoned":
-                unhealthy[r.step] = r.health
+            if r.health != "ok":
+                unhealthy[r.step] = worst(unhealthy.get(r.step, "ok"), r.health)
     return avail, unhealthy
 
 
@@ -214,7 +215,7 @@ def restore_state(
             unhealthy: dict[int, str] = {}
             for _, theirs in gathered:
                 for s, h in theirs.items():
-                    unhealthy[int(s)] = "poisoned" if "poisoned" in (h, unhealthy.get(int(s))) else h
+                    unhealthy[int(s)] = worst(unhealthy.get(int(s), "ok"), h)
             chosen = choose([a for a, _ in gathered], comm.world, unhealthy, before)
             if chosen is None and tried:
                 # A failed round loads in place: ranks that read a snapshot before

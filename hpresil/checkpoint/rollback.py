@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import torch
@@ -35,7 +34,7 @@ import torch
 from hpresil.checkpoint.ram.files import SlotInfo
 from hpresil.errors import ConfigError
 
-__all__ = ["RollbackPolicy", "Decision", "HealthVote", "SkipList", "CAUSES", "local_verdicts", "iterate", "now", "ENV"]
+__all__ = ["RollbackPolicy", "Decision", "HealthVote", "SkipList", "CAUSES", "local_verdicts", "iterate", "ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +183,4 @@ def iterate(start: int, stop: int, cursor: list[int], skip: SkipList) -> Iterato
             log.info("step %d: skipping its data (it produced a loss spike)", step)
             continue
         yield step
-
-
-def now() -> float:
-    """Wall time, for :func:`local_verdicts`' ``since``."""
-    return time.time()
 

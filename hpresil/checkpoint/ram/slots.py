@@ -93,11 +93,10 @@ class SlotTable:
         newest_durable = self.newest([k for k in usable if k in self.durable
                                       and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
-        # The last known good: the newest commit itself once sealed healthy (never overwritten anyway).
         kept = [k for k in usable if k in self.commits and self.commits[k][0] == self.keep_step]
         if kept:  # the newest step every replica agreed on: what a divergence rollback restores
             good: int | None = kept[0]
-        else:
+        else:  # the last known good: the newest commit itself once sealed healthy (never overwritten anyway)
             good = newest if newest is not None and self.sealed(newest, healthy=True) else \
                 self.newest([k for k in candidates if self.sealed(k, healthy=True)])
         # Empty slots first, then oldest commit first; the last known good one, then the newest durable one last.
