@@ -205,8 +205,28 @@ class Guard:
         if result is None:
             raise UnhealthyStateError(f"step {bad}: the training state went bad ({cause}) and no healthy snapshot "
                                       f"before step {before} is left in any tier")
+        self._last = (cause, bad, result.step)
+        self._rolled_back(step, cause, bad, self._tries, result, t0)
+        return True
+
+    def rollback_by_hand(self, step: int, before: int, restore: Restore) -> RestoreResult:
+        """``Checkpointer.rollback()``: restores the newest healthy snapshot
+        before ``before`` like a rollback the vote decided (cause ``manual``).
+
+        Raises:
+            UnhealthyStateError: there is no such snapshot.
+        """
+        t0 = time.perf_counter()
+        result = restore(before)
+        if result is None:
+            raise UnhealthyStateError(f"rollback: no healthy snapshot before step {before} in any tier")
+        self._rolled_back(step, "manual", before, 1, result, t0)
+        return result
+
+    def _rolled_back(self, step: int, cause: str, bad: int, attempt: int, result: RestoreResult, t0: float) -> None:
+        """After a rollback to ``result``: the loop, the kept snapshot, the log,
+        the event and the abandoned durable steps."""
         target = result.step
-        self._last = (cause, bad, target)
         self.cursor[0] = target + 1
         if self._agreed is not None and self._agreed > target:
             self._agreed = target
@@ -218,14 +238,13 @@ class Guard:
         # Every rank rolls back together: rank 0 says so on the console.
         log.log(logging.WARNING if self.rank == 0 else logging.DEBUG,
                 "rank %d: rolled back from step %d to step %d (%s at step %d, try %d of %d) in %.3fs%s",
-                self.rank, step, target, cause, bad, self._tries, self.policy.max_tries, duration,
+                self.rank, step, target, cause, bad, attempt, self.policy.max_tries, duration,
                 "" if self.iterating else "; the loop does not use ckpt.steps(), so its step counter "
                 "does not rewind")
         self.events.emit("rollback", from_step=step, to_step=target, cause=cause, bad_step=bad, tier=result.tier,
-                         attempt=self._tries, duration_s=round(duration, 6))
+                         attempt=attempt, duration_s=round(duration, 6))
         if self.on_rollback is not None:
             self.on_rollback(target, cause)
-        return True
 
     def _summary_now(self, step: int, wait: float = 2.0) -> tuple[int, int] | None:
         """Our digest of ``step`` for naming the ranks of a split, waiting a

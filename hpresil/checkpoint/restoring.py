@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any, Iterator
 
 from hpresil import _env
@@ -28,7 +27,7 @@ from hpresil.checkpoint.restore import RestoreResult, restore_state
 from hpresil.checkpoint.rollback import iterate
 from hpresil.checkpoint.stateful import HANG_KEY, agree_timeline
 from hpresil.checkpoint import graceful_stop as stop
-from hpresil.errors import NoCheckpointError, StorageError, UnhealthyStateError
+from hpresil.errors import NoCheckpointError, StorageError
 
 __all__ = ["Restoring"]
 
@@ -73,14 +72,7 @@ class Restoring:
         assert self._guard is not None
         step = self._last_step or 0
         bound = before if before is not None else (self._last_snapshot[0] if self._last_snapshot else step + 1)
-        t0 = time.perf_counter()
-        result = self._restore(bound)
-        if result is None:
-            raise UnhealthyStateError(f"rollback: no healthy snapshot before step {bound} in any tier")
-        self._guard.cursor[0] = result.step + 1
-        self.events.emit("rollback", from_step=step, to_step=result.step, cause="manual", bad_step=bound,
-                         tier=result.tier, attempt=1, duration_s=round(time.perf_counter() - t0, 6))
-        return result.step
+        return self._guard.rollback_by_hand(step, bound, self._restore).step
 
     def restore(self) -> int:
         """Restores the state in place from the newest healthy snapshot every

@@ -224,3 +224,32 @@ def test_a_loss_spike_rolls_back_and_its_data_is_skipped(shm: str) -> None:
     assert 30 not in after and after[-1] == 40, "the spike's data was trained on again"
     assert ckpt._skip.steps == {30}  # travels with the checkpoint (hpresil_skip)
     ckpt.close(final_durable=False)
+
+
+def test_a_rollback_by_hand_marks_the_newer_durable_steps_like_an_automatic_one(shm: str, tmp_path: Any) -> None:
+    import time
+
+    from hpresil.checkpoint.durable.stores import open_store
+    from hpresil.checkpoint.durable.writer import list_committed, list_unhealthy
+
+    model, opt = _model()
+    url = f"file://{tmp_path}/durable"
+    events = RecordingSink()
+    ckpt = Checkpointer({"model": model, "optim": opt}, shm_dir=shm, durable=url, durable_every=2, events=events,
+                        run_services=True)
+    for step in ckpt.steps(ckpt.restore() + 1, 7):
+        opt.zero_grad()
+        model(_batch(step, 0, None)).square().mean().backward()
+        opt.step()
+        ckpt.save(step)
+        ckpt.wait()
+    store = open_store(url)
+    assert [s for s, _ in list_committed(store)] == [6, 4, 2]
+    assert ckpt.rollback(before=3) == 2
+    deadline = time.monotonic() + 10
+    while list_unhealthy(store, [4, 6]) != {4: "manual", 6: "manual"}:  # rank 0 marks them on a thread
+        assert time.monotonic() < deadline, list_unhealthy(store, [4, 6])
+        time.sleep(0.05)
+    (rollback,) = events.named("rollback")
+    assert (rollback["cause"], rollback["to_step"], rollback["bad_step"]) == ("manual", 2, 3)
+    ckpt.close(final_durable=False)
