@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import tempfile
 from unittest import mock
 
 import pytest
@@ -25,6 +26,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("HPRESIL_SHM_ROOT", str(tmp_path / "shm"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", REPO)
+    # torchrun runs in this process: its workers' error files go to tempfile's directory, cached as /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _touched(d) -> set[str]:
