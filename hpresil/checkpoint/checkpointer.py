@@ -31,6 +31,7 @@ from hpresil.checkpoint.closing import Closing
 from hpresil.checkpoint.divergence import compare_keys
 from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
 from hpresil.checkpoint.durable.stores import DurableStore, open_store
+from hpresil.checkpoint.fence import StepFence, find_optimizers
 from hpresil.checkpoint.guard import Guard
 from hpresil.checkpoint.ram.files import scan
 from hpresil.checkpoint.ram.sealer import Sealer
@@ -154,6 +155,11 @@ class Checkpointer(Restoring, Closing):
         self.on_restored: Callable[[int], None] | None = None
         self._compared: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
         self.last_restore: RestoreResult | None = None
+        #: Optimizer step pre-hooks that wait for the snapshot copy in flight
+        #: (:mod:`hpresil.checkpoint.fence`); integrations attach more.
+        self.fence = StepFence(self._fence_wait)
+        for opt in find_optimizers(state):
+            self.fence.attach(opt)
 
     # -- setup -----------------------------------------------------------
     def _durable_url(self) -> str | None:
@@ -188,6 +194,8 @@ class Checkpointer(Restoring, Closing):
         except OSError as exc:
             self._degrade(exc)
             return
+        # Allocating, mapping and pinning the slots overlaps the restore and the first steps.
+        self._ram.prepare(fl.flatten(self.state).leaves)
         if self.run_services:
             self._start_services(self.shm_dir)
 
@@ -206,6 +214,11 @@ class Checkpointer(Restoring, Closing):
         self._services.append((sealer, drainer))
 
     # -- saving ----------------------------------------------------------
+    def _fence_wait(self) -> None:
+        for w in (self._ram, self._staging):
+            if w is not None:
+                w.fence()
+
     def save(self, step: int, *, loss: Any = None) -> bool:
         """Snapshots the state as of ``step`` (no-op unless ``step % every == 0``).
 
@@ -284,13 +297,14 @@ class Checkpointer(Restoring, Closing):
             nbytes = writer.save(
                 step, flat.leaves, world_size=self.world_size, durable=durable, durable_url=self.durable_url,
                 keep=self.config.keep, on_commit=self._on_commit, loss=loss, compared=self._compared[1],
+                guarded=self.fence.guarded(flat.leaves),
             )
         except StorageError as exc:
             self._degrade(exc)
             return self._save(step, final, loss) if self._staging is not None and durable else False
         tier = "ram" if writer is self._ram else "durable"  # durable: staged on disk (RAM tier degraded)
         if nbytes is None:
-            self.events.emit("checkpoint_skipped", step=step, tier=tier, reason="slots_busy",
+            self.events.emit("checkpoint_skipped", step=step, tier=tier, reason=writer.skip_reason,
                              waited_s=round(time.perf_counter() - t0, 6))
             return False
         self._last_snapshot = (step, durable)

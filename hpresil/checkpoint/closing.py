@@ -114,6 +114,7 @@ class Closing:
                 shutil.rmtree(self._staging_dir, ignore_errors=True)
                 remove_empty_parents(self._staging_dir, levels=2)  # <run>/ and hpresil-staging/ once empty
             self._ram = self._staging = None
+            self.fence.close()
             if self._store is not None:
                 self._store.close()
                 self._store = None

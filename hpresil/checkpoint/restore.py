@@ -38,6 +38,7 @@ import torch
 
 from hpresil.checkpoint import flatten as fl
 from hpresil.checkpoint.api import CommitRecord, Entry, SnapshotSource, TierName
+from hpresil.checkpoint.h2d import read_to_device
 from hpresil.checkpoint.health import worst
 from hpresil.errors import CheckpointError, IntegrityError, StateMismatchError, StorageError
 from hpresil.events import NullEventLog
@@ -326,6 +327,8 @@ class _Reader:
         # Reads straight into state tensors are batched, so a tier that reads
         # many entries in parallel (RAM, peer) gets them at once: see flush().
         self._batch: list[tuple[int, Entry, torch.Tensor]] = []
+        # Device tensors it can read straight into go through pinned staging (h2d).
+        self._device: list[tuple[int, Entry, torch.Tensor]] = []
 
     def _read(self, rank: int, entry: Entry, target: torch.Tensor | None = None) -> torch.Tensor:
         """Reads ``entry`` into ``target`` when it can take the bytes directly,
@@ -337,11 +340,16 @@ class _Reader:
                                  f"for {entry.dtype}{entry.shape}")
         direct = (
             target is not None
-            and target.device.type == "cpu"
             and target.dtype == dtype
             and target.is_contiguous()
             and list(target.shape) == entry.shape
         )
+        if direct and target is not None and target.is_cuda:
+            if entry.nbytes:
+                self._device.append((rank, entry, target))
+            self.bytes += entry.nbytes
+            return target
+        direct = direct and target is not None and target.device.type == "cpu"
         if direct:
             out = target.view(-1).view(torch.uint8) if target.numel() else torch.empty(0, dtype=torch.uint8)
         else:
@@ -361,6 +369,9 @@ class _Reader:
         if self._batch:
             batch, self._batch = self._batch, []
             self.source.read_many(self.step, batch)
+        if self._device:
+            batch, self._device = self._device, []
+            read_to_device(self.source, self.step, batch)
 
     def fill(self, key: str, target: torch.Tensor, offset: Sequence[int]) -> None:
         """Fills ``target`` (the local data at ``offset`` of the global tensor)."""

@@ -4,7 +4,6 @@ and bitwise resume after SIGKILL (one process; two DDP ranks over gloo)."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -25,7 +24,8 @@ from hpresil.errors import CheckpointError, StateMismatchError
 from hpresil.testing import fail_at, maybe_inject, to_env
 from hpresil.testing import RecordingSink as ListSink
 
-_FORK = multiprocessing.get_context("fork")
+from _procs import process
+
 
 
 
@@ -268,7 +268,7 @@ def _reference(world: int) -> list[torch.Tensor]:
 def _run_group(world: int, shm: str, out: str, attempt: int, kill_step: int, in_process: bool) -> list[int | None]:
     init = f"{out}.init{attempt}"
     procs = [
-        _FORK.Process(target=_train_worker, args=(r, world, shm, out, init, attempt, kill_step, in_process)) for r in range(world)
+        process(_train_worker, (r, world, shm, out, init, attempt, kill_step, in_process)) for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -346,7 +346,7 @@ def test_a_durable_url_not_shared_by_all_nodes_is_reported_at_start(tmp_path: An
     procs = []
     for rank in range(2):
         durable = f"file://{tmp_path}/{'shared' if shared else f'node{rank}'}/ckpt"
-        p = _FORK.Process(target=_node_worker, args=(rank, str(tmp_path / "init"), durable,
+        p = process(_node_worker, (rank, str(tmp_path / "init"), durable,
                                                       str(tmp_path / f"shm{rank}"), str(tmp_path / f"out{rank}")))
         p.start()
         procs.append(p)

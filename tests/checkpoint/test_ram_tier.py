@@ -4,7 +4,6 @@ verified reads, crash safety, integrity fallback, and a full /dev/shm."""
 from __future__ import annotations
 
 import fcntl
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -29,6 +28,8 @@ from hpresil.checkpoint.ram.source import RamSource, read_verified
 from hpresil.checkpoint.ram.writer import RamWriter
 from hpresil.errors import ConfigError, IntegrityError
 from hpresil.testing import RecordingSink as ListSink
+
+from _procs import process
 
 
 def _save(w: RamWriter, step: int, state: dict[str, Any]) -> int | None:
@@ -216,27 +217,42 @@ def test_streaming_checksum_matches_integrity(monkeypatch: pytest.MonkeyPatch, s
     os.close(fd)
 
 
-def _write_then_die(shm: str) -> None:
-    """Child: commits step 1, then is SIGKILLed half way through copying step 2."""
+def _write_then_die(shm: str, overlapped: bool) -> None:
+    """Child: commits step 1, then is SIGKILLed half way through copying step 2
+    (``overlapped``: in the commit thread's copy, after ``save`` returned)."""
     from hpresil.checkpoint.ram import writer as ram
 
     state = {"a": torch.full((1000,), 1.0), "b": torch.full((1000,), 1.0)}
     w = RamWriter(shm, 0, slots=2, run_id="r")
     _save(w, 1, state)
+    if overlapped:
+        real_memcpy = ram._memcpy
+
+        def memcpy_then_die(dst: torch.Tensor, src: torch.Tensor) -> None:
+            real_memcpy(dst, src)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        ram._memcpy = memcpy_then_die
+        state["a"].fill_(2.0), state["b"].fill_(2.0)
+        w.save(2, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1, guarded=[True, True])
+        time.sleep(30)  # killed by the commit thread
+        return
     real = ram.RamWriter._copy
 
-    def copy_half_then_die(self: Any, slot: Any, views: list[torch.Tensor], tensors: list[torch.Tensor], loss: Any) -> Any:
+    def copy_half_then_die(self: Any, slot: Any, views: list[torch.Tensor], tensors: list[torch.Tensor],
+                           *args: Any) -> Any:
         views[0].copy_(tensors[0])
         os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, slot, views, tensors, loss)
+        return real(self, slot, views, tensors, *args)
 
     ram.RamWriter._copy = copy_half_then_die
     state["a"].fill_(2.0), state["b"].fill_(2.0)
     _save(w, 2, state)
 
 
-def test_sigkill_mid_copy_never_damages_the_previous_snapshot(shm: str) -> None:
-    proc = multiprocessing.get_context("fork").Process(target=_write_then_die, args=(shm,))
+@pytest.mark.parametrize("overlapped", [False, True], ids=["in_save", "after_save_returned"])
+def test_sigkill_mid_copy_never_damages_the_previous_snapshot(shm: str, overlapped: bool) -> None:
+    proc = process(_write_then_die, (shm, overlapped))
     proc.start()
     proc.join(30)
     assert proc.exitcode == -signal.SIGKILL
@@ -479,7 +495,7 @@ def test_reclaim_requests_of_a_killed_writer_do_not_outlive_it(shm: str) -> None
     fd = os.open(slot_path(shm, 0, k1, "bin"), os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH)  # a reader holds step 1's slot
     request = slot_path(shm, 0, k1, "reclaim")
-    proc = multiprocessing.get_context("fork").Process(target=_wait_for_a_held_slot, args=(shm,))
+    proc = process(_wait_for_a_held_slot, (shm,))
     proc.start()
     try:
         deadline = time.monotonic() + 30

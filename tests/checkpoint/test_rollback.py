@@ -5,7 +5,6 @@ that ends bitwise equal to the run the fault never hit."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from typing import Any
 
@@ -17,7 +16,8 @@ from hpresil.checkpoint.rollback import RollbackPolicy
 from hpresil.errors import UnhealthyStateError
 from hpresil.testing import RecordingSink, bitflip_at, maybe_inject, nan_at, to_env
 
-_FORK = multiprocessing.get_context("fork")
+from _procs import process
+
 STEPS = 14
 
 
@@ -77,7 +77,7 @@ def _run(tmp_path: Any, shm: str, name: str, world: int, env: dict[str, str] | N
 
 def _ranks(world: int, out: str, target: Any, args: Any, timeout: float = 120) -> list[dict[str, Any]]:
     """Runs ``target(*args(rank))`` in one forked process per rank; returns each rank's ``<out>.rank<R>`` JSON."""
-    procs = [_FORK.Process(target=target, args=args(r)) for r in range(world)]
+    procs = [process(target, args(r)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

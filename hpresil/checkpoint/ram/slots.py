@@ -137,6 +137,14 @@ class SlotTable:
             self._budget -= time.monotonic() - t0
         return k
 
+    def budget(self) -> float:
+        """The wait this save may still spend (seconds)."""
+        return self._refill()
+
+    def spend(self, seconds: float) -> None:
+        """Takes ``seconds`` of waiting out of the budget."""
+        self._budget -= seconds
+
     def _refill(self) -> float:
         """The wait this save may spend (the token bucket, refilled)."""
         now = time.monotonic()

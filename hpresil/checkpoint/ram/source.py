@@ -126,7 +126,7 @@ class RamSource(SnapshotSource):
         shm_dir: the job's shared-memory directory on this node.
         verify: offer only sealed snapshots and check checksums on read.
         lock_timeout: seconds to wait for a writer to release a slot.
-        threads: reader threads (default: up to 4, bounded by the CPU count).
+        threads: reader threads (default: up to 8, bounded by the CPU count).
         mapped: copy from a mapping of the slot instead of ``preadv`` (default:
             when ``shm_dir`` is on a tmpfs with huge pages).
     """
@@ -145,7 +145,7 @@ class RamSource(SnapshotSource):
         self.shm_dir = shm_dir
         self.verify = verify
         self.lock_timeout = lock_timeout
-        self._threads = threads or max(1, min(4, os.cpu_count() or 1))
+        self._threads = threads or max(1, min(8, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
         self._huge = huge_page_mode(shm_dir) in ("always", "within_size") if mapped is None else mapped
         self._maps: dict[int, torch.Tensor] = {}  # fd -> view of its mapping (huge-page tmpfs)

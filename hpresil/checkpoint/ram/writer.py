@@ -14,16 +14,20 @@ Slot choice, and waiting for a slot that readers hold, is
 :mod:`~hpresil.checkpoint.ram.slots`. A crash mid-copy leaves that slot without
 a record, so it is never trusted, and every other slot is untouched.
 
-CUDA tensors are copied device→host into the arena registered as pinned
-memory, with ``non_blocking=True`` on a side stream that first waits for the
-current stream. The current stream then waits (on the GPU, not the host) for
-the copies, so later kernels cannot modify a tensor before it is copied, and
-``save`` returns after enqueueing. A background thread writes the commit
-record once the copy's event completes; the next save (and ``wait``) joins it.
+Overlap (:mod:`hpresil.checkpoint.fence`): tensors an optimizer step guards
+are copied after ``save`` returns — host tensors by the commit thread with a
+plain ``memmove``, device tensors device→host into the arena registered as
+pinned memory, ``non_blocking`` on a side stream that first waits for the
+current stream — and :meth:`RamWriter.fence` (the optimizers' step pre-hook)
+waits for them. Unguarded tensors are copied first: on the host before
+``save`` returns, on the device ahead of the guarded ones, with the current
+stream waiting (on the GPU) for that part only. The commit thread writes the
+record once everything is copied; the next save (and ``wait``) joins it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -39,8 +43,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
-from hpresil.checkpoint.flatten import Leaf, dtype_from_name, dtype_name, encode_json
+from hpresil.checkpoint.flatten import Leaf, encode_json
 from hpresil.checkpoint.health import DeviceFlags, device_finite_flags
+from hpresil.checkpoint.ram.arena import (ALIGN, INLINE_PREP, Layout, Preparer, Slot, build_layout, entry_path,
+                                          signature)
 from hpresil.checkpoint.ram.files import drop_newer, scan, unlink, write_atomic
 from hpresil.checkpoint.ram.slots import SlotTable
 from hpresil.errors import CheckpointError, StorageError
@@ -48,146 +54,6 @@ from hpresil.errors import CheckpointError, StorageError
 __all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "signature"]
 
 log = logging.getLogger(__name__)
-
-#: Alignment of every entry in the arena (a cache line; also keeps 8-byte views legal).
-ALIGN = 64
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-@dataclasses.dataclass(slots=True)
-class Layout:
-    """Where each tensor leaf lives in the arena.
-
-    Attributes:
-        signature: what the layout depends on (keys, dtypes, shapes, sharding).
-        entries: tensor entries with their offsets, in leaf order.
-        nbytes: bytes of the arena the layout uses.
-        entries_json: the tensor entries serialised once (comma separated).
-    """
-
-    signature: tuple[Any, ...]
-    entries: list[Entry]
-    nbytes: int
-    entries_json: str
-
-
-def _path(leaf: Leaf) -> list[str | int] | None:
-    # bool is an int subclass but would round-trip as true/false: leave it out.
-    ok = all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in leaf.path)
-    return list(leaf.path) if ok else None
-
-
-def signature(leaves: Sequence[Leaf], compared: frozenset[str] = frozenset()) -> tuple[Any, ...]:
-    """The layout-relevant description of ``leaves`` (cheap; compared every save)."""
-    return (compared, *(
-        (l.key, l.value.dtype, tuple(l.value.shape), l.global_shape, l.global_offset, l.replicated)
-        for l in leaves
-        if isinstance(l.value, torch.Tensor)
-    ))
-
-
-def build_layout(leaves: Sequence[Leaf], sig: tuple[Any, ...] | None = None,
-                 compared: frozenset[str] = frozenset()) -> Layout:
-    """Assigns 64-byte aligned arena regions to the tensor leaves (``compared``:
-    the keys the divergence check compares)."""
-    entries: list[Entry] = []
-    offset = 0
-    for leaf in leaves:
-        t = leaf.value
-        if not isinstance(t, torch.Tensor):
-            continue
-        nbytes = t.numel() * t.element_size()
-        entries.append(
-            Entry(
-                key=leaf.key,
-                kind="tensor",
-                dtype=dtype_name(t.dtype),
-                shape=list(t.shape),
-                global_shape=list(leaf.global_shape),
-                global_offset=list(leaf.global_offset),
-                offset=offset,
-                nbytes=nbytes,
-                replicated=leaf.replicated,
-                compared=leaf.key in compared,
-                path=_path(leaf),
-            )
-        )
-        offset = _align(offset + nbytes)
-    text = ",".join(json.dumps(e.to_json_obj(), separators=(",", ":")) for e in entries)
-    return Layout(signature=signature(leaves, compared) if sig is None else sig, entries=entries, nbytes=offset,
-                  entries_json=text)
-
-
-class _Slot:
-    """One slot file of the writer: descriptor (also the flock handle) and mapping."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.mm: mmap.mmap | None = None
-        self.buf: torch.Tensor | None = None
-        self.size = 0
-        self.views: list[torch.Tensor] = []
-        self.views_sig: tuple[Any, ...] | None = None
-        self.cuda_registered = False
-
-    def ensure(self, nbytes: int) -> None:
-        """Makes the file and mapping at least ``nbytes`` long.
-
-        Raises:
-            OSError: ``ENOSPC`` when the shared-memory filesystem is full.
-        """
-        if self.buf is not None and self.size >= nbytes:
-            return
-        self.unmap()
-        size = max(nbytes, ALIGN)
-        try:
-            # Reserves the pages now: a full tmpfs fails here, not with SIGBUS mid-copy.
-            os.posix_fallocate(self.fd, 0, size)
-        except OSError:
-            os.ftruncate(self.fd, 0)  # give back whatever was reserved
-            raise
-        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
-        self.size = size
-
-    def views_for(self, layout: Layout) -> list[torch.Tensor]:
-        """Typed views of the arena for each entry of ``layout`` (cached)."""
-        if self.views_sig is not layout.signature:
-            assert self.buf is not None
-            self.views = [
-                self.buf[e.offset : e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape)
-                for e in layout.entries
-            ]
-            self.views_sig = layout.signature
-        return self.views
-
-    def register_cuda(self) -> bool:
-        """Pins the mapping for asynchronous device→host copies (once)."""
-        if not self.cuda_registered and self.buf is not None:
-            rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.size, 0)
-            self.cuda_registered = int(rc) == 0
-            if not self.cuda_registered:
-                log.warning("cudaHostRegister(%s) failed (%s); device copies will be synchronous", self.path, rc)
-        return self.cuda_registered
-
-    def unmap(self) -> None:
-        if self.cuda_registered and self.buf is not None:
-            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
-            self.cuda_registered = False
-        self.views, self.views_sig, self.buf = [], None, None
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
-        self.size = 0
-
-    def close(self) -> None:
-        self.unmap()
-        os.close(self.fd)
-
 
 class RamWriter:
     """Writes one rank's snapshots into its slots.
@@ -213,9 +79,13 @@ class RamWriter:
         #: set by the Checkpointer after each restore (see CommitRecord.timeline)
         self.timeline = ""
         os.makedirs(rank_dir(shm_dir, rank), mode=0o700, exist_ok=True)
-        self._slots = [_Slot(slot_path(shm_dir, rank, k, "bin")) for k in range(slots)]
+        self._slots = [Slot(slot_path(shm_dir, rank, k, "bin")) for k in range(slots)]
+        self._preparer = Preparer(self._slots, rank)
+        #: why the last save that returned ``None`` was skipped (``slots_busy``, ``arena_preparing``)
+        self.skip_reason = ""
         self._layout: Layout | None = None
         self._pending: threading.Thread | None = None
+        self._flight: _Flight | None = None  # the copy in flight, until wait()
         self._pending_error: BaseException | None = None
         self._stream: Any = None
         self._loss_host: dict[torch.dtype, torch.Tensor] = {}  # pinned, one per loss dtype
@@ -252,6 +122,7 @@ class RamWriter:
         on_commit: Callable[[int, int], None] | None = None,
         loss: Any = None,
         compared: frozenset[str] = frozenset(),
+        guarded: Sequence[bool] | None = None,
     ) -> int | None:
         """Copies ``leaves`` into a free slot and commits it.
 
@@ -262,6 +133,9 @@ class RamWriter:
                 device tensor is copied behind the snapshot and read at the
                 commit, so the save never waits for it.
             compared: keys of the entries the divergence check compares.
+            guarded: per tensor leaf, whether an optimizer step pre-hook calls
+                :meth:`fence` before it changes (its copy may then overlap
+                training; :mod:`hpresil.checkpoint.fence`).
 
         Returns:
             Bytes of tensor data copied, or ``None`` when every slot that may be
@@ -279,25 +153,27 @@ class RamWriter:
             log.info("rank %d: RAM arena layout %d entries, %.1f MiB", self.rank, len(self._layout.entries), self._layout.nbytes / 2**20)
         layout = self._layout
         json_entries = [
-            Entry(key=l.key, kind="json", value=encode_json(l.value, l.key), path=_path(l)).to_json_obj()
+            Entry(key=l.key, kind="json", value=encode_json(l.value, l.key), path=entry_path(l)).to_json_obj()
             for l in leaves
             if not isinstance(l.value, torch.Tensor)
         ]
+        tensors = [l.value for l in leaves if isinstance(l.value, torch.Tensor)]
+        device = next((t.device.index for t in tensors if t.is_cuda), None)
         while True:
             k = self._table.pick_and_lock()
             if k is None:
                 log.warning("rank %d step %d: every RAM slot that may be overwritten is being read (sealer, drain "
                             "or peer send slower than the saves?); skipping this snapshot", self.rank, step)
+                self.skip_reason = "slots_busy"
                 return None
             slot = self._slots[k]
-            # The record goes first: from here until the rename the slot is untrusted.
-            unlink(slot_path(self.shm_dir, self.rank, k, "json"))
-            self._table.commits.pop(k, None)
-            unlink(slot_path(self.shm_dir, self.rank, k, "seal.json"))
-            unlink(slot_path(self.shm_dir, self.rank, k, "reclaim"))
             try:
-                slot.ensure(layout.nbytes)
-                break
+                if not self._ready(k, layout.nbytes, device):
+                    fcntl.flock(slot.fd, fcntl.LOCK_UN)  # its snapshot stays: nothing was written
+                    log.info("rank %d step %d: RAM slot %d is still being prepared (%.1f MiB); skipping this "
+                             "snapshot", self.rank, step, k, layout.nbytes / 2**20)
+                    self.skip_reason = "arena_preparing"
+                    return None
             except OSError as exc:
                 fcntl.flock(slot.fd, fcntl.LOCK_UN)
                 # Fewer slots still double-buffer; below two, the tier is unusable.
@@ -310,18 +186,26 @@ class RamWriter:
                     f"cannot allocate {layout.nbytes / 2**20:.1f} MiB RAM slot {slot.path}: {exc}"
                     + (" (shared memory is full: enlarge /dev/shm or lower slots)" if exc.errno == errno.ENOSPC else "")
                 ) from exc
+            # The record goes first: from here until the rename the slot is untrusted.
+            unlink(slot_path(self.shm_dir, self.rank, k, "json"))
+            self._table.commits.pop(k, None)
+            unlink(slot_path(self.shm_dir, self.rank, k, "seal.json"))
+            unlink(slot_path(self.shm_dir, self.rank, k, "reclaim"))
+            break
         committed = False
         try:
             views = slot.views_for(layout)
-            tensors = [l.value for l in leaves if isinstance(l.value, torch.Tensor)]
-            event, loss_now = self._copy(slot, views, tensors, _loss_tensor(loss))
-            loss_read = (lambda: _loss_number(loss)) if loss_now is None else loss_now
+            flight = self._copy(slot, views, tensors, _loss_tensor(loss), guarded)
+            loss_now = _loss_number(loss) if flight.loss is None else None
+            loss_read = (lambda: loss_now) if flight.loss is None else flight.loss
             commit = lambda: self._commit(k, step, layout, json_entries, world_size, durable, durable_url, keep,  # noqa: E731
                                           on_commit, loss_read())
-            if event is None:
+            if flight.idle:
                 commit()
             else:
-                self._pending = threading.Thread(target=self._commit_after, args=(event, commit), name="hpresil-commit", daemon=True)
+                self._flight = flight
+                self._pending = threading.Thread(target=self._finish, args=(flight, commit, slot.fd),
+                                                 name="hpresil-commit", daemon=True)
                 self._pending.start()
             committed = True
         finally:
@@ -329,48 +213,126 @@ class RamWriter:
                 fcntl.flock(slot.fd, fcntl.LOCK_UN)
         return layout.nbytes
 
-    def _copy(
-        self, slot: _Slot, views: list[torch.Tensor], tensors: list[torch.Tensor], loss: torch.Tensor | None
-    ) -> tuple[Any, Callable[[], float | None] | None]:
-        """Copies the tensors; returns the event device copies complete on
-        (``None``: done) and, for a device ``loss``, how to read it after that
-        event (``None``: read the argument as it is)."""
-        cuda = [i for i, t in enumerate(tensors) if t.is_cuda]
+    def _copy(self, slot: Slot, views: list[torch.Tensor], tensors: list[torch.Tensor], loss: torch.Tensor | None,
+              guarded: Sequence[bool] | None) -> _Flight:
+        """Copies the unguarded tensors now and enqueues the rest (see
+        :mod:`hpresil.checkpoint.fence`): guarded host tensors go to the commit
+        thread, device tensors to the copy stream."""
+        late = list(guarded) if guarded is not None else [False] * len(tensors)
+        flight = _Flight()
         for i, t in enumerate(tensors):
             if not t.is_cuda and views[i].numel():
-                views[i].copy_(t)
+                if late[i]:
+                    flight.host.append((views[i], t))
+                else:
+                    views[i].copy_(t)
+        if flight.host:
+            flight.host_done = threading.Event()
+        cuda = [i for i, t in enumerate(tensors) if t.is_cuda]
         on_device = loss is not None and loss.is_cuda
         self._flags = None
         if not cuda and not on_device:
-            return None, None
+            return flight
         if not slot.register_cuda():
             for i in cuda:
                 views[i].copy_(tensors[i])
-            return None, None
+            if on_device:
+                assert loss is not None
+                value = float(loss.item())
+                flight.loss = lambda: value
+            return flight
         main = torch.cuda.current_stream()
         if self._stream is None:
             self._stream = torch.cuda.Stream()
-        self._stream.wait_stream(main)  # copy the values as of this save
-        read = None
-        with torch.cuda.stream(self._stream):
-            for i in cuda:
+        side = self._stream
+        side.wait_stream(main)  # copy the values as of this save
+        first = [i for i in cuda if not late[i]]
+        with torch.cuda.stream(side):
+            for i in first:
                 views[i].copy_(tensors[i], non_blocking=True)
+            # The verdicts cover every device tensor before the main stream may touch the unguarded ones.
             self._flags = device_finite_flags(tensors, cuda, self._flags_host)
+            if first:
+                early = torch.cuda.Event()
+                early.record(side)
+                main.wait_event(early)  # forward may update buffers: not before they are copied
+            for i in cuda:
+                if late[i]:
+                    views[i].copy_(tensors[i], non_blocking=True)
+                    tensors[i].record_stream(side)  # its memory is not reused before the copy is done
             if on_device:
                 assert loss is not None
                 host = self._loss_host.get(loss.dtype)
                 if host is None:
                     host = self._loss_host[loss.dtype] = torch.empty((), dtype=loss.dtype, pin_memory=True)
                 host.copy_(loss.detach().reshape(()), non_blocking=True)
-                read = lambda: float(host.item())  # noqa: E731  after the event: no device wait
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        main.wait_stream(self._stream)  # later kernels must not modify what is being copied
-        return event, read
+                loss.record_stream(side)
+                flight.loss = lambda: float(host.item())  # after the event: no device wait
+            flight.event = torch.cuda.Event()
+            flight.event.record(side)
+        if not any(late[i] for i in cuda):
+            main.wait_event(flight.event)  # nothing guarded on the device: later kernels wait for the copy
+        return flight
 
-    def _commit_after(self, event: Any, commit: Callable[[], None]) -> None:
+    def prepare(self, leaves: Sequence[Leaf]) -> None:
+        """Starts preparing every slot for ``leaves`` in the background (the
+        Checkpointer calls it once the state is known: at the first restore)."""
+        nbytes = build_layout(leaves).nbytes
+        device = next((l.value.device.index for l in leaves if isinstance(l.value, torch.Tensor) and l.value.is_cuda), None)
+        if nbytes > INLINE_PREP:
+            self._preparer.request(nbytes, device)
+
+    def _ready(self, k: int, nbytes: int, device: int | None) -> bool:
+        """Whether slot ``k`` is ready for this save (prepared inline when
+        small; else waited for within the slot budget).
+
+        Raises:
+            OSError: the slot cannot be allocated.
+        """
+        slot = self._slots[k]
+        if slot.error is not None:
+            raise slot.error
+        if slot.ready(nbytes, device):
+            return True
+        if nbytes <= INLINE_PREP:
+            slot.prepare(nbytes, device)
+            return True
+        self._preparer.request(nbytes, device, first=k)
+        t0 = time.monotonic()
+        ok = self._preparer.wait_ready(slot, nbytes, device, self._table.budget())
+        self._table.spend(time.monotonic() - t0)
+        if slot.error is not None:
+            raise slot.error
+        return ok
+
+    def fence(self) -> None:
+        """Makes the caller wait for the guarded part of the copy in flight: the
+        current CUDA stream waits on the GPU (no host synchronize), a host copy
+        is joined. The optimizers' step pre-hooks call it."""
+        flight = self._flight
+        if flight is None:
+            return
+        if flight.host_done is not None:
+            flight.host_done.wait()
+        if flight.event is not None:
+            torch.cuda.current_stream().wait_event(flight.event)
+
+    def _finish(self, flight: _Flight, commit: Callable[[], None], fd: int) -> None:
+        """The commit thread: the host copies, the device copies' completion, the record."""
         try:
-            event.synchronize()
+            try:
+                for dst, src in flight.host:
+                    _memcpy(dst, src)
+            finally:
+                if flight.host_done is not None:
+                    flight.host_done.set()
+            if flight.event is not None:
+                flight.event.synchronize()
+        except BaseException as exc:  # surfaced by the next wait(); the slot stays without a record
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            self._pending_error = exc
+            return
+        try:
             commit()
         except BaseException as exc:  # surfaced by the next wait()
             self._pending_error = exc
@@ -435,6 +397,7 @@ class RamWriter:
         if self._pending is not None:
             self._pending.join()
             self._pending = None
+        self._flight = None
         if self._pending_error is not None:
             exc, self._pending_error = self._pending_error, None
             raise StorageError(f"asynchronous commit failed: {exc}") from exc
@@ -458,6 +421,7 @@ class RamWriter:
         """Unmaps and truncates every slot and forgets the records (degrading to
         no RAM tier frees the memory for the rest of the node)."""
         self.wait()
+        self._preparer.stop()
         for k, slot in enumerate(self._slots):
             unlink(slot_path(self.shm_dir, self.rank, k, "json"))
             unlink(slot_path(self.shm_dir, self.rank, k, "seal.json"))
@@ -475,9 +439,39 @@ class RamWriter:
         try:
             self.wait()
         finally:
+            self._preparer.stop()
             for slot in self._slots:
                 slot.close()
             self._slots = []
+
+
+@dataclasses.dataclass(slots=True)
+class _Flight:
+    """A snapshot's copy that goes on after ``save`` returned."""
+
+    #: (arena view, tensor) host copies left to the commit thread
+    host: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    #: set once those host copies are done
+    host_done: threading.Event | None = None
+    #: recorded on the copy stream after the device copies
+    event: Any = None
+    #: reads a device loss once ``event`` completed
+    loss: Callable[[], float | None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left in flight: the record can be written now."""
+        return not self.host and self.event is None
+
+
+def _memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copies ``src`` into the arena view ``dst`` on the calling thread alone: a
+    plain ``memmove`` with the GIL released for contiguous tensors (torch's
+    ``copy_`` would start intra-op threads competing with the training thread's)."""
+    if src.is_contiguous() and src.dtype == dst.dtype and not src.is_conj() and not src.is_neg():
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+    else:
+        dst.copy_(src)
 
 
 def _loss_tensor(loss: Any) -> torch.Tensor | None:

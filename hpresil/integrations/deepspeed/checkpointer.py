@@ -7,6 +7,8 @@ import re
 from datetime import timedelta
 from typing import Any, Iterator, Mapping
 
+import torch
+
 from hpresil.checkpoint.api import CheckpointConfig
 from hpresil.checkpoint.checkpointer import Checkpointer
 from hpresil.checkpoint.rollback import RollbackPolicy
@@ -79,6 +81,12 @@ class DeepSpeedCheckpointer:
             verify_on_restore=verify_on_restore, config=config, shm_dir=shm_dir, run_services=run_services,
             events=events, rollback=rollback,
         )
+        inner = getattr(engine.optimizer, "optimizer", None)
+        if self._zero is not None and isinstance(inner, torch.optim.Optimizer):
+            # engine.step() changes the module's parameters and the ZeRO partitions only
+            # once the wrapped optimizer's step began: their snapshot copy may overlap the
+            # next forward and backward (hpresil.checkpoint.fence).
+            self.checkpointer.fence.attach(inner, extra=list(engine.module.parameters()))
         if isinstance(self._zero, Zero3OptimizerState):  # after every restore, a rollback's too
             self.checkpointer.on_restored = lambda step: self._zero.gather_persistent()  # type: ignore[union-attr]
 

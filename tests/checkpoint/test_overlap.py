@@ -1,0 +1,228 @@
+"""Overlapped snapshots (hpresil.checkpoint.fence): the copy of what an
+optimizer step guards runs after save returned, and every snapshot still
+equals the state as of its save bitwise; background arena preparation."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from hpresil.checkpoint import Checkpointer
+from hpresil.checkpoint.fence import find_optimizers
+from hpresil.checkpoint.flatten import flatten
+from hpresil.checkpoint.ram import arena
+from hpresil.checkpoint.ram.files import scan
+from hpresil.checkpoint.ram.source import RamSource
+from hpresil.checkpoint.ram.writer import RamWriter
+from hpresil.testing import RecordingSink
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _model(device: str, norm: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(1024, 1024) for _ in range(8)]  # 32 MiB of parameters
+    if norm:
+        layers.insert(1, torch.nn.BatchNorm1d(1024))
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def _snapshot(shm: str, step: int) -> dict[str, torch.Tensor]:
+    """The tensors of rank 0's snapshot of ``step``, read back from the RAM tier."""
+    src = RamSource(shm, verify=False)
+    try:
+        src.steps()
+        record = src.records(step)[0]
+        out = {}
+        for e in record.entries:
+            if e.kind == "tensor":
+                buf = torch.empty(e.nbytes, dtype=torch.uint8)
+                src.read(step, 0, e, buf)
+                out[e.key] = buf.view(getattr(torch, e.dtype)).view(e.shape)
+        return out
+    finally:
+        src.close()
+
+
+def _expected(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {l.key: l.value.detach().cpu().clone() for l in flatten(state).leaves if isinstance(l.value, torch.Tensor)}
+
+
+def _assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) >= set(want)
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, f"snapshot differs from the state as of save(): {bad[:5]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["optimizer", "buffer_in_forward", "no_optimizer_in_state", "every2"])
+def test_snapshot_equals_the_state_as_of_save_while_the_step_runs(shm: str, device: str, case: str) -> None:
+    model = _model(device, norm=case == "buffer_in_forward")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state: dict[str, Any] = {"model": model} if case == "no_optimizer_in_state" else {"model": model, "optim": opt}
+    every = 2 if case == "every2" else 1
+    ckpt = Checkpointer(state=state, shm_dir=shm, durable_every=0, run_services=False, every=every)
+    x = torch.randn(64, 1024, device=device)
+    try:
+        assert ckpt.restore() == 0
+        model(x).square().mean().backward()
+        for step in range(1, 7):
+            opt.step()
+            opt.zero_grad()
+            model(x).square().mean().backward()  # the next step's gradients, ready before the save
+            want = _expected(state)
+            ckpt.save(step)
+            # What the loop does right away, while the copy may still run: forward
+            # updates BatchNorm statistics, the optimizer step changes all it guards.
+            if case == "buffer_in_forward":
+                with torch.no_grad():
+                    model(x)
+            opt.step()
+            ckpt.wait()
+            if step % every == 0:
+                _assert_equal(_snapshot(shm, step), want)
+    finally:
+        ckpt.close()
+
+
+def test_guarded_tensors_are_the_optimizers_parameters_and_state(shm: str) -> None:
+    model = _model("cpu", norm=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 1024)).sum().backward()
+    opt.step()
+    held = torch.zeros(3)
+    state = {"model": model, "optim": opt, "extra": {"held": held}}
+    assert find_optimizers(state) == [opt]
+    ckpt = Checkpointer(state=state, shm_dir=shm, durable_every=0, run_services=False)
+    try:
+        leaves = flatten(ckpt.state).leaves
+        guarded = dict(zip([l.key for l in leaves if l.is_tensor], ckpt.fence.guarded(leaves) or []))
+        assert guarded["model.0.weight"] and guarded["optim.state.0.exp_avg"] and guarded["optim.state.0.step"]
+        assert not guarded["model.1.running_mean"] and not guarded["extra.held"]
+    finally:
+        ckpt.close()
+
+
+def test_an_optimizer_step_waits_for_the_copy_in_flight(shm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step pre-hook joins the commit thread's copy: the step starts only
+    once it is done, so the snapshot cannot see the step's writes."""
+    from hpresil.checkpoint.ram import writer as ram
+
+    model = _model("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    order: list[str] = []
+    real = ram._memcpy
+
+    def slow_memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        if not order or order[-1] != "copy":
+            time.sleep(0.2)  # the copy is surely still running when the step is called
+            order.append("copy")
+        real(dst, src)
+
+    monkeypatch.setattr(ram, "_memcpy", slow_memcpy)
+    ckpt = Checkpointer(state={"model": model, "optim": opt}, shm_dir=shm, durable_every=0, run_services=False)
+    opt.register_step_pre_hook(lambda *_: order.append("step"))  # runs after the fence's own hook
+    try:
+        model(torch.randn(4, 1024)).sum().backward()
+        want = _expected({"model": model})
+        ckpt.save(1)
+        opt.step()
+        assert order == ["copy", "step"]
+        ckpt.wait()
+        _assert_equal(_snapshot(shm, 1), want)
+    finally:
+        ckpt.close()
+
+
+def test_a_large_arena_is_prepared_in_the_background_and_a_save_never_waits_for_it(
+        shm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above INLINE_PREP the slots are prepared by a thread; a save whose
+    slot is not ready is skipped with ``arena_preparing`` (its old snapshot
+    kept), and snapshots resume once the arena is ready."""
+    monkeypatch.setattr(arena, "INLINE_PREP", 1 << 20)
+    from hpresil.checkpoint.ram import writer as ram
+
+    monkeypatch.setattr(ram, "INLINE_PREP", 1 << 20)
+    gate = threading.Event()
+    real = arena.Slot.prepare
+
+    def held_prepare(self: Any, nbytes: int, device: Any) -> None:
+        gate.wait(30)
+        real(self, nbytes, device)
+
+    monkeypatch.setattr(arena.Slot, "prepare", held_prepare)
+    sink = RecordingSink()
+    model = _model("cpu")
+    ckpt = Checkpointer(state={"model": model}, shm_dir=shm, durable_every=0, run_services=False, events=sink)
+    try:
+        assert ckpt.restore() == 0  # starts the preparation
+        assert ckpt.save(1) is False
+        skipped = sink.named("checkpoint_skipped")
+        assert skipped and skipped[0]["reason"] == "arena_preparing"
+        gate.set()
+        for step in range(2, 200):
+            if ckpt.save(step):
+                break
+            time.sleep(0.02)
+        ckpt.wait()
+        assert [i.record.step for i in scan(shm, [0])] == [step]
+    finally:
+        gate.set()
+        ckpt.close()
+
+
+def test_a_restarted_writer_maps_the_slots_it_finds_without_losing_them(shm: str) -> None:
+    state = {"t": torch.arange(300_000, dtype=torch.float32)}
+    w = RamWriter(shm, 0, slots=2, run_id="r")
+    w.save(1, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1)
+    w.close()
+    size = os.path.getsize(os.path.join(shm, "ckpt", "rank0", "slot0.bin"))
+    w2 = RamWriter(shm, 0, slots=2, run_id="r")
+    try:
+        small = {"t": torch.zeros(10)}
+        w2.save(2, flatten(small).leaves, world_size=1, durable=False, durable_url=None, keep=1)
+        w2.wait()
+        # the slot kept its size (the full state comes back after the first step), and step 1 survives
+        assert os.path.getsize(os.path.join(shm, "ckpt", "rank0", "slot1.bin")) >= 10 * 4
+        assert os.path.getsize(os.path.join(shm, "ckpt", "rank0", "slot0.bin")) == size
+        assert sorted(i.record.step for i in scan(shm, [0])) == [1, 2]
+    finally:
+        w2.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: restores into device tensors through pinned staging")
+@pytest.mark.parametrize("verify", [True, False])
+def test_restore_into_cuda_tensors_is_bitwise_through_pinned_staging(shm: str, verify: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpresil.checkpoint import h2d
+
+    monkeypatch.setattr(h2d, "GROUP", 8 << 20)  # several groups in flight
+    model = _model("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(64, 1024, device="cuda")
+    ckpt = Checkpointer(state={"model": model, "optim": opt}, shm_dir=shm, durable_every=0, run_services=True)
+    model(x).square().mean().backward()
+    opt.step()
+    ckpt.save(1)
+    want = _expected({"model": model, "optim": opt})
+    ckpt.wait()
+    ckpt.close(keep_ram=True)
+    model2 = _model("cuda")
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.zero_()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    ckpt2 = Checkpointer(state={"model": model2, "optim": opt2}, shm_dir=shm, durable_every=0, run_services=True,
+                         verify_on_restore=verify)
+    try:
+        assert ckpt2.restore() == 1
+        got = _expected({"model": model2, "optim": opt2})
+        _assert_equal(got, want)
+        assert all(p.is_cuda for p in model2.parameters())
+    finally:
+        ckpt2.close()
