@@ -2,7 +2,9 @@
 
 1. Runs the llama example for ``--steps`` steps under ``hpresil-run`` with 2
    workers and SIGKILLs rank 1 at ``--kill-at``; hpresil-run restarts the
-   group and the workers restore the newest RAM snapshot.
+   group and the workers restore the newest RAM snapshot. With ``--device
+   auto`` (the default) it trains on the GPUs when there are any: 2 workers
+   on 2 GPUs, or 1 worker (rank 0 is killed) on a single GPU.
 2. Runs the same job without the fault.
 3. Prints the timeline from ``events.jsonl`` and compares the final
    parameters of both runs bit for bit.
@@ -26,12 +28,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
-def launch(out: str, logs: str, shm_root: str, steps: int, faults: list[dict], quiet: bool) -> float:
+def workers_for(device: str) -> tuple[str, int]:
+    """The device the workers train on and how many there are (one per GPU, at most 2)."""
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    if device == "cuda" and not gpus:
+        sys.exit("demo: --device cuda but no CUDA device is visible")
+    return ("cuda", min(gpus, 2)) if gpus else ("cpu", 2)
+
+
+def launch(out: str, logs: str, shm_root: str, steps: int, faults: list[dict], quiet: bool,
+           device: str = "cpu", nproc: int = 2) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HPRESIL_FAULTS": json.dumps(faults)}
-    cmd = [sys.executable, "-m", "hpresil.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3",
+    cmd = [sys.executable, "-m", "hpresil.run", "--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "3",
            "--log-dir", logs, "--shm-root", shm_root, "--monitor-interval", "0.1",
-           os.path.join(HERE, "train.py"), "--steps", str(steps), "--out", out, "--log-every", "10"]
+           os.path.join(HERE, "train.py"), "--steps", str(steps), "--out", out, "--log-every", "10",
+           "--device", device]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None,
                           stderr=subprocess.PIPE if quiet else None, text=True)
@@ -64,19 +76,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--kill-at", type=int, default=25)
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the workers train (auto: the GPUs when there are any)")
     args = parser.parse_args()
+    device, nproc = workers_for(args.device)
+    victim = nproc - 1
     work = tempfile.mkdtemp(prefix="hpresil-demo-")
     shm_root = os.path.join("/dev/shm", f"hpresil-demo-{os.getpid()}")
     faulty, clean = os.path.join(work, "faulty"), os.path.join(work, "clean")
 
-    print(f"[1/2] training {args.steps} steps with 2 workers; rank 1 is SIGKILLed at step {args.kill_at}")
+    print(f"[1/2] training {args.steps} steps with {nproc} worker(s) on {device}; rank {victim} is SIGKILLed at "
+          f"step {args.kill_at}")
     t_faulty = launch(os.path.join(faulty, "final.pt"), faulty, shm_root, args.steps,
-                      [{"rank": 1, "step": args.kill_at, "action": "kill"}], quiet=False)
+                      [{"rank": victim, "step": args.kill_at, "action": "kill"}], quiet=False, device=device, nproc=nproc)
     print("\ntimeline of the faulty run (events.jsonl):")
     timeline(os.path.join(faulty, "events.jsonl"))
 
     print("\n[2/2] the same job without the fault (reference)")
-    t_clean = launch(os.path.join(clean, "final.pt"), clean, shm_root, args.steps, [], quiet=True)
+    t_clean = launch(os.path.join(clean, "final.pt"), clean, shm_root, args.steps, [], quiet=True, device=device,
+                     nproc=nproc)
 
     a = torch.load(os.path.join(faulty, "final.pt"), weights_only=True)
     b = torch.load(os.path.join(clean, "final.pt"), weights_only=True)

@@ -1,4 +1,4 @@
-"""Reference training script: a small Llama on synthetic data, DDP or FSDP2, CPU/gloo.
+"""Reference training script: a small Llama on synthetic data, DDP or FSDP2, on CPU (gloo) or GPU (NCCL).
 
 Launch with hpresil (restarts the job when a worker dies)::
 
@@ -17,6 +17,8 @@ saves with plain ``torch.distributed.checkpoint`` every 50 steps and resumes
 from the newest complete checkpoint (``dcp_baseline.py``). ``--step-log FILE``
 makes rank 0 append one JSON line per completed step (bench/goodput.py).
 
+``--device auto|cpu|cuda`` (default ``auto``: the process's GPU when CUDA is
+available) picks where it trains; on CUDA the group is ``cpu:gloo,cuda:nccl``.
 Add ``--fsdp`` to shard with FSDP2 (``fully_shard`` per block, then the root)
 instead of replicating with DDP. To kill a worker mid-run, set a fault plan::
 
@@ -45,7 +47,6 @@ import math
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -54,6 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import PRESETS, ModelArgs, Transformer, count_parameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: the shared --device helper
+from _device import DEVICES, init_distributed, pick_device  # noqa: E402
 
 try:
     import hpresil
@@ -81,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train (auto: a GPU per local rank when there are enough, else the CPU)")
     p.add_argument("--out", type=Path, default=None, help="rank 0 saves the final full state_dict here")
     p.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
     p.add_argument("--no-checkpoint", action="store_true", help="train without hpresil checkpointing")
@@ -96,16 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-timeout", type=float, default=None, metavar="SECONDS",
                    help="collective timeout (default: torch's, 30 min for gloo)")
     return p.parse_args(argv)
-
-
-def init_distributed(timeout: float | None = None) -> tuple[int, int]:
-    """Joins the torchrun job, or forms a one-process group when run directly."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group("gloo", timeout=None if timeout is None else timedelta(seconds=timeout))
-    else:
-        # A real (size-1) group keeps one code path for DDP, FSDP and logging.
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size()
 
 
 def transition_table(seed: int, vocab_size: int) -> torch.Tensor:
@@ -228,23 +224,23 @@ class StepLog:
             os.write(self.fd, (json.dumps({"t": time.time(), **fields}) + "\n").encode())
 
 
-def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
+def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
     """Builds the model and runs steps ``start_step..args.steps`` in the joined process group."""
     margs: ModelArgs = ModelArgs.preset(args.preset)
     # Every rank builds identical weights from the seed, so no broadcast is needed.
-    model = Transformer(margs, seed=args.seed)
+    model = Transformer(margs, seed=args.seed).to(device)
     n_params = count_parameters(model)
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(device.type, (world_size,))
         for block in model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         train_model: nn.Module = model
     else:
-        train_model = nn.parallel.DistributedDataParallel(model)
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optim = build_optimizer(model, args.lr)
     table = transition_table(args.seed, margs.vocab_size)
 
@@ -276,7 +272,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
     if rank == 0:
         print(
             f"llama {args.preset}: {n_params / 1e6:.2f}M params, world size {world_size}, "
-            f"{'FSDP2' if args.fsdp else 'DDP'}, steps {start_step}..{args.steps}, global batch "
+            f"{'FSDP2' if args.fsdp else 'DDP'} on {device.type}, steps {start_step}..{args.steps}, global batch "
             f"{plan.global_batch} = {plan.micro_batch} x {world_size} x {plan.accum_steps} accumulation steps",
             flush=True,
         )
@@ -291,10 +287,11 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> None:
         for group in optim.param_groups:
             group["lr"] = lr
         optim.zero_grad(set_to_none=True)
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         micro_batches = plan.split(sampler.next_batch(rank, world_size))
         for (_, last), ids in zip(plan.micro_steps(), micro_batches):
             inputs, targets = make_samples(table, seed=args.seed, ids=ids, seq_len=margs.max_seq_len)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with grad_sync(train_model, args.fsdp, last or plan.accum_steps == 1):
                 logits = train_model(inputs)
                 micro_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) * plan.loss_scale
@@ -330,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     # size must give bitwise-identical weights.
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
-    rank, world_size = init_distributed(args.pg_timeout)
-    train(args, rank, world_size)
+    device = pick_device(args.device)
+    rank, world_size = init_distributed(device, args.pg_timeout)
+    train(args, rank, world_size, device)
     # DDP's reducer must be gone before the process group is destroyed: the
     # reducer's destructor holds the GIL, and if it drops the group's last
     # reference, gloo's destructor waits for a worker thread that is itself

@@ -1,7 +1,8 @@
 """MoE example: tensor + expert parallelism laid out by hpresil.mesh, checkpointed by hpresil.
 
-Four CPU ranks with gloo (TP=2 for attention and the dense MLP, EP=2 for the
-experts, DP=2)::
+Four ranks (TP=2 for attention and the dense MLP, EP=2 for the experts,
+DP=2), on CPU with gloo or on GPUs with NCCL (``--device auto|cpu|cuda``,
+default ``auto``)::
 
     hpresil-run --standalone --nproc-per-node 4 examples/moe/train.py --steps 40
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import Groups, MoEArgs, MoETransformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: the shared --device helper
+from _device import DEVICES, init_distributed, pick_device  # noqa: E402
 
 try:
     import hpresil
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", type=Path, default=None, help="each rank saves its final local state_dict in this dir")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train (auto: a GPU per local rank when there are enough, else the CPU)")
     p.add_argument("--durable", default=None, help="durable tier URL (default: $HPRESIL_DURABLE or the log dir)")
     p.add_argument("--simulate-topology", default=None, metavar="SPEC",
                    help="print how --tp/--ep lay out on a simulated cluster (e.g. nvl72x2, nvl36x4, p5x4) and exit")
@@ -85,13 +90,10 @@ def simulate(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")
-    else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device = pick_device(args.device)
+    rank, world = init_distributed(device)
     layout = compute_layout(degrees(args, world), load_map(world))  # hpresil: the mesh helper
-    dense, expert = layout.dense_mesh("cpu"), layout.expert_mesh("cpu")
+    dense, expert = layout.dense_mesh(device.type), layout.expert_mesh(device.type)
     if rank == 0:
         print(layout, flush=True)
     groups = Groups(tp=dense.get_group("tp"), ep=expert.get_group("ep"),
@@ -101,7 +103,7 @@ def train(args: argparse.Namespace) -> None:
     replica = dense.get_local_rank("dp")
 
     margs = MoEArgs()
-    model = MoETransformer(margs, groups, seed=args.seed)
+    model = MoETransformer(margs, groups, seed=args.seed).to(device)
     experts = {id(p) for p in model.expert_parameters()}
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
 
@@ -113,7 +115,7 @@ def train(args: argparse.Namespace) -> None:
     for done in ckpt.steps(start + 1, args.steps + 1):  # range() that a rollback rewinds
         step = done - 1
         maybe_inject(step, state=model)
-        tokens = make_batch(args.seed, step, replica, layout.dp, args.batch_size, margs)
+        tokens = make_batch(args.seed, step, replica, layout.dp, args.batch_size, margs).to(device)
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         optim.zero_grad(set_to_none=True)

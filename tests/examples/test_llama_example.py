@@ -128,6 +128,7 @@ STEPS = 20
 
 def train(tmp_path: Path, *extra: str, nproc: int = 2) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Runs train.py with the tiny preset; returns the saved state dict and the logged losses."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "final.pt"
     flags = ["--preset", "tiny", "--steps", str(STEPS), "--log-every", "1", "--out", str(out), *extra]
     if nproc > 1:
@@ -185,3 +186,31 @@ def test_runs_as_a_single_process_without_torchrun(tmp_path):
     sd, losses = train(tmp_path, nproc=1)
     assert set(sd) >= {"tok_embeddings.weight", "output.weight", "norm.weight"}
     assert losses[-1] < losses[0]
+
+
+# ---- devices ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a host without a GPU gives")
+def test_device_cuda_without_a_gpu_names_the_fix(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--preset", "tiny", "--steps", "1",
+                           "--device", "cuda"], env=base_env(tmp_path), cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode != 0 and "--device cpu" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_is_bitwise_deterministic_and_learns(tmp_path):
+    first, losses = train(tmp_path / "a", "--device", "cuda", nproc=1)
+    second, again = train(tmp_path / "b", "--device", "cuda", nproc=1)
+    assert losses == again and losses[-1] < losses[0]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: DDP and FSDP2 over NCCL")
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_cuda_ddp_and_fsdp2_train(tmp_path, mode):
+    _, losses = train(tmp_path, "--device", "cuda", *mode, nproc=2)
+    assert losses[-1] < 0.8 * losses[0], losses
