@@ -109,6 +109,11 @@ class CheckpointConfig:
             snapshot is skipped (``checkpoint_skipped`` event). Short on
             purpose: a wait costs training time for sure, a skipped snapshot
             only when a fault hits before the next one.
+        overlap: copy what the optimizers in the state guard after ``save``
+            returns, the optimizers' step waiting for it
+            (:mod:`~hpresil.checkpoint.fence`); ``False`` copies everything
+            before ``save`` returns (for a loop that changes parameters in
+            place between ``save`` and the next optimizer step).
     """
 
     every: int = 1
@@ -121,6 +126,7 @@ class CheckpointConfig:
     slot_wait: timedelta = timedelta(milliseconds=250)
     final_durable: bool = True
     close_timeout: timedelta = timedelta(minutes=2)
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 1:

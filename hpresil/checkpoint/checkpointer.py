@@ -31,7 +31,7 @@ from hpresil.checkpoint.closing import Closing
 from hpresil.checkpoint.divergence import compare_keys
 from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
 from hpresil.checkpoint.durable.stores import DurableStore, open_store
-from hpresil.checkpoint.fence import StepFence, find_optimizers
+from hpresil.checkpoint.fence import StepFence, expected_state_bytes, find_optimizers
 from hpresil.checkpoint.guard import Guard
 from hpresil.checkpoint.ram.files import scan
 from hpresil.checkpoint.ram.sealer import Sealer
@@ -158,7 +158,7 @@ class Checkpointer(Restoring, Closing):
         #: Optimizer step pre-hooks that wait for the snapshot copy in flight
         #: (:mod:`hpresil.checkpoint.fence`); integrations attach more.
         self.fence = StepFence(self._fence_wait)
-        for opt in find_optimizers(state):
+        for opt in find_optimizers(state) if self.config.overlap else ():
             self.fence.attach(opt)
 
     # -- setup -----------------------------------------------------------
@@ -195,7 +195,7 @@ class Checkpointer(Restoring, Closing):
             self._degrade(exc)
             return
         # Allocating, mapping and pinning the slots overlaps the restore and the first steps.
-        self._ram.prepare(fl.flatten(self.state).leaves)
+        self._ram.prepare(fl.flatten(self.state).leaves, expected_state_bytes(find_optimizers(self.state)))
         if self.run_services:
             self._start_services(self.shm_dir)
 
@@ -222,8 +222,14 @@ class Checkpointer(Restoring, Closing):
     def save(self, step: int, *, loss: Any = None) -> bool:
         """Snapshots the state as of ``step`` (no-op unless ``step % every == 0``).
 
-        Returns after the copy into shared memory; sealing and the durable
-        upload happen in the background. Must be called on every rank.
+        Returns once the copy into shared memory is under way: what only an
+        optimizer step changes is still being copied (on a CUDA side stream or
+        a host thread) while the next forward and backward run, and that
+        optimizer's step waits for it (:mod:`hpresil.checkpoint.fence`; the
+        rule: between ``save`` and ``optimizer.step()`` parameters change only
+        through the optimizer, else ``CheckpointConfig(overlap=False)``).
+        Sealing and the durable upload happen in the background. Must be
+        called on every rank.
 
         Args:
             loss: this step's loss (a number or a one-element tensor; a CUDA

@@ -30,7 +30,7 @@ import torch
 
 from hpresil.checkpoint.flatten import Leaf, _is_dtensor
 
-__all__ = ["StepFence", "find_optimizers"]
+__all__ = ["StepFence", "expected_state_bytes", "find_optimizers"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,31 @@ def find_optimizers(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
         elif isinstance(value, (list, tuple)):
             stack.extend(value)
     return found
+
+
+#: Tensors per parameter that an optimizer's first step creates, by class name
+#: (the optimizers torch ships): what the RAM arena is prepared for before then.
+_STATE_TENSORS = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Adagrad": 1,
+                  "RMSprop": 1, "SGD": 1, "ASGD": 2, "Rprop": 2}
+
+
+def expected_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    """Bytes the first step of each optimizer without state yet will add to
+    the state (its per-parameter tensors, 64-byte aligned; 0 for an unknown
+    optimizer), so the arena can be prepared for them before that step."""
+    total = 0
+    for opt in optimizers:
+        per = _STATE_TENSORS.get(type(opt).__name__, 0)
+        if opt.state or not per:
+            continue
+        for group in opt.param_groups:
+            if type(opt).__name__ == "SGD" and not group.get("momentum"):
+                continue
+            per_group = per + (1 if group.get("amsgrad") else 0)
+            for p in group["params"]:
+                local = p.to_local() if _is_dtensor(p) else p
+                total += per_group * ((local.numel() * local.element_size() + 63) // 64 * 64) + 2 * 64  # + step
+    return total
 
 
 def _storage(t: torch.Tensor) -> int:

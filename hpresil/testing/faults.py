@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Iterator, Literal
 
@@ -134,7 +135,8 @@ def _attempt() -> int:
 
 
 def maybe_inject(step: int, rank: int | None = None, state: Any = None) -> None:
-    """Fires the faults planned for this rank at ``step`` (call once per step).
+    """Fires the faults planned for this rank at ``step`` (call once per step),
+    once the snapshot copies still in flight in this process are complete.
 
     Args:
         step: the current training step.
@@ -157,6 +159,9 @@ def maybe_inject(step: int, rank: int | None = None, state: Any = None) -> None:
     for fault in _plan_cache[1]:
         if fault.rank != rank or fault.step != step or fault.attempt not in (-1, attempt):
             continue
+        writer = sys.modules.get("hpresil.checkpoint.ram.writer")
+        if writer is not None:
+            writer.settle()  # the snapshot copies overlapping this step are complete, as with a blocking save
         if fault.action in _STATE_ACTIONS:
             if fault in _corrupted:
                 continue  # transient, like the hardware fault it stands for: a rollback replays the step clean

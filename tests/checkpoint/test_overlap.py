@@ -26,7 +26,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def _model(device: str, norm: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    layers: list[torch.nn.Module] = [torch.nn.Linear(1024, 1024) for _ in range(8)]  # 32 MiB of parameters
+    # 16 MiB of parameters, 48 MiB with AdamW's state: under INLINE_PREP, so no snapshot is skipped for the arena
+    layers: list[torch.nn.Module] = [torch.nn.Linear(1024, 1024) for _ in range(4)]
     if norm:
         layers.insert(1, torch.nn.BatchNorm1d(1024))
     return torch.nn.Sequential(*layers).to(device)
@@ -226,3 +227,37 @@ def test_restore_into_cuda_tensors_is_bitwise_through_pinned_staging(shm: str, v
         assert all(p.is_cuda for p in model2.parameters())
     finally:
         ckpt2.close()
+
+
+def test_the_arena_is_prepared_for_the_optimizer_state_its_first_step_creates(
+        shm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first step AdamW has no state; the arena prepared (in the
+    background) at restore already has room for it, so the first snapshot
+    after that step is not skipped for a new preparation."""
+    from hpresil.checkpoint.ram import writer as ram
+
+    monkeypatch.setattr(ram, "INLINE_PREP", 1 << 20)
+    model = _model("cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ckpt = Checkpointer(state={"model": model, "optim": opt}, shm_dir=shm, durable_every=0, run_services=False)
+    try:
+        assert ckpt.restore() == 0
+        model(torch.randn(4, 1024)).sum().backward()
+        opt.step()
+        needed = sum(e.nbytes for e in _layout_entries(ckpt))
+        deadline = time.monotonic() + 60
+        while True:
+            sizes = [os.path.getsize(os.path.join(shm, "ckpt", "rank0", f"slot{k}.bin")) for k in range(3)]
+            if min(sizes) >= needed or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert min(sizes) >= needed, (sizes, needed)
+        assert ckpt.save(1)
+    finally:
+        ckpt.close()
+
+
+def _layout_entries(ckpt: Checkpointer) -> list[Any]:
+    from hpresil.checkpoint.ram.arena import build_layout
+
+    return build_layout(flatten(ckpt.state).leaves).entries

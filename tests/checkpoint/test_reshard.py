@@ -17,6 +17,8 @@ from hpresil.checkpoint.flatten import dtype_name
 from hpresil.checkpoint.restore import _Reader, choose
 from hpresil.errors import StorageError
 
+import _procs  # noqa: F401  (its fork server preloads torch for the FSDP2 workers)
+
 
 class DictSource(SnapshotSource):
     """An in-memory SnapshotSource: ``chunks[rank][key] = (tensor, global_offset, global_shape)``."""
@@ -168,6 +170,7 @@ def test_fsdp2_save_on_2_restore_on_1_then_on_2() -> None:
 
     with tempfile.TemporaryDirectory(dir="/dev/shm") as workdir:
         for world, phase in ((2, "save2"), (1, "load1"), (2, "load2")):
-            # fork: the children inherit the imported torch (spawn re-imports it, seconds per process)
-            mp.start_processes(_fsdp_worker, args=(world, workdir, phase), nprocs=world, join=True, start_method="fork")
+            # the fork server (tests/_procs.py preloads torch in it): fork is unsafe after CUDA started
+            mp.start_processes(_fsdp_worker, args=(world, workdir, phase), nprocs=world, join=True,
+                               start_method="forkserver")
         assert os.path.exists(f"{workdir}/full-5.pt")

@@ -114,3 +114,15 @@ def test_zero3_kill_restore_bitwise_and_reshard_error(tmp_path) -> None:
     out = _finish(_launch(tmp_path, "shrink", 3, nproc=1, restarts=0, durable=durable), ok=False)
     assert "ReshardError" in out and "data-parallel size 2; this job has 1" in out, out[-3000:]
     assert "restart with world size 2" in out
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_overlapped_snapshot_equals_the_engine_as_of_save(tmp_path, stage: int) -> None:
+    """engine.step() right after save(): the wrapped optimizer's step waits for
+    the copy, so every snapshot holds the state as of save (ZeRO-1/2/3)."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "ds_overlap.py"), str(stage)],
+                          env=base_env(tmp_path), cwd=str(tmp_path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK 1" in proc.stdout, proc.stdout[-2000:]

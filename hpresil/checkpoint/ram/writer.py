@@ -35,9 +35,11 @@ import json
 import logging
 import mmap
 import os
+import queue
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,9 +53,21 @@ from hpresil.checkpoint.ram.files import drop_newer, scan, unlink, write_atomic
 from hpresil.checkpoint.ram.slots import SlotTable
 from hpresil.errors import CheckpointError, StorageError
 
-__all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "signature"]
+__all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "settle", "signature"]
 
 log = logging.getLogger(__name__)
+
+#: Every open writer of this process (see :func:`settle`).
+_LIVE: "weakref.WeakSet[RamWriter]" = weakref.WeakSet()
+
+
+def settle() -> None:
+    """Waits until no snapshot of this process is still being copied or
+    committed. Fault injection calls it, so a fault planned "at step N" hits
+    after snapshot N is complete, as it would with a blocking save."""
+    for writer in list(_LIVE):
+        writer._idle.wait()
+
 
 class RamWriter:
     """Writes one rank's snapshots into its slots.
@@ -84,7 +98,12 @@ class RamWriter:
         #: why the last save that returned ``None`` was skipped (``slots_busy``, ``arena_preparing``)
         self.skip_reason = ""
         self._layout: Layout | None = None
-        self._pending: threading.Thread | None = None
+        # The commit thread (started at the first overlapped save) and what it is given.
+        self._worker: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[tuple[_Flight, Callable[[], None], int] | None] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        _LIVE.add(self)
         self._flight: _Flight | None = None  # the copy in flight, until wait()
         self._pending_error: BaseException | None = None
         self._stream: Any = None
@@ -204,9 +223,11 @@ class RamWriter:
                 commit()
             else:
                 self._flight = flight
-                self._pending = threading.Thread(target=self._finish, args=(flight, commit, slot.fd),
-                                                 name="hpresil-commit", daemon=True)
-                self._pending.start()
+                if self._worker is None:
+                    self._worker = threading.Thread(target=self._work, name="hpresil-commit", daemon=True)
+                    self._worker.start()
+                self._idle.clear()
+                self._jobs.put((flight, commit, slot.fd))
             committed = True
         finally:
             if not committed:
@@ -241,9 +262,10 @@ class RamWriter:
                 value = float(loss.item())
                 flight.loss = lambda: value
             return flight
-        main = torch.cuda.current_stream()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
+        device = tensors[cuda[0]].device if cuda else loss.device  # type: ignore[union-attr]
+        main = torch.cuda.current_stream(device)
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device=device)
         side = self._stream
         side.wait_stream(main)  # copy the values as of this save
         first = [i for i in cuda if not late[i]]
@@ -268,16 +290,17 @@ class RamWriter:
                 host.copy_(loss.detach().reshape(()), non_blocking=True)
                 loss.record_stream(side)
                 flight.loss = lambda: float(host.item())  # after the event: no device wait
-            flight.event = torch.cuda.Event()
+            flight.event, flight.device = torch.cuda.Event(), device
             flight.event.record(side)
         if not any(late[i] for i in cuda):
             main.wait_event(flight.event)  # nothing guarded on the device: later kernels wait for the copy
         return flight
 
-    def prepare(self, leaves: Sequence[Leaf]) -> None:
-        """Starts preparing every slot for ``leaves`` in the background (the
-        Checkpointer calls it once the state is known: at the first restore)."""
-        nbytes = build_layout(leaves).nbytes
+    def prepare(self, leaves: Sequence[Leaf], extra: int = 0) -> None:
+        """Starts preparing every slot for ``leaves`` plus ``extra`` bytes (what
+        the optimizers' first step will add) in the background; the
+        Checkpointer calls it once the state is known, at the first restore."""
+        nbytes = build_layout(leaves).nbytes + extra
         device = next((l.value.device.index for l in leaves if isinstance(l.value, torch.Tensor) and l.value.is_cuda), None)
         if nbytes > INLINE_PREP:
             self._preparer.request(nbytes, device)
@@ -315,7 +338,14 @@ class RamWriter:
         if flight.host_done is not None:
             flight.host_done.wait()
         if flight.event is not None:
-            torch.cuda.current_stream().wait_event(flight.event)
+            torch.cuda.current_stream(flight.device).wait_event(flight.event)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._finish(*job)
+            finally:
+                self._idle.set()
 
     def _finish(self, flight: _Flight, commit: Callable[[], None], fd: int) -> None:
         """The commit thread: the host copies, the device copies' completion, the record."""
@@ -394,9 +424,7 @@ class RamWriter:
         Raises:
             StorageError: the pending commit failed.
         """
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
+        self._idle.wait()
         self._flight = None
         if self._pending_error is not None:
             exc, self._pending_error = self._pending_error, None
@@ -439,6 +467,10 @@ class RamWriter:
         try:
             self.wait()
         finally:
+            if self._worker is not None:
+                self._jobs.put(None)
+                self._worker.join()
+                self._worker = None
             self._preparer.stop()
             for slot in self._slots:
                 slot.close()
@@ -455,6 +487,8 @@ class _Flight:
     host_done: threading.Event | None = None
     #: recorded on the copy stream after the device copies
     event: Any = None
+    #: the device of that stream
+    device: Any = None
     #: reads a device loss once ``event`` completed
     loss: Callable[[], float | None] | None = None
 

@@ -82,7 +82,7 @@ class DeepSpeedCheckpointer:
             events=events, rollback=rollback,
         )
         inner = getattr(engine.optimizer, "optimizer", None)
-        if self._zero is not None and isinstance(inner, torch.optim.Optimizer):
+        if self._zero is not None and isinstance(inner, torch.optim.Optimizer) and self.checkpointer.config.overlap:
             # engine.step() changes the module's parameters and the ZeRO partitions only
             # once the wrapped optimizer's step began: their snapshot copy may overlap the
             # next forward and backward (hpresil.checkpoint.fence).
