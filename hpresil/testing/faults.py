@@ -159,9 +159,9 @@ def maybe_inject(step: int, rank: int | None = None, state: Any = None) -> None:
     for fault in _plan_cache[1]:
         if fault.rank != rank or fault.step != step or fault.attempt not in (-1, attempt):
             continue
-        writer = sys.modules.get("hpresil.checkpoint.ram.writer")
-        if writer is not None:
-            writer.settle()  # the snapshot copies overlapping this step are complete, as with a blocking save
+        copier = sys.modules.get("hpresil.checkpoint.ram.copier")
+        if copier is not None:
+            copier.settle()  # the snapshot copies overlapping this step are complete, as with a blocking save
         if fault.action in _STATE_ACTIONS:
             if fault in _corrupted:
                 continue  # transient, like the hardware fault it stands for: a rollback replays the step clean

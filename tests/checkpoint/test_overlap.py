@@ -112,12 +112,12 @@ def test_guarded_tensors_are_the_optimizers_parameters_and_state(shm: str) -> No
 def test_an_optimizer_step_waits_for_the_copy_in_flight(shm: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The step pre-hook joins the commit thread's copy: the step starts only
     once it is done, so the snapshot cannot see the step's writes."""
-    from hpresil.checkpoint.ram import writer as ram
+    from hpresil.checkpoint.ram import copier
 
     model = _model("cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     order: list[str] = []
-    real = ram._memcpy
+    real = copier.memcpy
 
     def slow_memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
         if not order or order[-1] != "copy":
@@ -125,7 +125,7 @@ def test_an_optimizer_step_waits_for_the_copy_in_flight(shm: str, monkeypatch: p
             order.append("copy")
         real(dst, src)
 
-    monkeypatch.setattr(ram, "_memcpy", slow_memcpy)
+    monkeypatch.setattr(copier, "memcpy", slow_memcpy)
     ckpt = Checkpointer(state={"model": model, "optim": opt}, shm_dir=shm, durable_every=0, run_services=False)
     opt.register_step_pre_hook(lambda *_: order.append("step"))  # runs after the fence's own hook
     try:

@@ -220,24 +220,24 @@ def test_streaming_checksum_matches_integrity(monkeypatch: pytest.MonkeyPatch, s
 def _write_then_die(shm: str, overlapped: bool) -> None:
     """Child: commits step 1, then is SIGKILLed half way through copying step 2
     (``overlapped``: in the commit thread's copy, after ``save`` returned)."""
-    from hpresil.checkpoint.ram import writer as ram
+    from hpresil.checkpoint.ram import copier
 
     state = {"a": torch.full((1000,), 1.0), "b": torch.full((1000,), 1.0)}
     w = RamWriter(shm, 0, slots=2, run_id="r")
     _save(w, 1, state)
     if overlapped:
-        real_memcpy = ram._memcpy
+        real_memcpy = copier.memcpy
 
         def memcpy_then_die(dst: torch.Tensor, src: torch.Tensor) -> None:
             real_memcpy(dst, src)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        ram._memcpy = memcpy_then_die
+        copier.memcpy = memcpy_then_die
         state["a"].fill_(2.0), state["b"].fill_(2.0)
         w.save(2, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1, guarded=[True, True])
         time.sleep(30)  # killed by the commit thread
         return
-    real = ram.RamWriter._copy
+    real = copier.Copier.copy
 
     def copy_half_then_die(self: Any, slot: Any, views: list[torch.Tensor], tensors: list[torch.Tensor],
                            *args: Any) -> Any:
@@ -245,7 +245,7 @@ def _write_then_die(shm: str, overlapped: bool) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         return real(self, slot, views, tensors, *args)
 
-    ram.RamWriter._copy = copy_half_then_die
+    copier.Copier.copy = copy_half_then_die
     state["a"].fill_(2.0), state["b"].fill_(2.0)
     _save(w, 2, state)
 

@@ -17,7 +17,7 @@ import time
 import torch
 
 from hpresil.checkpoint.flatten import flatten
-from hpresil.checkpoint.ram import writer as ram
+from hpresil.checkpoint.ram import copier as ram
 from hpresil.checkpoint.ram.source import RamSource
 
 
@@ -39,13 +39,13 @@ def main(stage: int) -> None:
               "zero_optimization": {"stage": stage, "reduce_bucket_size": 1000000, "allgather_bucket_size": 1000000},
               "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    real = ram._memcpy
+    real = ram.memcpy
 
     def slow(dst: torch.Tensor, src: torch.Tensor) -> None:
         time.sleep(0.005)  # per tensor: the step is surely called while this copy runs
         real(dst, src)
 
-    ram._memcpy = slow
+    ram.memcpy = slow
     x = torch.randn(8, 256)
     with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
         ckpt = DeepSpeedCheckpointer(engine, durable_every=0, run_services=False, shm_dir=shm)

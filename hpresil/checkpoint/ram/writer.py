@@ -1,73 +1,50 @@
 """The RAM tier: per-rank arenas of shared-memory slots (format in :mod:`.api`).
 
 Writer (:class:`RamWriter`, in the training process): each slot is a file in
-``<shm_dir>/ckpt/rank<R>/`` that is allocated once with ``posix_fallocate``
-(so a full tmpfs fails here with ``ENOSPC`` instead of a ``SIGBUS`` in the
-middle of a copy), mapped with ``MAP_POPULATE`` (page faults happen once, at
-allocation, not in ``save``), and reused while the state's layout is
-unchanged. A save copies each tensor with ``copy_`` into a cached view of its
-64-byte aligned region, then writes the commit record (its tensor part is
-serialised once per layout). No checksum is computed here: the sealer does
-that after the commit, off the training thread.
+``<shm_dir>/ckpt/rank<R>/``, prepared once per layout off the training thread
+(:mod:`~hpresil.checkpoint.ram.arena`) and reused while the state's layout
+is unchanged. A save copies each tensor into a cached view of its 64-byte
+aligned region, then writes the commit record (its tensor part is serialised
+once per layout). No checksum is computed here: the sealer does that after
+the commit, off the training thread.
 
 Slot choice, and waiting for a slot that readers hold, is
 :mod:`~hpresil.checkpoint.ram.slots`. A crash mid-copy leaves that slot without
 a record, so it is never trusted, and every other slot is untouched.
 
-Overlap (:mod:`hpresil.checkpoint.fence`): tensors an optimizer step guards
-are copied after ``save`` returns — host tensors by the commit thread with a
-plain ``memmove``, device tensors device→host into the arena registered as
-pinned memory, ``non_blocking`` on a side stream that first waits for the
-current stream — and :meth:`RamWriter.fence` (the optimizers' step pre-hook)
-waits for them. Unguarded tensors are copied first: on the host before
-``save`` returns, on the device ahead of the guarded ones, with the current
-stream waiting (on the GPU) for that part only. The commit thread writes the
-record once everything is copied; the next save (and ``wait``) joins it.
+The copy overlaps training (:mod:`~hpresil.checkpoint.ram.copier`): what an
+optimizer step guards (:mod:`hpresil.checkpoint.fence`) is copied after
+``save`` returns and :meth:`RamWriter.fence` (the optimizers' step pre-hook)
+waits for it; the commit thread writes the record once everything is
+copied, and the next save (and ``wait``) joins it.
 """
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 import errno
 import fcntl
 import json
 import logging
-import mmap
 import os
-import queue
-import threading
 import time
 import uuid
-import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
 from hpresil.checkpoint.flatten import Leaf, encode_json
-from hpresil.checkpoint.health import DeviceFlags, device_finite_flags
+from hpresil.checkpoint.health import DeviceFlags
 from hpresil.checkpoint.ram.arena import (ALIGN, INLINE_PREP, Layout, Preparer, Slot, build_layout, entry_path,
                                           signature)
+from hpresil.checkpoint.ram.copier import Copier
 from hpresil.checkpoint.ram.files import drop_newer, scan, unlink, write_atomic
 from hpresil.checkpoint.ram.slots import SlotTable
 from hpresil.errors import CheckpointError, StorageError
 
-__all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "settle", "signature"]
+__all__ = ["ALIGN", "Layout", "RamWriter", "build_layout", "signature"]
 
 log = logging.getLogger(__name__)
-
-#: Every open writer of this process (see :func:`settle`).
-_LIVE: "weakref.WeakSet[RamWriter]" = weakref.WeakSet()
-
-
-def settle() -> None:
-    """Waits until no snapshot of this process is still being copied or
-    committed. Fault injection calls it, so a fault planned "at step N" hits
-    after snapshot N is complete, as it would with a blocking save."""
-    for writer in list(_LIVE):
-        writer._idle.wait()
-
 
 class RamWriter:
     """Writes one rank's snapshots into its slots.
@@ -98,18 +75,7 @@ class RamWriter:
         #: why the last save that returned ``None`` was skipped (``slots_busy``, ``arena_preparing``)
         self.skip_reason = ""
         self._layout: Layout | None = None
-        # The commit thread (started at the first overlapped save) and what it is given.
-        self._worker: threading.Thread | None = None
-        self._jobs: queue.SimpleQueue[tuple[_Flight, Callable[[], None], int] | None] = queue.SimpleQueue()
-        self._idle = threading.Event()
-        self._idle.set()
-        _LIVE.add(self)
-        self._flight: _Flight | None = None  # the copy in flight, until wait()
-        self._pending_error: BaseException | None = None
-        self._stream: Any = None
-        self._loss_host: dict[torch.dtype, torch.Tensor] = {}  # pinned, one per loss dtype
-        self._flags_host: dict[int, torch.Tensor] = {}  # pinned, by length: the device's NaN/Inf verdicts
-        self._flags: DeviceFlags | None = None  # those of the snapshot being copied
+        self._copier = Copier()
         self._table = SlotTable(shm_dir, rank, [slot.fd for slot in self._slots], slot_wait)
         for k in range(slots):  # a writer killed while it waited for a slot leaves its requests behind
             unlink(slot_path(shm_dir, rank, k, "reclaim"))
@@ -214,87 +180,20 @@ class RamWriter:
         committed = False
         try:
             views = slot.views_for(layout)
-            flight = self._copy(slot, views, tensors, _loss_tensor(loss), guarded)
+            flight = self._copier.copy(slot, views, tensors, _loss_tensor(loss), guarded)
             loss_now = _loss_number(loss) if flight.loss is None else None
             loss_read = (lambda: loss_now) if flight.loss is None else flight.loss
             commit = lambda: self._commit(k, step, layout, json_entries, world_size, durable, durable_url, keep,  # noqa: E731
-                                          on_commit, loss_read())
+                                          on_commit, loss_read(), flight.flags)
             if flight.idle:
                 commit()
             else:
-                self._flight = flight
-                if self._worker is None:
-                    self._worker = threading.Thread(target=self._work, name="hpresil-commit", daemon=True)
-                    self._worker.start()
-                self._idle.clear()
-                self._jobs.put((flight, commit, slot.fd))
+                self._copier.start(flight, commit, lambda: fcntl.flock(slot.fd, fcntl.LOCK_UN))
             committed = True
         finally:
             if not committed:
                 fcntl.flock(slot.fd, fcntl.LOCK_UN)
         return layout.nbytes
-
-    def _copy(self, slot: Slot, views: list[torch.Tensor], tensors: list[torch.Tensor], loss: torch.Tensor | None,
-              guarded: Sequence[bool] | None) -> _Flight:
-        """Copies the unguarded tensors now and enqueues the rest (see
-        :mod:`hpresil.checkpoint.fence`): guarded host tensors go to the commit
-        thread, device tensors to the copy stream."""
-        late = list(guarded) if guarded is not None else [False] * len(tensors)
-        flight = _Flight()
-        for i, t in enumerate(tensors):
-            if not t.is_cuda and views[i].numel():
-                if late[i]:
-                    flight.host.append((views[i], t))
-                else:
-                    views[i].copy_(t)
-        if flight.host:
-            flight.host_done = threading.Event()
-        cuda = [i for i, t in enumerate(tensors) if t.is_cuda]
-        on_device = loss is not None and loss.is_cuda
-        self._flags = None
-        if not cuda and not on_device:
-            return flight
-        if not slot.register_cuda():
-            for i in cuda:
-                views[i].copy_(tensors[i])
-            if on_device:
-                assert loss is not None
-                value = float(loss.item())
-                flight.loss = lambda: value
-            return flight
-        device = tensors[cuda[0]].device if cuda else loss.device  # type: ignore[union-attr]
-        main = torch.cuda.current_stream(device)
-        if self._stream is None or self._stream.device != device:
-            self._stream = torch.cuda.Stream(device=device)
-        side = self._stream
-        side.wait_stream(main)  # copy the values as of this save
-        first = [i for i in cuda if not late[i]]
-        with torch.cuda.stream(side):
-            for i in first:
-                views[i].copy_(tensors[i], non_blocking=True)
-            # The verdicts cover every device tensor before the main stream may touch the unguarded ones.
-            self._flags = device_finite_flags(tensors, cuda, self._flags_host)
-            if first:
-                early = torch.cuda.Event()
-                early.record(side)
-                main.wait_event(early)  # forward may update buffers: not before they are copied
-            for i in cuda:
-                if late[i]:
-                    views[i].copy_(tensors[i], non_blocking=True)
-                    tensors[i].record_stream(side)  # its memory is not reused before the copy is done
-            if on_device:
-                assert loss is not None
-                host = self._loss_host.get(loss.dtype)
-                if host is None:
-                    host = self._loss_host[loss.dtype] = torch.empty((), dtype=loss.dtype, pin_memory=True)
-                host.copy_(loss.detach().reshape(()), non_blocking=True)
-                loss.record_stream(side)
-                flight.loss = lambda: float(host.item())  # after the event: no device wait
-            flight.event, flight.device = torch.cuda.Event(), device
-            flight.event.record(side)
-        if not any(late[i] for i in cuda):
-            main.wait_event(flight.event)  # nothing guarded on the device: later kernels wait for the copy
-        return flight
 
     def prepare(self, leaves: Sequence[Leaf], extra: int = 0) -> None:
         """Starts preparing every slot for ``leaves`` plus ``extra`` bytes (what
@@ -328,45 +227,6 @@ class RamWriter:
             raise slot.error
         return ok
 
-    def fence(self) -> None:
-        """Makes the caller wait for the guarded part of the copy in flight: the
-        current CUDA stream waits on the GPU (no host synchronize), a host copy
-        is joined. The optimizers' step pre-hooks call it."""
-        flight = self._flight
-        if flight is None:
-            return
-        if flight.host_done is not None:
-            flight.host_done.wait()
-        if flight.event is not None:
-            torch.cuda.current_stream(flight.device).wait_event(flight.event)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                self._finish(*job)
-            finally:
-                self._idle.set()
-
-    def _finish(self, flight: _Flight, commit: Callable[[], None], fd: int) -> None:
-        """The commit thread: the host copies, the device copies' completion, the record."""
-        try:
-            try:
-                for dst, src in flight.host:
-                    _memcpy(dst, src)
-            finally:
-                if flight.host_done is not None:
-                    flight.host_done.set()
-            if flight.event is not None:
-                flight.event.synchronize()
-        except BaseException as exc:  # surfaced by the next wait(); the slot stays without a record
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            self._pending_error = exc
-            return
-        try:
-            commit()
-        except BaseException as exc:  # surfaced by the next wait()
-            self._pending_error = exc
-
     def _commit(
         self,
         k: int,
@@ -379,6 +239,7 @@ class RamWriter:
         keep: int,
         on_commit: Callable[[int, int], None] | None,
         loss: float | None,
+        flags: DeviceFlags | None,
     ) -> None:
         slot = self._slots[k]
         try:
@@ -401,8 +262,8 @@ class RamWriter:
                 "upload_timeout": self.upload_timeout,
                 "loss": loss,
             }
-            if self._flags is not None:  # read after the device copies completed
-                head["checked"], head["nonfinite"] = self._flags.result([e.key for e in layout.entries])
+            if flags is not None:  # read after the device copies completed
+                head["checked"], head["nonfinite"] = flags.result([e.key for e in layout.entries])
             parts = [layout.entries_json] if layout.entries_json else []
             parts += [json.dumps(e, separators=(",", ":")) for e in json_entries]
             text = json.dumps(head, separators=(",", ":"))[:-1] + ',"entries":[' + ",".join(parts) + "]}"
@@ -418,16 +279,19 @@ class RamWriter:
         if on_commit is not None:
             on_commit(k, step)
 
+    def fence(self) -> None:
+        """Makes the caller wait for the guarded part of the copy in flight (the
+        optimizers' step pre-hook; see :meth:`.copier.Copier.fence`)."""
+        self._copier.fence()
+
     def wait(self) -> None:
-        """Waits for a pending (device) commit.
+        """Waits for a pending (overlapped) commit.
 
         Raises:
             StorageError: the pending commit failed.
         """
-        self._idle.wait()
-        self._flight = None
-        if self._pending_error is not None:
-            exc, self._pending_error = self._pending_error, None
+        exc = self._copier.wait()
+        if exc is not None:
             raise StorageError(f"asynchronous commit failed: {exc}") from exc
 
     def keep(self, step: int | None) -> None:
@@ -467,45 +331,11 @@ class RamWriter:
         try:
             self.wait()
         finally:
-            if self._worker is not None:
-                self._jobs.put(None)
-                self._worker.join()
-                self._worker = None
+            self._copier.close()
             self._preparer.stop()
             for slot in self._slots:
                 slot.close()
             self._slots = []
-
-
-@dataclasses.dataclass(slots=True)
-class _Flight:
-    """A snapshot's copy that goes on after ``save`` returned."""
-
-    #: (arena view, tensor) host copies left to the commit thread
-    host: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
-    #: set once those host copies are done
-    host_done: threading.Event | None = None
-    #: recorded on the copy stream after the device copies
-    event: Any = None
-    #: the device of that stream
-    device: Any = None
-    #: reads a device loss once ``event`` completed
-    loss: Callable[[], float | None] | None = None
-
-    @property
-    def idle(self) -> bool:
-        """Nothing left in flight: the record can be written now."""
-        return not self.host and self.event is None
-
-
-def _memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copies ``src`` into the arena view ``dst`` on the calling thread alone: a
-    plain ``memmove`` with the GIL released for contiguous tensors (torch's
-    ``copy_`` would start intra-op threads competing with the training thread's)."""
-    if src.is_contiguous() and src.dtype == dst.dtype and not src.is_conj() and not src.is_neg():
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
-    else:
-        dst.copy_(src)
 
 
 def _loss_tensor(loss: Any) -> torch.Tensor | None:
