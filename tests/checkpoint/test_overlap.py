@@ -261,3 +261,17 @@ def _layout_entries(ckpt: Checkpointer) -> list[Any]:
     from hpresil.checkpoint.ram.arena import build_layout
 
     return build_layout(flatten(ckpt.state).leaves).entries
+
+
+def test_device_reads_are_grouped_within_the_pinned_budget() -> None:
+    """h2d stages at most GROUP bytes at a time; a larger entry is a group of its own."""
+    from hpresil.checkpoint import h2d
+    from hpresil.checkpoint.api import Entry
+
+    def item(n: int) -> tuple[int, Entry, torch.Tensor]:
+        return 0, Entry(key=f"e{n}", kind="tensor", dtype="uint8", shape=[n], nbytes=n), torch.empty(0)
+
+    mib = 1 << 20
+    sizes = [[e.nbytes for _, e, _ in g] for g in h2d._groups([item(n * mib) for n in (10, 30, 30, 100, 5, 60)])]
+    assert sizes == [[10 * mib, 30 * mib], [30 * mib], [100 * mib], [5 * mib], [60 * mib]]
+    assert all(sum(g) <= h2d.GROUP or len(g) == 1 for g in sizes)
