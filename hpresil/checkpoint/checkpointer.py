@@ -20,12 +20,14 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Mapping
 
 from hpresil import _env
 from hpresil.checkpoint import flatten as fl
 from hpresil.checkpoint import graceful_stop as stop
+from hpresil.checkpoint import h2d
 from hpresil.checkpoint.api import CheckpointConfig
 from hpresil.checkpoint.closing import Closing
 from hpresil.checkpoint.divergence import compare_keys
@@ -150,6 +152,7 @@ class Checkpointer(Restoring, Closing):
         self._staging_dir: str | None = None
         self._services: list[tuple[Sealer, Any]] = []  # (sealer, drainer or None) per directory
         self._guard: Guard | None = None
+        self._warming: threading.Thread | None = None  # pins restore staging buffers ahead
         #: Called with the step after every restore that loaded one (a rollback's
         #: too), e.g. to rebuild derived state; integrations set it.
         self.on_restored: Callable[[int], None] | None = None
@@ -194,8 +197,13 @@ class Checkpointer(Restoring, Closing):
         except OSError as exc:
             self._degrade(exc)
             return
-        # Allocating, mapping and pinning the slots overlaps the restore and the first steps.
-        self._ram.prepare(fl.flatten(self.state).leaves, expected_state_bytes(find_optimizers(self.state)))
+        # Allocating, mapping and pinning the slots overlaps the restore and the first steps,
+        # and so does pinning the buffers a restore into device tensors stages through.
+        leaves = fl.flatten(self.state).leaves
+        self._ram.prepare(leaves, expected_state_bytes(find_optimizers(self.state)))
+        if any(l.is_tensor and l.value.is_cuda for l in leaves):
+            self._warming = threading.Thread(target=h2d.warm_staging, name="hpresil-staging", daemon=True)
+            self._warming.start()
         if self.run_services:
             self._start_services(self.shm_dir)
 
@@ -288,6 +296,9 @@ class Checkpointer(Restoring, Closing):
 
     def _save(self, step: int, final: bool = False, loss: Any = None) -> bool:
         self._start()
+        if self._warming is not None and not self._warming.is_alive():
+            self._warming = None
+            h2d.release_staging()  # pinned for a restore that had nothing to read
         t0 = time.perf_counter()
         flat = fl.flatten(self.state)
         keys = tuple(l.key for l in flat.leaves if l.is_tensor)
