@@ -11,7 +11,13 @@ interleaved rounds of:
 * ``sum64``: the same seal with the old additive checksum (what seals were
   before ``xxh3``; kept for reading them);
 * ``memcpy``: one single-threaded copy of the same bytes (the floor any pass
-  over the data pays).
+  over the data pays);
+* ``xxh3 + health, checked in copy``: the default seal of the same snapshot
+  committed the way the Checkpointer commits what an optimizer step guards
+  (overlapped, :mod:`hpresil.checkpoint.ram.copier`): the writer's commit
+  thread checked it for NaN/Inf right behind its copy, so the sealer only
+  hashes. What that check costs the commit thread is printed too: its copy
+  with the check against the plain copy (``copy + probe`` vs ``copy``).
 
 Prints the sealer's CPU seconds per snapshot (thread CPU time, best of
 ``--iters``), GB/s, and the ratios the targets are stated in: health checks
@@ -35,6 +41,7 @@ from hpresil.checkpoint import integrity
 from hpresil.checkpoint.api import slot_path
 from hpresil.checkpoint.flatten import flatten
 from hpresil.checkpoint.health import HealthConfig
+from hpresil.checkpoint.ram.copier import copy_checked, memcpy
 from hpresil.checkpoint.ram.files import scan
 from hpresil.checkpoint.ram.sealer import Sealer, SealerConfig
 from hpresil.checkpoint.ram.writer import RamWriter
@@ -65,15 +72,23 @@ def main() -> None:
     per = (args.mib << 20) // args.tensors // dtype.itemsize
     state = {f"t{i}": torch.randn(per, dtype=torch.float32).to(dtype) for i in range(args.tensors)}
     nbytes = per * dtype.itemsize * args.tensors
-    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-bench-seal-") as shm:
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-bench-seal-") as shm, \
+            tempfile.TemporaryDirectory(dir="/dev/shm", prefix="hpresil-bench-seal-") as shm2:
         writer = RamWriter(shm, 0, slots=2, run_id="bench")
         writer.save(1, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1, loss=1.0)
         writer.wait()
+        overlapped = RamWriter(shm2, 0, slots=2, run_id="bench")
+        overlapped.save(1, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1, loss=1.0,
+                        guarded=[True] * len(state))
+        overlapped.wait()
         sealers = {
             "xxh3 + health": Sealer(shm_dir=shm),
             "xxh3": Sealer(SealerConfig(health=HealthConfig(check_finite=False)), shm_dir=shm),
             "sum64": Sealer(SealerConfig(health=HealthConfig(check_finite=False)), shm_dir=shm),
+            "xxh3 + health, checked in copy": Sealer(shm_dir=shm2),
         }
+        dirs = {name: shm2 if "in copy" in name else shm for name in sealers}
+        warm = [torch.empty_like(t) for t in state.values()]
         src = torch.cat([t.view(torch.uint8) for t in state.values()])
         dst = torch.empty_like(src)
         best: dict[str, float] = {name: float("inf") for name in [*sealers, "memcpy"]}
@@ -83,18 +98,25 @@ def main() -> None:
                     default = integrity.Checksum.__init__.__defaults__
                     integrity.Checksum.__init__.__defaults__ = ("sum64",)
                 try:
-                    best[name] = min(best[name], _seal_cpu(sealer, shm))
+                    best[name] = min(best[name], _seal_cpu(sealer, dirs[name]))
                 finally:
                     if name == "sum64":
                         integrity.Checksum.__init__.__defaults__ = default
             t0 = time.thread_time()
             dst.copy_(src)
             best["memcpy"] = min(best["memcpy"], time.thread_time() - t0)
-        (info,) = scan(shm)
-        assert info.seal is not None and info.seal.health == "ok"
+            for name, copy in (("copy", memcpy), ("copy + probe", copy_checked)):
+                t0 = time.thread_time()
+                for d, t in zip(warm, state.values()):
+                    copy(d, t)
+                best[name] = min(best.get(name, float("inf")), time.thread_time() - t0)
+        for directory in (shm, shm2):
+            (info,) = scan(directory)
+            assert info.seal is not None and info.seal.health == "ok"
         for sealer in sealers.values():
             sealer.stop()
         writer.close()
+        overlapped.close()
     out: dict[str, Any] = {
         "bytes": nbytes,
         "dtype": args.dtype,
@@ -102,6 +124,8 @@ def main() -> None:
         "health_vs_none": round(best["xxh3 + health"] / best["xxh3"], 4),
         "xxh3_vs_sum64": round(best["xxh3"] / best["sum64"], 4),
         "seal_vs_memcpy": round(best["xxh3 + health"] / best["memcpy"], 4),
+        "checked_in_copy_vs_none": round(best["xxh3 + health, checked in copy"] / best["xxh3"], 4),
+        "copy_probe_vs_copy": round(best["copy + probe"] / best["copy"], 4),
     }
     if args.json:
         print(json.dumps(out))
@@ -109,8 +133,10 @@ def main() -> None:
     print(f"sealer CPU per snapshot, {nbytes / 2**20:.0f} MiB of {args.dtype} in {args.tensors} tensors "
           f"(best of {args.iters}):")
     for name, v in best.items():
-        print(f"  {name:14s} {v * 1e3:8.1f} ms  {nbytes / v / 1e9:6.1f} GB/s")
+        print(f"  {name:30s} {v * 1e3:8.1f} ms  {nbytes / v / 1e9:6.1f} GB/s")
     print(f"health checks vs none: {out['health_vs_none']:.3f}x (target <= 1.05x)")
+    print(f"  checked in the copy: {out['checked_in_copy_vs_none']:.3f}x (sealer); the commit thread's copy "
+          f"{out['copy_probe_vs_copy']:.3f}x its plain copy")
     print(f"xxh3 vs sum64:         {out['xxh3_vs_sum64']:.3f}x")
     print(f"sealing vs memcpy:     {out['seal_vs_memcpy']:.3f}x")
 

@@ -248,9 +248,13 @@ class CommitRecord:
         loss: the loss given to ``save(step, loss=...)`` (``None``: not given);
             the sealer's spike and non-finite test reads it.
         checked: hex bitmap of the tensor entries (bit ``i``: ``entries``'
-            ``i``-th tensor) whose NaN/Inf check ran on the device
-            (:func:`hpresil.checkpoint.health.device_finite_flags`).
-        nonfinite: those of them whose device norm was not finite.
+            ``i``-th tensor) whose NaN/Inf check already ran: on the device
+            (:func:`hpresil.checkpoint.health.device_finite_flags`) or right
+            behind the writer's overlapped host copy
+            (:func:`hpresil.checkpoint.ram.copier.copy_checked`); the sealer
+            probes only those of them named in ``nonfinite``, to confirm.
+        nonfinite: those of them found holding NaN/Inf (a device norm that is
+            not finite).
     """
 
     version: int

@@ -275,3 +275,35 @@ def test_device_reads_are_grouped_within_the_pinned_budget() -> None:
     sizes = [[e.nbytes for _, e, _ in g] for g in h2d._groups([item(n * mib) for n in (10, 30, 30, 100, 5, 60)])]
     assert sizes == [[10 * mib, 30 * mib], [30 * mib], [100 * mib], [5 * mib], [60 * mib]]
     assert all(sum(g) <= h2d.GROUP or len(g) == 1 for g in sizes)
+
+
+def test_the_overlapped_host_copy_checks_for_nan_and_the_seal_still_judges(shm: str) -> None:
+    """Guarded host entries are checked for NaN/Inf behind their copy (the record
+    says which, and which hold one); the sealer skips their probe yet judges
+    the snapshot poisoned once a finite entry turns non-finite."""
+    from hpresil.checkpoint.ram.sealer import Sealer
+
+    state = {"w": torch.ones(300_000), "b": torch.ones(10, dtype=torch.bfloat16), "i": torch.arange(5)}
+
+    def save(step: int) -> None:
+        w.save(step, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1,
+               guarded=[True, True, True])
+        w.wait()
+
+    w = RamWriter(shm, 0, slots=3, run_id="r")
+    sealer = Sealer(shm_dir=shm)
+    try:
+        save(1)
+        assert sealer.flush()  # step 1 is sealed first: "w" was finite
+        state["w"][123_456] = float("nan")
+        save(2)
+        assert sealer.flush()
+    finally:
+        w.close()
+    records = {i.record.step: i.load_record(shm) for i in scan(shm, [0])}
+    keys = [e.key for e in records[2].entries if e.kind == "tensor"]
+    checked = int(records[2].checked, 16)
+    assert [k for n, k in enumerate(keys) if checked >> n & 1] == ["w", "b"]  # not the integer entry
+    assert records[1].nonfinite == [] and records[2].nonfinite == ["w"]
+    seals = {i.record.step: i.seal for i in scan(shm, [0])}
+    assert seals[1].health == "ok" and seals[2].health == "poisoned" and "nonfinite" in seals[2].causes

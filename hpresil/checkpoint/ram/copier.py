@@ -2,8 +2,9 @@
 (:mod:`hpresil.checkpoint.fence` says which tensors and why).
 
 :meth:`Copier.copy` copies the unguarded tensors at once and leaves the
-guarded ones in flight: host tensors to the commit thread (one plain
-``memmove`` each, GIL released, on that thread alone), device tensors to a
+guarded ones in flight: host tensors to the commit thread (plain ``memmove``,
+GIL released, on that thread alone, each 4 MiB checked for NaN/Inf right
+behind its copy, so the sealer need not probe them), device tensors to a
 side CUDA stream that first waits for the current one, into the arena
 registered as pinned memory. :meth:`Copier.fence` (the optimizers' step
 pre-hook) waits for them: a stream wait on the GPU, a join on the host. The
@@ -22,18 +23,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hpresil.checkpoint.health import DeviceFlags, device_finite_flags
+from hpresil.checkpoint.flatten import dtype_name
+from hpresil.checkpoint.health import DeviceFlags, checked_bitmap, device_finite_flags, probe_for
 from hpresil.checkpoint.ram.arena import Slot
 
-__all__ = ["Copier", "Flight", "memcpy", "settle"]
+__all__ = ["Copier", "Flight", "copy_checked", "memcpy", "settle"]
 
 
 @dataclasses.dataclass(slots=True)
 class Flight:
     """A snapshot's copy that goes on after ``save`` returned."""
 
-    #: (arena view, tensor) host copies left to the commit thread
-    host: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    #: (tensor index, arena view, tensor) host copies left to the commit thread
+    host: list[tuple[int, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
     #: set once those host copies are done
     host_done: threading.Event | None = None
     #: recorded on the copy stream after the device copies
@@ -44,6 +46,19 @@ class Flight:
     loss: Callable[[], float | None] | None = None
     #: the device's NaN/Inf verdicts of this snapshot (read once ``event`` completed)
     flags: DeviceFlags | None = None
+    #: tensor indices of the host entries the commit thread's copy checked for NaN/Inf, and of those that hold one
+    host_checked: list[int] = dataclasses.field(default_factory=list)
+    host_nonfinite: list[int] = dataclasses.field(default_factory=list)
+
+    def verdicts(self, keys: list[str]) -> tuple[str, list[str]] | None:
+        """``(checked bitmap, keys holding NaN/Inf)`` for the record, given the
+        tensor entries' keys in layout order; ``None`` when nothing was checked."""
+        indices, bad = list(self.host_checked), [keys[i] for i in self.host_nonfinite]
+        if self.flags is not None:
+            bitmap, device_bad = self.flags.result(keys)
+            indices += [i for i in range(len(keys)) if int(bitmap, 16) >> i & 1] if bitmap else []
+            bad += device_bad
+        return (checked_bitmap(sorted(indices), len(keys)), bad) if indices else None
 
     @property
     def idle(self) -> bool:
@@ -59,6 +74,27 @@ def memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
     else:
         dst.copy_(src)
+
+
+#: Bytes copied, then read back from cache by the NaN/Inf probe, at a time.
+PROBE_CHUNK = 4 << 20
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
+    """:func:`memcpy`, checking the copied bytes for NaN/Inf chunk by chunk
+    right behind the copy (the sealer then skips this entry's probe): whether
+    ``dst`` holds one, ``None`` when the dtype or layout is not checked here."""
+    probe = probe_for(dtype_name(src.dtype))
+    if probe is None or not src.is_contiguous() or src.dtype != dst.dtype or src.is_conj() or src.is_neg():
+        memcpy(dst, src)
+        return None
+    into, out = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
+    raw = into.numpy()
+    for lo in range(0, into.numel(), PROBE_CHUNK):
+        hi = min(lo + PROBE_CHUNK, into.numel())
+        memcpy(into[lo:hi], out[lo:hi])
+        probe(raw[lo:hi])
+    return probe.nonfinite
 
 
 #: Every copier of this process (see :func:`settle`).
@@ -100,7 +136,7 @@ class Copier:
         for i, t in enumerate(tensors):
             if not t.is_cuda and views[i].numel():
                 if late[i]:
-                    flight.host.append((views[i], t))
+                    flight.host.append((i, views[i], t))
                 else:
                     views[i].copy_(t)
         if flight.host:
@@ -198,8 +234,12 @@ class Copier:
         """The commit thread: the host copies, the device copies' completion, the record."""
         try:
             try:
-                for dst, src in flight.host:
-                    memcpy(dst, src)
+                for i, dst, src in flight.host:
+                    nonfinite = copy_checked(dst, src)
+                    if nonfinite is not None:
+                        flight.host_checked.append(i)
+                        if nonfinite:
+                            flight.host_nonfinite.append(i)
             finally:
                 if flight.host_done is not None:
                     flight.host_done.set()

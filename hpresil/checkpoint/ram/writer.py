@@ -34,10 +34,9 @@ import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
 from hpresil.checkpoint.flatten import Leaf, encode_json
-from hpresil.checkpoint.health import DeviceFlags
 from hpresil.checkpoint.ram.arena import (ALIGN, INLINE_PREP, Layout, Preparer, Slot, build_layout, entry_path,
                                           signature)
-from hpresil.checkpoint.ram.copier import Copier
+from hpresil.checkpoint.ram.copier import Copier, Flight
 from hpresil.checkpoint.ram.files import drop_newer, scan, unlink, write_atomic
 from hpresil.checkpoint.ram.slots import SlotTable
 from hpresil.errors import CheckpointError, StorageError
@@ -184,7 +183,7 @@ class RamWriter:
             loss_now = _loss_number(loss) if flight.loss is None else None
             loss_read = (lambda: loss_now) if flight.loss is None else flight.loss
             commit = lambda: self._commit(k, step, layout, json_entries, world_size, durable, durable_url, keep,  # noqa: E731
-                                          on_commit, loss_read(), flight.flags)
+                                          on_commit, loss_read(), flight)
             if flight.idle:
                 commit()
             else:
@@ -239,7 +238,7 @@ class RamWriter:
         keep: int,
         on_commit: Callable[[int, int], None] | None,
         loss: float | None,
-        flags: DeviceFlags | None,
+        flight: Flight,
     ) -> None:
         slot = self._slots[k]
         try:
@@ -262,8 +261,9 @@ class RamWriter:
                 "upload_timeout": self.upload_timeout,
                 "loss": loss,
             }
-            if flags is not None:  # read after the device copies completed
-                head["checked"], head["nonfinite"] = flags.result([e.key for e in layout.entries])
+            verdicts = flight.verdicts([e.key for e in layout.entries])  # after the copies completed
+            if verdicts is not None:
+                head["checked"], head["nonfinite"] = verdicts
             parts = [layout.entries_json] if layout.entries_json else []
             parts += [json.dumps(e, separators=(",", ":")) for e in json_entries]
             text = json.dumps(head, separators=(",", ":"))[:-1] + ',"entries":[' + ",".join(parts) + "]}"
