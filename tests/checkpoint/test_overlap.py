@@ -307,3 +307,44 @@ def test_the_overlapped_host_copy_checks_for_nan_and_the_seal_still_judges(shm: 
     assert records[1].nonfinite == [] and records[2].nonfinite == ["w"]
     seals = {i.record.step: i.seal for i in scan(shm, [0])}
     assert seals[1].health == "ok" and seals[2].health == "poisoned" and "nonfinite" in seals[2].causes
+
+
+def test_a_small_save_never_waits_for_a_slot_the_preparation_thread_holds(
+        shm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arena is being prepared in the background for the state after the
+    optimizer's first step; a save of the smaller state before that step does
+    not wait for the thread to finish the slot it holds (it is skipped within
+    the slot budget), and snapshots go on once the thread is done."""
+    from hpresil.checkpoint.ram import writer as ram
+
+    monkeypatch.setattr(ram, "INLINE_PREP", 24 << 20)  # the 16 MiB model inline, its 48 MiB with AdamW not
+    gate = threading.Event()
+    real = arena.Slot.prepare
+
+    def held_in_background(self: Any, nbytes: int, device: Any, **kw: Any) -> bool:
+        if threading.current_thread().name == "hpresil-arena":
+            gate.wait(30)
+        return real(self, nbytes, device, **kw)
+
+    monkeypatch.setattr(arena.Slot, "prepare", held_in_background)
+    sink = RecordingSink()
+    model = _model("cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ckpt = Checkpointer(state={"model": model, "optim": opt}, shm_dir=shm, durable_every=0, run_services=False,
+                        events=sink)
+    try:
+        assert ckpt.restore() == 0  # asks for 48 MiB slots in the background; the thread holds slot 0
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        ckpt.save(1)
+        assert time.monotonic() - t0 < 5, "the save waited for the preparation thread"
+        gate.set()
+        for step in range(2, 200):
+            if ckpt.save(step):
+                break
+            time.sleep(0.02)
+        ckpt.wait()
+        assert step in [i.record.step for i in scan(shm, [0])]
+    finally:
+        gate.set()
+        ckpt.close()

@@ -131,7 +131,8 @@ class Slot:
         self.views_sig: tuple[Any, ...] | None = None
         self.cuda_registered = False
         self.pin_failed = False  # cudaHostRegister refused: device copies are synchronous
-        #: serialises the preparation thread and the writer on this slot
+        #: held by the preparation thread while it maps the slot, and by the writer from
+        #: picking the slot until its commit (a copy in flight is never remapped under it)
         self.lock = threading.Lock()
         #: why the last background preparation failed (``ENOSPC``), raised by the next save that takes the slot
         self.error: OSError | None = None
@@ -141,17 +142,37 @@ class Slot:
         return self.buf is not None and self.size >= nbytes and (
             device is None or self.cuda_registered or self.pin_failed)
 
-    def prepare(self, nbytes: int, device: int | None) -> None:
+    def prepare(self, nbytes: int, device: int | None, *, blocking: bool = True) -> bool:
         """Allocates and maps the slot for ``nbytes`` and pins it for ``device``.
+
+        Args:
+            blocking: wait for the preparation thread if it holds the slot
+                (else return ``False`` at once).
+
+        Returns:
+            Whether this call prepared it.
 
         Raises:
             OSError: ``ENOSPC`` when the shared-memory filesystem is full.
         """
-        with self.lock:
-            self.error = None
-            self.ensure(nbytes)
-            if device is not None:
-                self.register_cuda()
+        if not self.lock.acquire(blocking=blocking):
+            return False
+        try:
+            self.prepare_locked(nbytes, device)
+            return True
+        finally:
+            self.lock.release()
+
+    def prepare_locked(self, nbytes: int, device: int | None) -> None:
+        """:meth:`prepare` by the holder of :attr:`lock`.
+
+        Raises:
+            OSError: ``ENOSPC`` when the shared-memory filesystem is full.
+        """
+        self.error = None
+        self.ensure(nbytes)
+        if device is not None:
+            self.register_cuda()
 
     def ensure(self, nbytes: int) -> None:
         """Makes the file and mapping at least ``nbytes`` long.
@@ -230,13 +251,16 @@ class Preparer:
         self._want: tuple[int, int | None, int] | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._current: tuple[int, int | None] | None = None  # (bytes, device) of the job being prepared
 
     def request(self, nbytes: int, device: int | None, first: int = 0) -> None:
         """Makes every slot ready for ``nbytes`` on ``device`` in the background,
         slot ``first`` first."""
-        if all(s.ready(nbytes, device) for s in self._slots):
-            return
         with self._cond:
+            if self._current is not None and self._current[1] == device:
+                nbytes = max(nbytes, self._current[0])  # a smaller layout fits what is being prepared
+            if all(s.ready(nbytes, device) for s in self._slots):
+                return
             if self._stopped or self._want == (nbytes, device, first):
                 return
             self._want = (nbytes, device, first)
@@ -259,6 +283,7 @@ class Preparer:
                 assert self._want is not None
                 nbytes, device, first = self._want
                 self._want = None
+                self._current = (nbytes, device)
             order = [first] + [k for k in range(len(self._slots)) if k != first]
             for k in order:
                 slot = self._slots[k]
@@ -277,6 +302,8 @@ class Preparer:
                     log.exception("rank %d: preparing RAM slot %d failed", self._rank, k)
                 with self._cond:
                     self._cond.notify_all()
+            with self._cond:
+                self._current = None
 
     def stop(self) -> None:
         """Stops the thread after the slot it is preparing."""

@@ -152,7 +152,7 @@ class RamWriter:
                 return None
             slot = self._slots[k]
             try:
-                if not self._ready(k, layout.nbytes, device):
+                if not self._ready(k, layout.nbytes, device):  # else it returns holding slot.lock
                     fcntl.flock(slot.fd, fcntl.LOCK_UN)  # its snapshot stays: nothing was written
                     log.info("rank %d step %d: RAM slot %d is still being prepared (%.1f MiB); skipping this "
                              "snapshot", self.rank, step, k, layout.nbytes / 2**20)
@@ -187,11 +187,11 @@ class RamWriter:
             if flight.idle:
                 commit()
             else:
-                self._copier.start(flight, commit, lambda: fcntl.flock(slot.fd, fcntl.LOCK_UN))
+                self._copier.start(flight, commit, lambda: _unlock(slot))
             committed = True
         finally:
             if not committed:
-                fcntl.flock(slot.fd, fcntl.LOCK_UN)
+                _unlock(slot)
         return layout.nbytes
 
     def prepare(self, leaves: Sequence[Leaf], extra: int = 0) -> None:
@@ -204,8 +204,10 @@ class RamWriter:
             self._preparer.request(nbytes, device)
 
     def _ready(self, k: int, nbytes: int, device: int | None) -> bool:
-        """Whether slot ``k`` is ready for this save (prepared inline when
-        small; else waited for within the slot budget).
+        """Whether slot ``k`` is ready for this save; if so, its ``lock`` is
+        now held (until the commit: the preparation thread never remaps a slot
+        a copy is in flight to). Small states are prepared here; otherwise
+        this waits for the preparation thread within the slot budget.
 
         Raises:
             OSError: the slot cannot be allocated.
@@ -213,16 +215,30 @@ class RamWriter:
         slot = self._slots[k]
         if slot.error is not None:
             raise slot.error
-        if slot.ready(nbytes, device):
-            return True
-        if nbytes <= INLINE_PREP:
-            slot.prepare(nbytes, device)
-            return True
+        if slot.lock.acquire(blocking=False):
+            if slot.ready(nbytes, device):
+                return True
+            if nbytes <= INLINE_PREP:
+                try:
+                    slot.prepare_locked(nbytes, device)
+                except BaseException:
+                    slot.lock.release()
+                    raise
+                return True
+            slot.lock.release()
+        # The preparation thread holds the slot, or the state is large: wait for it within budget.
         self._preparer.request(nbytes, device, first=k)
         t0 = time.monotonic()
-        ok = self._preparer.wait_ready(slot, nbytes, device, self._table.budget())
+        budget = self._table.budget()
+        ok = self._preparer.wait_ready(slot, nbytes, device, budget)
+        ok = ok and slot.lock.acquire(timeout=max(0.0, budget - (time.monotonic() - t0)))
         self._table.spend(time.monotonic() - t0)
+        if ok and not slot.ready(nbytes, device):
+            slot.lock.release()
+            ok = False
         if slot.error is not None:
+            if ok:
+                slot.lock.release()
             raise slot.error
         return ok
 
@@ -275,7 +291,7 @@ class RamWriter:
             if durable:
                 self._table.durable[k] = commit_id
         finally:
-            fcntl.flock(slot.fd, fcntl.LOCK_UN)
+            _unlock(slot)
         if on_commit is not None:
             on_commit(k, step)
 
@@ -336,6 +352,12 @@ class RamWriter:
             for slot in self._slots:
                 slot.close()
             self._slots = []
+
+
+def _unlock(slot: Slot) -> None:
+    """Ends the writer's hold of ``slot``: its ``flock`` and its lock."""
+    fcntl.flock(slot.fd, fcntl.LOCK_UN)
+    slot.lock.release()
 
 
 def _loss_tensor(loss: Any) -> torch.Tensor | None:
