@@ -166,15 +166,21 @@ def test_a_large_arena_is_prepared_in_the_background_and_a_save_never_waits_for_
         skipped = sink.named("checkpoint_skipped")
         assert skipped and skipped[0]["reason"] == "arena_preparing"
         gate.set()
-        for step in range(2, 200):
-            if ckpt.save(step):
-                break
-            time.sleep(0.02)
-        ckpt.wait()
+        step = _saves_resume(ckpt)
         assert [i.record.step for i in scan(shm, [0])] == [step]
     finally:
         gate.set()
         ckpt.close()
+
+
+def _saves_resume(ckpt: Checkpointer) -> int:
+    """Saves steps 2, 3, ... until one is taken (the arena got ready); returns that step."""
+    for step in range(2, 200):
+        if ckpt.save(step):
+            ckpt.wait()
+            return step
+        time.sleep(0.02)
+    raise AssertionError("no snapshot was taken after the arena was released")
 
 
 def test_a_restarted_writer_maps_the_slots_it_finds_without_losing_them(shm: str) -> None:
@@ -339,12 +345,7 @@ def test_a_small_save_never_waits_for_a_slot_the_preparation_thread_holds(
         ckpt.save(1)
         assert time.monotonic() - t0 < 5, "the save waited for the preparation thread"
         gate.set()
-        for step in range(2, 200):
-            if ckpt.save(step):
-                break
-            time.sleep(0.02)
-        ckpt.wait()
-        assert step in [i.record.step for i in scan(shm, [0])]
+        assert _saves_resume(ckpt) in [i.record.step for i in scan(shm, [0])]
     finally:
         gate.set()
         ckpt.close()

@@ -13,6 +13,9 @@ files a restarted process finds, while it restores and starts up. A save
 whose slot is not ready waits within its budget or is skipped with a
 ``checkpoint_skipped`` event (reason ``arena_preparing``); states up to
 :data:`INLINE_PREP` bytes are prepared inline, which costs less than a step.
+A slot's :attr:`Slot.lock` is held by the thread while it maps the slot and
+by the writer from picking the slot until its commit, so the thread never
+remaps a slot an overlapped copy is still writing to.
 
 Host memory: each slot holds the whole state of its rank, so a node needs
 ``slots × local ranks × state bytes per rank`` of shared memory, all of it
