@@ -35,6 +35,7 @@ from hpresil.checkpoint.durable.drain import DrainConfig, Drainer
 from hpresil.checkpoint.durable.stores import DurableStore, open_store
 from hpresil.checkpoint.fence import StepFence, expected_state_bytes, find_optimizers
 from hpresil.checkpoint.guard import Guard
+from hpresil.checkpoint.ram.arena import cuda_device
 from hpresil.checkpoint.ram.files import scan
 from hpresil.checkpoint.ram.sealer import Sealer
 from hpresil.checkpoint.ram.writer import RamWriter
@@ -161,7 +162,8 @@ class Checkpointer(Restoring, Closing):
         #: Optimizer step pre-hooks that wait for the snapshot copy in flight
         #: (:mod:`hpresil.checkpoint.fence`); integrations attach more.
         self.fence = StepFence(self._fence_wait)
-        for opt in find_optimizers(state) if self.config.overlap else ():
+        self._optimizers = find_optimizers(state)
+        for opt in self._optimizers if self.config.overlap else ():
             self.fence.attach(opt)
 
     # -- setup -----------------------------------------------------------
@@ -200,8 +202,8 @@ class Checkpointer(Restoring, Closing):
         # Allocating, mapping and pinning the slots overlaps the restore and the first steps,
         # and so does pinning the buffers a restore into device tensors stages through.
         leaves = fl.flatten(self.state).leaves
-        self._ram.prepare(leaves, expected_state_bytes(find_optimizers(self.state)))
-        if any(l.is_tensor and l.value.is_cuda for l in leaves):
+        self._ram.prepare(leaves, expected_state_bytes(self._optimizers))
+        if cuda_device(leaves) is not None:
             self._warming = threading.Thread(target=h2d.warm_staging, name="hpresil-staging", daemon=True)
             self._warming.start()
         if self.run_services:

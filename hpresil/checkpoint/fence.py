@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from hpresil.checkpoint.flatten import Leaf, _is_dtensor
+from hpresil.checkpoint.ram.arena import ALIGN, align
 
 __all__ = ["StepFence", "expected_state_bytes", "find_optimizers"]
 
@@ -60,8 +61,9 @@ _STATE_TENSORS = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "A
 
 def expected_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
     """Bytes the first step of each optimizer without state yet will add to
-    the state (its per-parameter tensors, 64-byte aligned; 0 for an unknown
-    optimizer), so the arena can be prepared for them before that step."""
+    the arena (its per-parameter tensors, aligned as the layout aligns them;
+    0 for an unknown optimizer), so the arena can be prepared for them before
+    that step."""
     total = 0
     for opt in optimizers:
         per = _STATE_TENSORS.get(type(opt).__name__, 0)
@@ -73,7 +75,7 @@ def expected_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
             per_group = per + (1 if group.get("amsgrad") else 0)
             for p in group["params"]:
                 local = p.to_local() if _is_dtensor(p) else p
-                total += per_group * ((local.numel() * local.element_size() + 63) // 64 * 64) + 2 * 64  # + step
+                total += per_group * align(local.numel() * local.element_size()) + ALIGN  # + its step scalar
     return total
 
 

@@ -52,12 +52,17 @@ def warm_staging() -> None:
         log.info("staging buffers not pinned ahead: %s", exc)
 
 
+def _span(entry: Entry) -> int:
+    """Bytes ``entry`` takes in a staging buffer (up to where the next one starts)."""
+    return (entry.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
 def _staged(group: Sequence[tuple[int, Entry, torch.Tensor]]) -> list[torch.Tensor]:
     """Slices of one pinned buffer for the entries of ``group``."""
     offsets, end = [], 0
     for _, entry, _ in group:
         offsets.append(end)
-        end = (end + entry.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        end += _span(entry)
     buffer = torch.empty(max(end, GROUP), dtype=torch.uint8, pin_memory=True)
     return [buffer[o : o + entry.nbytes] for o, (_, entry, _) in zip(offsets, group)]
 
@@ -66,7 +71,7 @@ def _groups(items: Sequence[tuple[int, Entry, torch.Tensor]]) -> list[list[tuple
     out: list[list[tuple[int, Entry, torch.Tensor]]] = []
     size = GROUP
     for item in items:
-        n = (item[1].nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        n = _span(item[1])
         if size + n > GROUP:
             out.append([])
             size = 0
@@ -95,7 +100,6 @@ def read_to_device(source: SnapshotSource, step: int, items: Sequence[tuple[int,
             with torch.cuda.stream(stream):
                 for (_, _, target), host in zip(group, hosts):
                     target.view(-1).view(torch.uint8).copy_(host, non_blocking=True)
-        stream.synchronize()
     finally:
         stream.synchronize()  # the blocks are free only once their copies completed
         release_staging()

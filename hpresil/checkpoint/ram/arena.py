@@ -40,7 +40,8 @@ from hpresil.checkpoint.flatten import Leaf, dtype_from_name, dtype_name
 #: ``cudaHostRegisterPortable``: pinned for every CUDA context, not only the registering thread's.
 _PORTABLE = 1
 
-__all__ = ["ALIGN", "INLINE_PREP", "Layout", "Preparer", "Slot", "build_layout", "entry_path", "signature"]
+__all__ = ["ALIGN", "INLINE_PREP", "Layout", "Preparer", "Slot", "align", "build_layout", "cuda_device", "entry_path",
+           "signature"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,16 @@ INLINE_PREP = 64 << 20
 ALIGN = 64
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
+    """``n`` rounded up to :data:`ALIGN` (where the next entry may start)."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def cuda_device(leaves: Sequence[Leaf]) -> int | None:
+    """The index of the CUDA device the first device tensor among ``leaves`` is on
+    (``None``: a host state), the device the arena is pinned for."""
+    return next((l.value.device.index for l in leaves if isinstance(l.value, torch.Tensor) and l.value.is_cuda),
+                None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -114,7 +123,7 @@ def build_layout(leaves: Sequence[Leaf], sig: tuple[Any, ...] | None = None,
                 path=entry_path(leaf),
             )
         )
-        offset = _align(offset + nbytes)
+        offset = align(offset + nbytes)
     text = ",".join(json.dumps(e.to_json_obj(), separators=(",", ":")) for e in entries)
     return Layout(signature=signature(leaves, compared) if sig is None else sig, entries=entries, nbytes=offset,
                   entries_json=text)

@@ -34,8 +34,8 @@ import torch
 
 from hpresil.checkpoint.api import FORMAT_VERSION, Entry, rank_dir, slot_path
 from hpresil.checkpoint.flatten import Leaf, encode_json
-from hpresil.checkpoint.ram.arena import (ALIGN, INLINE_PREP, Layout, Preparer, Slot, build_layout, entry_path,
-                                          signature)
+from hpresil.checkpoint.ram.arena import (ALIGN, INLINE_PREP, Layout, Preparer, Slot, build_layout, cuda_device,
+                                          entry_path, signature)
 from hpresil.checkpoint.ram.copier import Copier, Flight
 from hpresil.checkpoint.ram.files import drop_newer, scan, unlink, write_atomic
 from hpresil.checkpoint.ram.slots import SlotTable
@@ -142,7 +142,7 @@ class RamWriter:
             if not isinstance(l.value, torch.Tensor)
         ]
         tensors = [l.value for l in leaves if isinstance(l.value, torch.Tensor)]
-        device = next((t.device.index for t in tensors if t.is_cuda), None)
+        device = cuda_device(leaves)
         while True:
             k = self._table.pick_and_lock()
             if k is None:
@@ -199,9 +199,8 @@ class RamWriter:
         the optimizers' first step will add) in the background; the
         Checkpointer calls it once the state is known, at the first restore."""
         nbytes = build_layout(leaves).nbytes + extra
-        device = next((l.value.device.index for l in leaves if isinstance(l.value, torch.Tensor) and l.value.is_cuda), None)
         if nbytes > INLINE_PREP:
-            self._preparer.request(nbytes, device)
+            self._preparer.request(nbytes, cuda_device(leaves))
 
     def _ready(self, k: int, nbytes: int, device: int | None) -> bool:
         """Whether slot ``k`` is ready for this save; if so, its ``lock`` is
