@@ -23,11 +23,14 @@ Where the NaN/Inf check runs:
   finite (``nonfinite``); the sealer probes only those (a norm also overflows
   for huge finite values, so the probe confirms). The sealer's CPU pays
   nothing for them.
-* **host tensors**: :class:`FiniteProbe` checks the bytes of each leaf right
-  after the checksum hashed it (:func:`~hpresil.checkpoint.integrity.checksum_cancellable`'s
-  ``probe``): a float is non-finite exactly when its exponent bits are all
-  set, so two integer maxima over views of the bytes decide it (numpy's SIMD
-  reductions, from cache) without converting anything.
+* **host tensors**: the RAM writer copies each one into its slot with the
+  NaN/Inf test fused into the copy (:func:`hpresil.checkpoint.finite.copy_check`,
+  native and vectorized: the copy, bound by memory bandwidth, takes no longer
+  for it), and the record's ``checked``/``nonfinite`` cover them too. Entries
+  nobody checked (the native module not built, or a layout it does not take)
+  are probed by the sealer: :class:`FiniteProbe` tests each leaf right after
+  the checksum hashed it, from cache
+  (:func:`~hpresil.checkpoint.integrity.checksum_cancellable`'s ``probe``).
 
 Restore, replication and the durable drain never choose an unhealthy
 snapshot while a healthy one exists (:mod:`hpresil.checkpoint.restore`).
@@ -40,11 +43,12 @@ import json
 import logging
 import math
 import statistics
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
+from hpresil.checkpoint.finite import encoding, holds_nonfinite
 from hpresil.checkpoint.ram.files import write_atomic
 from hpresil.errors import ConfigError
 
@@ -60,19 +64,6 @@ _RANK = {"ok": 0, "suspect": 1, "poisoned": 2}
 def worst(a: str, b: str) -> str:
     """The worse of two healths (``poisoned`` > ``suspect`` > ``ok``)."""
     return a if _RANK.get(a, 2) >= _RANK.get(b, 2) else b
-
-#: dtype name -> (signed view, unsigned view, exponent mask, sign bit): a value
-#: is non-finite when (bits & ~sign) >= mask, i.e. signed max >= mask (positive
-#: NaN/Inf) or unsigned max >= sign | mask (negative ones).
-_FLOATS: dict[str, tuple[Any, Any, int, int]] = {
-    "float64": (np.int64, np.uint64, 0x7FF0_0000_0000_0000, 1 << 63),
-    "float32": (np.int32, np.uint32, 0x7F80_0000, 1 << 31),
-    "complex64": (np.int32, np.uint32, 0x7F80_0000, 1 << 31),
-    "complex128": (np.int64, np.uint64, 0x7FF0_0000_0000_0000, 1 << 63),
-    "float16": (np.int16, np.uint16, 0x7C00, 1 << 15),
-    "bfloat16": (np.int16, np.uint16, 0x7F80, 1 << 15),
-}
-
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class HealthConfig:
@@ -106,42 +97,39 @@ class HealthConfig:
 class FiniteProbe:
     """Whether the bytes fed (in order, any split) hold a NaN or Inf of ``dtype``."""
 
-    __slots__ = ("_signed", "_unsigned", "_mask", "_neg", "_width", "_rest", "nonfinite")
+    __slots__ = ("_enc", "_rest", "nonfinite")
 
     def __init__(self, dtype: str) -> None:
-        signed, unsigned, mask, sign = _FLOATS[dtype]
-        self._signed, self._unsigned = signed, unsigned
-        self._mask, self._neg = mask, sign | mask
-        self._width = np.dtype(signed).itemsize
+        enc = encoding(dtype)
+        if enc is None:
+            raise ValueError(f"{dtype}: not a checked floating-point dtype")
+        self._enc = enc
         self._rest = b""  # a value split between two pieces
         self.nonfinite = False
 
     def __call__(self, piece: np.ndarray) -> None:
         if self.nonfinite or not piece.size:
             return
+        width = self._enc.width
         if self._rest:
-            take = min(self._width - len(self._rest), piece.size)
+            take = min(width - len(self._rest), piece.size)
             self._rest += piece[:take].tobytes()
             piece = piece[take:]
-            if len(self._rest) == self._width:
-                self._check(np.frombuffer(self._rest, dtype=np.uint8))
+            if len(self._rest) == width:
+                self.nonfinite = holds_nonfinite(np.frombuffer(self._rest, dtype=np.uint8), self._enc)
                 self._rest = b""
-        whole = piece.size - piece.size % self._width
-        if whole:
-            self._check(piece[:whole])
+        whole = piece.size - piece.size % width
+        if whole and not self.nonfinite:
+            self.nonfinite = holds_nonfinite(piece[:whole], self._enc)
         if whole < piece.size:
             self._rest = piece[whole:].tobytes()
-
-    def _check(self, raw: np.ndarray) -> None:
-        if int(raw.view(self._signed).max()) >= self._mask or int(raw.view(self._unsigned).max()) >= self._neg:
-            self.nonfinite = True
 
 
 def probe_for(dtype: str) -> FiniteProbe | None:
     """A probe for entries of ``dtype`` (torch's name without ``torch.``);
     ``None`` for dtypes without NaN/Inf (integers, bool) or without a checked
     encoding (8-bit floats)."""
-    return FiniteProbe(dtype) if dtype in _FLOATS else None
+    return FiniteProbe(dtype) if encoding(dtype) is not None else None
 
 
 class DeviceFlags:
@@ -175,7 +163,7 @@ def device_finite_flags(
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i in cuda:
         t = tensors[i]
-        if t.is_floating_point() and t.numel() and str(t.dtype).removeprefix("torch.") in _FLOATS:
+        if t.is_floating_point() and t.numel() and encoding(str(t.dtype).removeprefix("torch.")) is not None:
             by_dtype.setdefault(t.dtype, []).append(i)
     if not by_dtype:
         return None

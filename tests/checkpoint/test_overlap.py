@@ -117,15 +117,15 @@ def test_an_optimizer_step_waits_for_the_copy_in_flight(shm: str, monkeypatch: p
     model = _model("cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     order: list[str] = []
-    real = copier.memcpy
+    real = copier.copy_checked
 
-    def slow_memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    def slow_copy(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
         if not order or order[-1] != "copy":
             time.sleep(0.2)  # the copy is surely still running when the step is called
             order.append("copy")
-        real(dst, src)
+        return real(dst, src)
 
-    monkeypatch.setattr(copier, "memcpy", slow_memcpy)
+    monkeypatch.setattr(copier, "copy_checked", slow_copy)
     ckpt = Checkpointer(state={"model": model, "optim": opt}, shm_dir=shm, durable_every=0, run_services=False)
     opt.register_step_pre_hook(lambda *_: order.append("step"))  # runs after the fence's own hook
     try:
@@ -283,17 +283,29 @@ def test_device_reads_are_grouped_within_the_pinned_budget() -> None:
     assert all(sum(g) <= h2d.GROUP or len(g) == 1 for g in sizes)
 
 
-def test_the_overlapped_host_copy_checks_for_nan_and_the_seal_still_judges(shm: str) -> None:
-    """Guarded host entries are checked for NaN/Inf behind their copy (the record
-    says which, and which hold one); the sealer skips their probe yet judges
-    the snapshot poisoned once a finite entry turns non-finite."""
+@pytest.mark.parametrize("native", [True, False], ids=["native", "numpy"])
+@pytest.mark.parametrize("guard", [True, False], ids=["guarded", "unguarded"])
+def test_the_host_copy_checks_for_nan_and_the_seal_still_judges(
+    shm: str, guard: bool, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host entries are checked for NaN/Inf in their copy (the record says
+    which, and which hold one): guarded ones always (fused natively, else
+    behind the commit thread's copy), unguarded ones where the fused native
+    check runs. The sealer skips their probe yet judges the snapshot
+    poisoned once a finite entry turns non-finite; it probes the rest."""
+    from hpresil.checkpoint import finite
     from hpresil.checkpoint.ram.sealer import Sealer
+
+    if native and not finite.NATIVE:
+        pytest.skip("the native module is not built here")
+    if not native:
+        monkeypatch.setattr(finite, "_native", None)
 
     state = {"w": torch.ones(300_000), "b": torch.ones(10, dtype=torch.bfloat16), "i": torch.arange(5)}
 
     def save(step: int) -> None:
         w.save(step, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1,
-               guarded=[True, True, True])
+               guarded=[guard] * 3)
         w.wait()
 
     w = RamWriter(shm, 0, slots=3, run_id="r")
@@ -308,9 +320,12 @@ def test_the_overlapped_host_copy_checks_for_nan_and_the_seal_still_judges(shm: 
         w.close()
     records = {i.record.step: i.load_record(shm) for i in scan(shm, [0])}
     keys = [e.key for e in records[2].entries if e.kind == "tensor"]
-    checked = int(records[2].checked, 16)
-    assert [k for n, k in enumerate(keys) if checked >> n & 1] == ["w", "b"]  # not the integer entry
-    assert records[1].nonfinite == [] and records[2].nonfinite == ["w"]
+    checked = int(records[2].checked or "0", 16)
+    if guard or native:
+        assert [k for n, k in enumerate(keys) if checked >> n & 1] == ["w", "b"]  # not the integer entry
+        assert records[1].nonfinite == [] and records[2].nonfinite == ["w"]
+    else:  # copied by torch: nothing checked in the copy, the sealer probed
+        assert checked == 0 and records[2].nonfinite == []
     seals = {i.record.step: i.seal for i in scan(shm, [0])}
     assert seals[1].health == "ok" and seals[2].health == "poisoned" and "nonfinite" in seals[2].causes
 

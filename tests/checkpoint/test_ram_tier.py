@@ -226,13 +226,13 @@ def _write_then_die(shm: str, overlapped: bool) -> None:
     w = RamWriter(shm, 0, slots=2, run_id="r")
     _save(w, 1, state)
     if overlapped:
-        real_memcpy = copier.memcpy
+        real_copy = copier.copy_checked
 
-        def memcpy_then_die(dst: torch.Tensor, src: torch.Tensor) -> None:
-            real_memcpy(dst, src)
+        def copy_then_die(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
+            real_copy(dst, src)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        copier.memcpy = memcpy_then_die
+        copier.copy_checked = copy_then_die
         state["a"].fill_(2.0), state["b"].fill_(2.0)
         w.save(2, flatten(state).leaves, world_size=1, durable=False, durable_url=None, keep=1, guarded=[True, True])
         time.sleep(30)  # killed by the commit thread

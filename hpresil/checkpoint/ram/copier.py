@@ -2,14 +2,15 @@
 (:mod:`hpresil.checkpoint.fence` says which tensors and why).
 
 :meth:`Copier.copy` copies the unguarded tensors at once and leaves the
-guarded ones in flight: host tensors to the commit thread (plain ``memmove``,
-GIL released, on that thread alone, each 4 MiB checked for NaN/Inf right
-behind its copy, so the sealer need not probe them), device tensors to a
-side CUDA stream that first waits for the current one, into the arena
-registered as pinned memory. :meth:`Copier.fence` (the optimizers' step
-pre-hook) waits for them: a stream wait on the GPU, a join on the host. The
-commit thread then writes the record (the writer's ``commit``); the next save,
-and :meth:`Copier.wait`, join it.
+guarded ones in flight: host tensors to the commit thread (on that thread
+alone, GIL released), device tensors to a side CUDA stream that first waits
+for the current one, into the arena registered as pinned memory. Host
+tensors are checked for NaN/Inf in their copy (fused natively, see
+:mod:`hpresil.checkpoint.finite`), so the sealer need not probe them.
+:meth:`Copier.fence` (the optimizers' step pre-hook) waits for them: a
+stream wait on the GPU, a join on the host. The commit thread then writes
+the record (the writer's ``commit``); the next save, and :meth:`Copier.wait`,
+join it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hpresil.checkpoint.flatten import dtype_name
-from hpresil.checkpoint.health import DeviceFlags, checked_bitmap, device_finite_flags, probe_for
+from hpresil.checkpoint.finite import copy_check, encoding
+from hpresil.checkpoint.health import DeviceFlags, FiniteProbe, checked_bitmap, device_finite_flags
 from hpresil.checkpoint.ram.arena import Slot
 
 __all__ = ["Copier", "Flight", "copy_checked", "memcpy", "settle"]
@@ -81,13 +83,22 @@ PROBE_CHUNK = 4 << 20
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
-    """:func:`memcpy`, checking the copied bytes for NaN/Inf chunk by chunk
-    right behind the copy (the sealer then skips this entry's probe): whether
-    ``dst`` holds one, ``None`` when the dtype or layout is not checked here."""
-    probe = probe_for(dtype_name(src.dtype))
-    if probe is None or not src.is_contiguous() or src.dtype != dst.dtype or src.is_conj() or src.is_neg():
+    """:func:`memcpy`, checking the copied bytes for NaN/Inf (the sealer then
+    skips this entry's probe): whether ``dst`` holds one, ``None`` when the
+    dtype or layout is not checked here. The check is fused into the copy
+    where the native module is built; otherwise it reads each chunk back from
+    cache right behind its copy."""
+    enc = encoding(dtype_name(src.dtype))
+    if enc is None:
         memcpy(dst, src)
         return None
+    fused = copy_check(dst, src, enc)
+    if fused is not None:
+        return fused
+    if not src.is_contiguous() or src.dtype != dst.dtype or src.is_conj() or src.is_neg():
+        memcpy(dst, src)
+        return None
+    probe = FiniteProbe(dtype_name(src.dtype))
     into, out = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
     raw = into.numpy()
     for lo in range(0, into.numel(), PROBE_CHUNK):
@@ -95,6 +106,20 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
         memcpy(into[lo:hi], out[lo:hi])
         probe(raw[lo:hi])
     return probe.nonfinite
+
+
+def _copy_now(flight: Flight, i: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copies unguarded host tensor ``i`` before ``save`` returns: with the
+    fused native check where it runs (no slower than the copy), else with
+    torch's ``copy_`` (the sealer probes it then)."""
+    enc = encoding(dtype_name(src.dtype))
+    nonfinite = copy_check(dst, src, enc) if enc is not None else None
+    if nonfinite is None:
+        dst.copy_(src)
+        return
+    flight.host_checked.append(i)
+    if nonfinite:
+        flight.host_nonfinite.append(i)
 
 
 #: Every copier of this process (see :func:`settle`).
@@ -138,7 +163,7 @@ class Copier:
                 if late[i]:
                     flight.host.append((i, views[i], t))
                 else:
-                    views[i].copy_(t)
+                    _copy_now(flight, i, views[i], t)
         if flight.host:
             flight.host_done = threading.Event()
         cuda = [i for i, t in enumerate(tensors) if t.is_cuda]
