@@ -14,7 +14,7 @@ SGD momentum). Per iteration, after a few sealed snapshots:
 Prints the slowest rank's times (best of ``--iters``) and the ratio the target
 is stated in (rollback <= 2x a plain RAM restore); then what the per-snapshot
 health vote costs a ``save``: saves with it against saves with the guard
-turned off, interleaved.
+turned off, interleaved, in wall time and in the training thread's CPU time.
 
     python bench/rollback.py --mib 256 --ranks 2 --iters 3
 """
@@ -50,15 +50,18 @@ def _worker(rank: int, args: argparse.Namespace, shm: str, init: str, out: str) 
     ckpt.restore()
     step = 0
 
+    cpu: list[float] = []  # the training thread's CPU time of each save
+
     def train_and_save() -> float:
         nonlocal step
         step += 1
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e-3)
         opt.step()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         ckpt.save(step)
         took = time.perf_counter() - t0
+        cpu.append(time.thread_time() - c0)
         ckpt.wait()
         dist.barrier()
         return took
@@ -84,19 +87,25 @@ def _worker(rank: int, args: argparse.Namespace, shm: str, init: str, out: str) 
     guard = ckpt._guard
     assert guard is not None
     real = (guard.check, guard.vote)
-    with_vote, without = [], []
+    with_vote, without, cpu_with, cpu_without = [], [], [], []
     for i in range(2 * args.vote_saves):
         off = i % 2 == 1
         guard.check, guard.vote = ((lambda step, restore: False), (lambda step: None)) if off else real
         (without if off else with_vote).append(train_and_save())
+        (cpu_without if off else cpu_with).append(cpu[-1])
     guard.check, guard.vote = real
-    times = torch.tensor([min(restores), min(rollbacks), sorted(with_vote)[len(with_vote) // 2],
-                          sorted(without)[len(without) // 2]], dtype=torch.float64)
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    times = torch.tensor([min(restores), min(rollbacks), median(with_vote), median(without), median(cpu_with),
+                          median(cpu_without)], dtype=torch.float64)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"restore_s": float(times[0]), "rollback_s": float(times[1]), "save_s": float(times[2]),
-                       "save_no_vote_s": float(times[3]),
+                       "save_no_vote_s": float(times[3]), "save_cpu_s": float(times[4]),
+                       "save_no_vote_cpu_s": float(times[5]),
                        "bytes": sum(p.numel() * 4 * 2 for p in model.parameters())}, f)
     ckpt.close(final_durable=False)
     dist.destroy_process_group()
@@ -126,6 +135,7 @@ def main() -> None:
             res: dict[str, Any] = json.load(f)
     res["rollback_vs_restore"] = round(res["rollback_s"] / res["restore_s"], 3)
     res["vote_ms_per_save"] = round((res["save_s"] - res["save_no_vote_s"]) * 1e3, 3)
+    res["vote_cpu_ms_per_save"] = round((res["save_cpu_s"] - res["save_no_vote_cpu_s"]) * 1e3, 3)
     if args.json:
         print(json.dumps(res))
         return
@@ -135,6 +145,9 @@ def main() -> None:
     print(f"rollback vs restore: {res['rollback_vs_restore']:.2f}x (target <= 2x)")
     print(f"save with the health vote {res['save_s'] * 1e3:.1f} ms, without {res['save_no_vote_s'] * 1e3:.1f} ms "
           f"(median of {args.vote_saves} each): the vote costs {res['vote_ms_per_save']:.2f} ms per save")
+    print(f"  the training thread's CPU in save: {res['save_cpu_s'] * 1e3:.2f} ms with the vote, "
+          f"{res['save_no_vote_cpu_s'] * 1e3:.2f} ms without: {res['vote_cpu_ms_per_save']:.2f} ms of CPU per save "
+          f"(the rest of the wall-time difference is waiting for a core)")
 
 
 if __name__ == "__main__":

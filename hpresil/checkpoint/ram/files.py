@@ -223,18 +223,18 @@ def scan(shm_dir: str, ranks: Sequence[int] | None = None, cache: ScanCache | No
     """
     base = os.path.join(shm_dir, "ckpt")
     found: list[SlotInfo] = []
-    try:
-        names = os.listdir(base)
-    except FileNotFoundError:
-        return found
-    for name in names:
-        if not name.startswith("rank") or not name[4:].isdigit():
-            continue
-        rank = int(name[4:])
-        if ranks is not None and rank not in ranks:
-            continue
+    if ranks is None:
         try:
-            files = os.listdir(os.path.join(base, name))
+            names = [n for n in os.listdir(base) if n.startswith("rank") and n[4:].isdigit()]
+        except FileNotFoundError:
+            return found
+    else:  # the caller's ranks only: no listing of every rank's directory
+        names = [f"rank{r}" for r in ranks]
+    for name in names:
+        rank = int(name[4:])
+        folder = os.path.join(base, name)
+        try:
+            files = os.listdir(folder)
         except FileNotFoundError:
             continue
         for fname in files:
@@ -243,7 +243,7 @@ def scan(shm_dir: str, ranks: Sequence[int] | None = None, cache: ScanCache | No
             num = fname[4:-5]
             if not num.isdigit():
                 continue
-            path = os.path.join(base, name, fname)
+            path = os.path.join(folder, fname)
             record = cached_parse(path, cache, lambda: read_record(path, header_only=True))
             if record is None or record.rank != rank or record.slot != int(num):
                 continue
