@@ -13,7 +13,14 @@ many clients. Per backend and N it measures:
 * ``agent_cpu`` / ``server_cpu``: cores the agents' processes and the store
   server (the TCPStore process, or the etcd members together) used then;
 * ``change_s``: one agent stops without leaving (as a SIGKILLed node does); until
-  every survivor was told by its liveness ring and completed the next round.
+  every survivor was told by its liveness ring, evicted it from torch's
+  rendezvous (:mod:`hpresil.elastic.evict`, off with ``--no-evict``) and
+  completed the next round; with ``change_ops``/``change_failed_sets``, the
+  rendezvous-state operations of that re-join and the compare-and-sets among
+  them that lost.
+
+torch's keep-alive interval is hpresil-run's tuned one for N
+(:func:`hpresil.elastic.membership.keep_alive_interval`) unless ``--keep-alive``.
 
 It fits ``a + b N`` to each figure, states the expected value at 2,048 nodes,
 and prints the targets of issue 22: ``change_s`` at the largest N within 2x its
@@ -42,7 +49,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-KEEP_ALIVE_S, KEEP_ALIVE_ATTEMPTS, LAST_CALL_S = 1, 3, 2  # hpresil-run's tuned rendezvous defaults
+KEEP_ALIVE_ATTEMPTS, LAST_CALL_S = 3, 2  # hpresil-run's tuned rendezvous defaults (the interval grows with N)
 
 
 def _free_port() -> int:
@@ -56,7 +63,7 @@ class Counting:
     one counter per agent)."""
 
     def __init__(self, inner: Any) -> None:
-        self._inner, self.calls = inner, 0
+        self._inner, self.calls, self.failed_sets = inner, 0, 0
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -65,19 +72,22 @@ class Counting:
 
         def call(*a: Any, **k: Any) -> Any:
             self.calls += 1
-            return attr(*a, **k)
+            got = attr(*a, **k)
+            if name == "set_state" and isinstance(got, tuple) and len(got) == 3 and not got[2]:
+                self.failed_sets += 1  # a compare-and-set that lost: another node wrote first
+            return got
 
         return call
 
 
-def _handler(backend: str, endpoint: str, run_id: str, n: int) -> tuple[Any, Counting]:
+def _handler(backend: str, endpoint: str, run_id: str, n: int, keep_alive_s: int) -> tuple[Any, Counting]:
     from torch.distributed import TCPStore
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
     params = RendezvousParameters(backend="c10d" if backend == "tcpstore" else "etcd-v2", endpoint=endpoint,
                                   run_id=run_id, min_nodes=max(1, n - 1), max_nodes=n, read_timeout="30",
-                                  keep_alive_interval=str(KEEP_ALIVE_S), keep_alive_max_attempt=str(KEEP_ALIVE_ATTEMPTS),
+                                  keep_alive_interval=str(keep_alive_s), keep_alive_max_attempt=str(KEEP_ALIVE_ATTEMPTS),
                                   last_call_timeout=str(LAST_CALL_S), join_timeout="600")
     if backend == "tcpstore":
         from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
@@ -98,13 +108,15 @@ def _handler(backend: str, endpoint: str, run_id: str, n: int) -> tuple[Any, Cou
 
 
 def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any, victim_stop: Any,
-           out: list[dict[str, Any]], measure_s: float, ready: Any) -> None:
-    from hpresil.elastic.api import ElasticConfig
+           out: list[dict[str, Any]], measure_s: float, ready: Any, tuning: tuple[int, bool]) -> None:
+    from hpresil.elastic.api import LOST_AFTER, ElasticConfig
+    from hpresil.elastic.evict import evict, round_of
     from hpresil.elastic.membership import Liveness
 
     rec: dict[str, Any] = {}
     try:
-        handler, counted_backend = _handler(backend, endpoint, run_id, n)
+        keep_alive_s, evicting = tuning
+        handler, counted_backend = _handler(backend, endpoint, run_id, n, keep_alive_s)
         with ready.get_lock():
             ready.value += 1
         go.wait()
@@ -112,7 +124,8 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
         rec["round_done"] = time.time()
         rank, world = info.rank, info.world_size
         store = Counting(info.store)
-        live = Liveness(store, rank, world, ElasticConfig(lost_after=timedelta(seconds=KEEP_ALIVE_S * KEEP_ALIVE_ATTEMPTS))).start()
+        joined = round_of(handler)
+        live = Liveness(store, rank, world, ElasticConfig(lost_after=LOST_AFTER)).start()
         phase.wait()  # steady state: count requests for measure_s
         c0, b0, t0 = store.calls, counted_backend.calls, time.time()
         time.sleep(measure_s)
@@ -128,8 +141,14 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
         victim_stop.wait()
         rec["lost"] = sorted(live.wait_for_loss(60.0))
         live.stop()
+        ops0, failed0, t_join = counted_backend.calls, counted_backend.failed_sets, time.time()
+        if evicting:  # as hpresil-run's agent does on a loss verdict
+            evict(handler, joined, rec["lost"])
         handler.next_rendezvous()
         rec["change_done"] = time.time()
+        rec["join_s"] = rec["change_done"] - t_join
+        rec["change_ops"] = counted_backend.calls - ops0
+        rec["change_failed_sets"] = counted_backend.failed_sets - failed0
     except Exception as exc:  # noqa: BLE001 - reported in the results
         rec["error"] = repr(exc)
     finally:
@@ -137,7 +156,7 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
 
 
 def _proc(backend: str, endpoint: str, run_id: str, n: int, count: int, go: Any, phase: Any, victim_stop: Any,
-          queue: Any, measure_s: float, ready: Any) -> None:
+          queue: Any, measure_s: float, ready: Any, tuning: tuple[int, bool]) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # a liveness verdict per survivor is expected here, not news
@@ -150,7 +169,7 @@ def _proc(backend: str, endpoint: str, run_id: str, n: int, count: int, go: Any,
     import hpresil.elastic.membership  # noqa: F401
     out: list[dict[str, Any]] = []
     threads = [threading.Thread(target=_agent, args=(backend, endpoint, run_id, n, go, phase, victim_stop, out,
-                                                     measure_s, ready), daemon=True) for _ in range(count)]
+                                                     measure_s, ready, tuning), daemon=True) for _ in range(count)]
     for t in threads:
         t.start()
     phase.wait()
@@ -184,7 +203,8 @@ def _tcpstore_server(port: int, ready: Any) -> None:
         time.sleep(60)
 
 
-def measure(backend: str, n: int, procs: int, measure_s: float) -> dict[str, Any]:
+def measure(backend: str, n: int, procs: int, measure_s: float, keep_alive_s: int | None = None,
+            evicting: bool = True) -> dict[str, Any]:
     """One backend at ``n`` agents (see the module doc)."""
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="hpresil-cp-")
@@ -205,8 +225,11 @@ def measure(backend: str, n: int, procs: int, measure_s: float) -> dict[str, Any
             endpoint, server_pids = cluster.endpoints, [p.pid for p in cluster.procs.values()]
         go, phase, victim_stop, queue, ready = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
         per = [n // procs + (1 if i < n % procs else 0) for i in range(min(procs, n))]
+        from hpresil.elastic.membership import keep_alive_interval
+
+        tuning = (keep_alive_s or keep_alive_interval(n), evicting)
         workers = [ctx.Process(target=_proc, args=(backend, endpoint, f"cp{n}", n, c, go, phase, victim_stop, queue,
-                                                   measure_s, ready)) for c in per]
+                                                   measure_s, ready, tuning)) for c in per]
         for w in workers:
             w.start()
         deadline = time.monotonic() + 600
@@ -235,10 +258,16 @@ def measure(backend: str, n: int, procs: int, measure_s: float) -> dict[str, Any
         stops = [a["t_stop"] for a in agents if "t_stop" in a]
         return {
             "backend": backend, "agents": n, "error_count": len(errors), "errors": errors[:3],
+            "keep_alive_s": tuning[0], "evict": evicting,
             "round_s": max(rounds) - t_go if len(rounds) == n else None,
             "req_per_s": sum(a.get("requests", 0) for a in agents) / measure_s,
             "agent_cpu": agent_cpu, "server_cpu": server_cpu,
             "change_s": max(changes) - stops[0] if stops and len(changes) == n - 1 else None,
+            # the survivors' re-join (after their liveness verdict): rendezvous-state operations in all,
+            # the compare-and-sets among them that lost, and the slowest re-join
+            "change_ops": sum(a.get("change_ops", 0) for a in agents),
+            "change_failed_sets": sum(a.get("change_failed_sets", 0) for a in agents),
+            "join_s": max((a["join_s"] for a in agents if "join_s" in a), default=None),
         }
     finally:
         if server is not None:
@@ -265,6 +294,9 @@ def main() -> int:
     p.add_argument("--measure", type=float, default=5.0, help="seconds of steady state measured")
     p.add_argument("--at", type=int, default=2048, help="the node count to extrapolate to")
     p.add_argument("--json", help="write the results here (the planner's input)")
+    p.add_argument("--keep-alive", type=int, help="torch's keep-alive interval (s); default: hpresil-run's, by N")
+    p.add_argument("--no-evict", action="store_true",
+                   help="survivors do not evict the lost node (torch forgets it when its keep-alive expires)")
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     results: list[dict[str, Any]] = []
@@ -273,12 +305,13 @@ def main() -> int:
             print("etcd: skipped (apt-get install etcd-server)")
             continue
         for n in counts:
-            r = measure(backend, n, args.procs, args.measure)
+            r = measure(backend, n, args.procs, args.measure, args.keep_alive, not args.no_evict)
             results.append(r)
-            print(f"{backend:8s} N={n:4d}  round {r['round_s'] or float('nan'):6.2f} s  change "
+            print(f"{backend:8s} N={n:4d} keep-alive {r['keep_alive_s']} s{'' if r['evict'] else ', no eviction'}  round {r['round_s'] or float('nan'):6.2f} s  change "
                   f"{r['change_s'] or float('nan'):6.2f} s  {r['req_per_s']:8.0f} req/s "
                   f"({r['req_per_s'] / n:5.1f}/agent)  agents {r['agent_cpu']:5.2f} cores  server "
-                  f"{r['server_cpu']:5.2f} cores  errors {r['error_count']}", flush=True)
+                  f"{r['server_cpu']:5.2f} cores  errors {r['error_count']}; re-join {r['join_s'] or float('nan'):5.2f} s, "
+                  f"{r['change_ops']} state ops ({r['change_failed_sets']} lost compare-and-sets)", flush=True)
     summary: dict[str, Any] = {}
     for backend in sorted({r["backend"] for r in results}):
         rows = [r for r in results if r["backend"] == backend and r["round_s"] is not None and r["change_s"] is not None]
@@ -307,8 +340,9 @@ def main() -> int:
             f"{k} {v[f'at_{args.at}']:.2f}" for k, v in proj.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "summary": summary, "keep_alive_s": KEEP_ALIVE_S,
-                       "keep_alive_attempts": KEEP_ALIVE_ATTEMPTS, "last_call_s": LAST_CALL_S}, f, indent=2)
+            json.dump({"results": results, "summary": summary, "keep_alive_s": args.keep_alive or "by N",
+                       "keep_alive_attempts": KEEP_ALIVE_ATTEMPTS, "last_call_s": LAST_CALL_S,
+                       "evict": not args.no_evict}, f, indent=2)
     return 0
 
 

@@ -7,10 +7,10 @@
   counter stops moving for :attr:`ElasticConfig.lost_after` is declared lost,
   the survivors stop their workers (even when they sit in a collective that
   would otherwise wait for its timeout) and restart with cause ``membership``;
-  torch's rendezvous, whose keep-alive declares the same node dead after
-  ``keep_alive_interval x keep_alive_max_attempt``, then completes a round at
-  the smaller size and the workers restore the newest checkpoint every rank can
-  load (resharded).
+  the survivors evict it from torch's rendezvous at once
+  (:mod:`hpresil.elastic.evict`; torch alone would wait for its keep-alive to
+  expire), which then completes a round at the smaller size, and the workers
+  restore the newest checkpoint every rank can load (resharded).
 * **node join** — torch's own path: a new agent waits in the rendezvous's wait
   list, ``num_nodes_waiting()`` turns positive, the agents restart their
   workers (cause ``membership``). Before re-joining, each agent lets its
@@ -39,6 +39,9 @@ __all__ = [
     "ElasticConfig",
     "MembershipView",
     "RDZV_TUNED_DEFAULTS",
+    "KEEPALIVES_PER_S",
+    "MAX_KEEP_ALIVE_S",
+    "LOST_AFTER",
     "DYNAMIC_BACKENDS",
     "ALIVE_KEY",
     "DONE_KEY",
@@ -54,13 +57,25 @@ DYNAMIC_BACKENDS: frozenset[str] = frozenset({"c10d", "etcd-v2"})
 #: ``--rdzv-conf`` values hpresil-run uses when the user did not set them:
 #: (key, value, reason). torch's defaults (5 s x 3 keep-alive, 30 s last call)
 #: make a node loss cost ~45 s before the smaller round even completes.
+#: ``keep_alive_interval`` is the value for jobs of up to :data:`KEEPALIVES_PER_S` nodes;
+#: larger jobs get ``ceil(max_nodes / KEEPALIVES_PER_S)`` seconds.
 RDZV_TUNED_DEFAULTS: tuple[tuple[str, str, str], ...] = (
-    ("keep_alive_interval", "1", "a node whose keep-alive stops is declared dead after "
-     "keep_alive_interval x keep_alive_max_attempt = 3 s (torch: 15 s)"),
+    ("keep_alive_interval", "1", "torch forgets a dead node after keep_alive_interval x keep_alive_max_attempt "
+     "(torch: 5 s x 3); hpresil's liveness ring declares it lost after 3 s and evicts it from the rendezvous at "
+     "once, so the interval only bounds the store load: every keep-alive rewrites the whole rendezvous state, "
+     "and the interval grows with the job to keep them at 64 per second (at most 30 s)"),
     ("keep_alive_max_attempt", "3", "three missed keep-alives make a node dead (torch's default)"),
     ("last_call_timeout", "2", "wait 2 s for more nodes once MIN have joined (torch: 30 s), "
      "so a shrink or grow completes in seconds"),
 )
+
+#: Keep-alives per second the tuned ``keep_alive_interval`` aims at, whatever the job size: the load
+#: measured without lost compare-and-sets growing (bench/control_plane.py: 64 agents at 1 s, both backends).
+KEEPALIVES_PER_S = 64
+#: The longest tuned keep-alive interval (seconds): a node that dies outside a round is forgotten in 3x this.
+MAX_KEEP_ALIVE_S = 30
+#: How long the liveness ring waits before declaring a peer lost when hpresil chose the keep-alive.
+LOST_AFTER = timedelta(seconds=3)
 
 #: Store keys (under the round's prefix) of each agent's liveness counter and done flag.
 ALIVE_KEY = "hpresil/elastic/alive/{group_rank}"

@@ -23,18 +23,20 @@ node, never on a dead one.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Mapping
 
 from hpresil.elastic.api import (
-    ALIVE_KEY, DONE_KEY, DYNAMIC_BACKENDS, LOST_EPOCH_KEY, LOST_KEY, RDZV_TUNED_DEFAULTS, WATCHERS, ElasticConfig,
-    MembershipView,
+    ALIVE_KEY, DONE_KEY, DYNAMIC_BACKENDS, KEEPALIVES_PER_S, LOST_AFTER, MAX_KEEP_ALIVE_S, LOST_EPOCH_KEY, LOST_KEY, RDZV_TUNED_DEFAULTS,
+    WATCHERS, ElasticConfig, MembershipView,
 )
 from hpresil.runtime.store_ops import read_counter, writes_to_add
 
-__all__ = ["LivenessTracker", "Liveness", "restart_cause", "tuned_rdzv_configs", "lost_after_from_rdzv"]
+__all__ = ["LivenessTracker", "Liveness", "restart_cause", "keep_alive_interval", "tuned_rdzv_configs",
+           "lost_after_from_rdzv"]
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,20 @@ def restart_cause(failed: bool, lost: Iterable[int], waiting: int) -> tuple[str,
     return "membership", "requested"
 
 
-def tuned_rdzv_configs(backend: str, configs: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+def keep_alive_interval(max_nodes: int) -> int:
+    """The tuned keep-alive interval (seconds) of a job of up to ``max_nodes``
+    nodes: :data:`~hpresil.elastic.api.KEEPALIVES_PER_S` keep-alives per
+    second in all, between one per node per second and one per
+    :data:`~hpresil.elastic.api.MAX_KEEP_ALIVE_S` (torch still forgets a node
+    that dies outside a round, such as a waiter, only by its expiry)."""
+    return min(MAX_KEEP_ALIVE_S, max(1, math.ceil(max(1, max_nodes) / KEEPALIVES_PER_S)))
+
+
+def tuned_rdzv_configs(backend: str, configs: Mapping[str, Any], max_nodes: int = 1
+                       ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """``configs`` with :data:`~hpresil.elastic.api.RDZV_TUNED_DEFAULTS` added
-    where the user set nothing (dynamic backends only).
+    where the user set nothing (dynamic backends only); the keep-alive interval
+    grows with ``max_nodes`` (:func:`keep_alive_interval`).
 
     Returns:
         The new configs and the ``(key, value, reason)`` added.
@@ -137,17 +150,27 @@ def tuned_rdzv_configs(backend: str, configs: Mapping[str, Any]) -> tuple[dict[s
         return out, added
     for key, value, reason in RDZV_TUNED_DEFAULTS:
         if key not in out:
+            if key == "keep_alive_interval":
+                value = str(keep_alive_interval(max_nodes))
             out[key] = value
             added.append((key, value, reason))
     return out, added
 
 
-def lost_after_from_rdzv(configs: Mapping[str, Any]) -> timedelta:
-    """torch's own definition of a dead node: ``keep_alive_interval x keep_alive_max_attempt``
-    (torch's defaults 5 s and 3 when unset)."""
+def lost_after_from_rdzv(configs: Mapping[str, Any], tuned: Iterable[str] = ()) -> timedelta:
+    """When the liveness ring declares a peer lost.
+
+    With a keep-alive the user chose, torch's own definition of a dead node,
+    ``keep_alive_interval x keep_alive_max_attempt`` (torch's defaults 5 s and
+    3 when unset): their tolerance is kept. With the one hpresil chose (its key
+    in ``tuned``), :data:`~hpresil.elastic.api.LOST_AFTER` or that product if
+    shorter: the lost node is evicted from the rendezvous, so the keep-alive
+    need not have expired.
+    """
     interval = int(configs.get("keep_alive_interval", 5))
     attempts = int(configs.get("keep_alive_max_attempt", 3))
-    return timedelta(seconds=max(1, interval * attempts))
+    expiry = timedelta(seconds=max(1, interval * attempts))
+    return min(expiry, LOST_AFTER) if "keep_alive_interval" in set(tuned) else expiry
 
 
 class Liveness:

@@ -45,6 +45,7 @@ EVENT_NAMES = frozenset(
         "node_leave",
         "service_failed",
         "rescale",
+        "rdzv_evicted",
         "step",
         "progress",
         "metrics_started",

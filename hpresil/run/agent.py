@@ -20,6 +20,7 @@ from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, W
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
 from hpresil.elastic.api import RUNNING_KEY, ElasticConfig
+from hpresil.elastic.evict import evict, round_of
 from hpresil.elastic.fast_restart import FastRestart, free_port
 from hpresil.elastic.membership import Liveness, restart_cause
 from hpresil.run.console import WorkerConsole
@@ -61,6 +62,7 @@ class HpresilAgent(LocalElasticAgent):
         self._liveness: Liveness | None = None
         self._restart_reason: tuple[str, str, list[int]] | None = None  # set by a membership verdict
         self._settle_pending = False
+        self._round: int | None = None  # the rendezvous round this agent last joined
         self._nodes: int | None = None
         self._attempt = -1
         self._last_state = WorkerState.INIT
@@ -104,6 +106,7 @@ class HpresilAgent(LocalElasticAgent):
             before()
         start = time.monotonic()
         super()._rendezvous(worker_group)
+        self._round = round_of(worker_group.spec.rdzv_handler)
         self._watch_peers(worker_group)
         _mark_running(worker_group)
         self._fast = None
@@ -184,6 +187,7 @@ class HpresilAgent(LocalElasticAgent):
         if lost:
             # A lost node: restart at once (the workers may sit in a collective
             # with it until its timeout), without consuming --max-restarts.
+            self._evict(worker_group, lost)
             self._restart_reason = ("membership", "node_lost", sorted(lost))
             self._restart_workers(worker_group)
             return RunResult(state=worker_group.state)
@@ -235,6 +239,14 @@ class HpresilAgent(LocalElasticAgent):
         self._nodes = nodes
         if self._elastic.enabled and nodes > 1 and worker_group.store is not None:
             self._liveness = Liveness(worker_group.store, worker_group.group_rank or 0, nodes, self._elastic).start()
+
+    def _evict(self, worker_group: WorkerGroup, lost: frozenset[int]) -> None:
+        """Takes the lost nodes out of torch's rendezvous now, so the survivors'
+        re-join does not wait for their keep-alive to expire
+        (:mod:`hpresil.elastic.evict`); every survivor tries, the first wins."""
+        nodes = evict(worker_group.spec.rdzv_handler, self._round, lost)
+        if nodes:
+            self._runtime.events.emit("rdzv_evicted", round=self._round, group_ranks=sorted(lost), nodes=nodes)
 
     def _lost_peers(self, worker_group: WorkerGroup, result: RunResult, peer_failed: bool = False) -> frozenset[int]:
         liveness = self._liveness

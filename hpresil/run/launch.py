@@ -163,7 +163,7 @@ def launch_agent(
 
     # Fast rescale: torch's keep-alive and last-call defaults cost ~45 s per
     # membership change; user-set --rdzv-conf values always win.
-    config.rdzv_configs, tuned = tuned_rdzv_configs(config.rdzv_backend, config.rdzv_configs)
+    config.rdzv_configs, tuned = tuned_rdzv_configs(config.rdzv_backend, config.rdzv_configs, config.max_nodes)
     for key, value, reason in tuned:
         log.info("rdzv-conf %s: unset -> %s (%s)", key, value, reason)
     params = RendezvousParameters(
@@ -197,7 +197,7 @@ def launch_agent(
         spec=spec,
         console=worker_console,
         runtime=runtime,
-        elastic=ElasticConfig(lost_after=lost_after_from_rdzv(config.rdzv_configs)),
+        elastic=ElasticConfig(lost_after=lost_after_from_rdzv(config.rdzv_configs, [k for k, _, _ in tuned])),
         fast_restart=fast_restart,
         before_join=join_when_ready(params, warm=config.start_method == "forkserver"),
         logs_specs=config.logs_specs,

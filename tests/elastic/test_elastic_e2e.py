@@ -78,13 +78,17 @@ def _check_data_and_state(out: str) -> list[dict]:
     return restores
 
 
+#: torch forgets a dead node after 1 s x 10 here, the liveness ring after 3 s: the survivors must evict it.
+_SLOW_EXPIRY = ["--rdzv-conf", "keep_alive_max_attempt=10"]
+
+
 def test_shrink_on_node_loss_then_grow_back(tmp_path):
     port, out, steps = free_port(), str(tmp_path / "out"), 500
     (tmp_path / "out").mkdir()
     nodes: list[Node] = []
     try:
         for i in range(3):
-            nodes.append(Node(str(tmp_path), f"node{i}", _agent_args(port), _worker_args(out, steps)))
+            nodes.append(Node(str(tmp_path), f"node{i}", _agent_args(port, _SLOW_EXPIRY), _worker_args(out, steps)))
             if i == 0:  # node0 hosts the c10d store (the default); it is never killed here
                 wait_for(lambda: listening(port), 60, "node0's rendezvous store", nodes)
         _wait_for_commit_at_3(out, nodes)
@@ -92,7 +96,7 @@ def test_shrink_on_node_loss_then_grow_back(tmp_path):
         killed = time.time()
         wait_for(lambda: _steps(out, 2, since=killed) >= 3, 90, "3 steps at 2 nodes after the loss", nodes)
         joined = time.time()
-        nodes.append(Node(str(tmp_path), "node3", _agent_args(port), _worker_args(out, steps)))
+        nodes.append(Node(str(tmp_path), "node3", _agent_args(port, _SLOW_EXPIRY), _worker_args(out, steps)))
         wait_for(lambda: _steps(out, 3, since=joined) >= 3, 90, "3 steps at 3 nodes after the join", nodes)
         (tmp_path / "out" / "stop").touch()
         for n in (nodes[0], nodes[1], nodes[3]):
@@ -121,6 +125,9 @@ def test_shrink_on_node_loss_then_grow_back(tmp_path):
         assert lost[0]["lost_nodes"] == [2]
         rescales = [(e["from_nodes"], e["to_nodes"]) for e in evs if e["event"] == "rescale"]
         assert rescales[-2:] == [(3, 2), (2, 3)] and set(rescales[:-2]) <= {(2, 3)} and len(rescales) <= 3, rescales
+    # The lost node left torch's rendezvous by eviction (one survivor's compare-and-set wins), not by expiry.
+    evictions = [e for n in (nodes[0], nodes[1]) for e in n.events() if e["event"] == "rdzv_evicted"]
+    assert [e["group_ranks"] for e in evictions] == [[2]], evictions
 
 
 @pytest.mark.chaos  # in `make chaos`, not in CI's `make test`

@@ -12,7 +12,9 @@ import torch
 
 from hpresil.elastic import ElasticConfig, ElasticSampler, plan_batch
 from hpresil.elastic.api import LOST_EPOCH_KEY, LOST_KEY
-from hpresil.elastic.membership import Liveness, LivenessTracker, lost_after_from_rdzv, restart_cause, tuned_rdzv_configs
+from hpresil.elastic.membership import (
+    Liveness, LivenessTracker, keep_alive_interval, lost_after_from_rdzv, restart_cause, tuned_rdzv_configs,
+)
 from hpresil.errors import ConfigError, StateMismatchError
 
 # ---- sampler ------------------------------------------------------------------------
@@ -196,8 +198,22 @@ def test_rdzv_tuning_only_fills_unset_keys_of_dynamic_backends():
     assert configs == {"last_call_timeout": "7", "timeout": 900, "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
     assert [k for k, _, _ in added] == ["keep_alive_interval", "keep_alive_max_attempt"]
     assert tuned_rdzv_configs("static", {}) == ({}, [])
-    assert lost_after_from_rdzv(configs) == timedelta(seconds=3)
+    assert lost_after_from_rdzv(configs, [k for k, _, _ in added]) == timedelta(seconds=3)
     assert lost_after_from_rdzv({}) == timedelta(seconds=15)  # torch's defaults
+    assert lost_after_from_rdzv({"keep_alive_interval": "2"}) == timedelta(seconds=6)  # the user's tolerance
+
+
+def test_the_tuned_keep_alive_grows_with_the_job_and_the_loss_verdict_does_not():
+    """Every keep-alive rewrites torch's whole rendezvous state: the interval keeps
+    them at KEEPALIVES_PER_S per second in all; a lost node is evicted from the
+    rendezvous (hpresil.elastic.evict), so the liveness verdict stays at 3 s."""
+    assert [keep_alive_interval(n) for n in (1, 3, 64, 65, 128, 1920, 2048, 16384)] == [1, 1, 1, 2, 2, 30, 30, 30]
+    configs, added = tuned_rdzv_configs("etcd-v2", {}, max_nodes=2048)
+    assert configs["keep_alive_interval"] == "30" and configs["keep_alive_max_attempt"] == "3"
+    assert lost_after_from_rdzv(configs, [k for k, _, _ in added]) == timedelta(seconds=3)
+    user, added = tuned_rdzv_configs("c10d", {"keep_alive_interval": "10"}, max_nodes=2048)
+    assert user["keep_alive_interval"] == "10" and lost_after_from_rdzv(user, [k for k, _, _ in added]) == \
+        timedelta(seconds=30)
 
 
 def test_elastic_config_validates_ordering():

@@ -1,0 +1,103 @@
+"""Take a lost node out of torch's rendezvous as soon as the liveness ring says so.
+
+torch's ``DynamicRendezvousHandler`` forgets a node only once its keep-alive
+expired (``keep_alive_interval x keep_alive_max_attempt``): until then the
+dead node stays a participant of the completed round, the round cannot start
+over, and the survivors' re-join waits. hpresil's liveness ring
+(:class:`~hpresil.elastic.membership.Liveness`) already agreed the node is
+lost, so :func:`evict` removes it from the shared rendezvous state at once,
+the way torch's own sanitizer would: out of the participants and the
+heartbeats, then torch's epilogue (a round with no participant left moves on).
+
+That takes the keep-alive expiry off the critical path of a membership
+change, which lets the keep-alive interval grow with the job
+(:func:`~hpresil.elastic.membership.tuned_rdzv_configs`): every keep-alive
+rewrites the whole rendezvous state, O(N) bytes, so N nodes beating every
+second move O(N^2) bytes per second through the store.
+
+Only torch's classes touch the state: a fresh ``_BackendRendezvousStateHolder``
+over the handler's own backend reads it, and its compare-and-set writes it
+back (torch's private API, hence the guard: with another handler or another
+torch layout nothing is evicted and the keep-alive expiry applies, as before).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+__all__ = ["evict", "round_of"]
+
+log = logging.getLogger(__name__)
+
+#: Compare-and-set attempts before giving up (each one re-reads the state).
+_ATTEMPTS = 20
+
+
+def _torch_parts() -> tuple[Any, Any] | None:
+    try:
+        from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+            _BackendRendezvousStateHolder,
+            _remove_participant_epilogue,
+        )
+    except ImportError:
+        return None
+    return _BackendRendezvousStateHolder, _remove_participant_epilogue
+
+
+def round_of(handler: Any) -> int | None:
+    """The rendezvous round ``handler`` last saw (right after ``next_rendezvous``:
+    the round it joined); ``None`` for a handler without torch's dynamic state."""
+    state = getattr(getattr(handler, "_state_holder", None), "state", None)
+    value = getattr(state, "round", None)
+    return value if isinstance(value, int) else None
+
+
+def evict(handler: Any, joined_round: int | None, lost_ranks: Iterable[int]) -> list[str]:
+    """Removes the nodes of ``lost_ranks`` (group ranks of round ``joined_round``)
+    from the shared rendezvous state, if that round is still the current,
+    completed one.
+
+    Safe to call from every survivor: the first compare-and-set that wins
+    removes them, the others find nothing left to do. Never raises: a failure
+    leaves the state to torch's keep-alive expiry.
+
+    Returns:
+        The evicted nodes (torch's descriptions), empty when nothing was done.
+    """
+    lost = set(lost_ranks)
+    parts = _torch_parts()
+    holder_of = getattr(handler, "_state_holder", None)
+    backend = getattr(holder_of, "_backend", None)
+    settings = getattr(handler, "_settings", None)
+    if not lost or joined_round is None or parts is None or backend is None or settings is None:
+        return []
+    holder_cls, epilogue = parts
+    try:
+        holder = holder_cls(backend, settings, cache_duration=0)
+        for _ in range(_ATTEMPTS):
+            holder.sync()
+            state = holder.state
+            if state.round != joined_round or not state.complete or state.closed:
+                return []  # the round moved on (or the job is closing): nothing of ours to remove
+            dead = [node for node, rank in state.participants.items() if rank in lost]
+            if not dead:
+                return []
+            for node in dead:
+                del state.participants[node]
+                state.last_heartbeats.pop(node, None)
+                state.wait_list.discard(node)
+                state.redundancy_list.discard(node)
+            epilogue(state, settings)
+            holder.mark_dirty()
+            if holder.sync():
+                names = sorted(str(node) for node in dead)
+                log.info("evicted lost node(s) %s from rendezvous round %d without waiting for their keep-alive "
+                         "to expire", ", ".join(names), joined_round)
+                return names
+        log.warning("could not evict lost group rank(s) %s from the rendezvous after %d attempts; their keep-alive "
+                    "expiry will", sorted(lost), _ATTEMPTS)
+    except Exception as exc:  # noqa: BLE001 - a failed eviction falls back to torch's expiry
+        log.warning("could not evict lost group rank(s) %s from the rendezvous (%s: %s); their keep-alive expiry "
+                    "will", sorted(lost), type(exc).__name__, exc)
+    return []
