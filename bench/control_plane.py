@@ -9,7 +9,9 @@ many clients. Per backend and N it measures:
 
 * ``round_s``: every agent calls ``next_rendezvous`` at once; until the last returns;
 * ``req_per_s``: store requests per second of the steady state (liveness beats
-  plus torch's keep-alive, counted at the client), over ``--measure`` seconds;
+  plus torch's keep-alive, counted at the client), over ``--measure`` seconds,
+  and ``state_bytes_per_s``: the bytes of torch's rendezvous state those
+  requests moved (each keep-alive reads and rewrites all of it);
 * ``agent_cpu`` / ``server_cpu``: cores the agents' processes and the store
   server (the TCPStore process, or the etcd members together) used then;
 * ``change_s``: one agent stops without leaving (as a SIGKILLed node does); until
@@ -63,7 +65,7 @@ class Counting:
     one counter per agent)."""
 
     def __init__(self, inner: Any) -> None:
-        self._inner, self.calls, self.failed_sets = inner, 0, 0
+        self._inner, self.calls, self.failed_sets, self.state_bytes = inner, 0, 0, 0
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -73,6 +75,10 @@ class Counting:
         def call(*a: Any, **k: Any) -> Any:
             self.calls += 1
             got = attr(*a, **k)
+            if name == "set_state" and a and isinstance(a[0], bytes):
+                self.state_bytes += len(a[0])
+            if name in ("get_state", "set_state") and isinstance(got, tuple) and isinstance(got[0], bytes):
+                self.state_bytes += len(got[0])  # torch's whole rendezvous state, both ways
             if name == "set_state" and isinstance(got, tuple) and len(got) == 3 and not got[2]:
                 self.failed_sets += 1  # a compare-and-set that lost: another node wrote first
             return got
@@ -110,7 +116,7 @@ def _handler(backend: str, endpoint: str, run_id: str, n: int, keep_alive_s: int
 def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any, victim_stop: Any,
            out: list[dict[str, Any]], measure_s: float, ready: Any, tuning: tuple[int, bool]) -> None:
     from hpresil.elastic.api import LOST_AFTER, ElasticConfig
-    from hpresil.elastic.evict import evict, round_of
+    from hpresil.elastic.evict import evict, rejoin_delay, round_of
     from hpresil.elastic.membership import Liveness
 
     rec: dict[str, Any] = {}
@@ -127,9 +133,10 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
         joined = round_of(handler)
         live = Liveness(store, rank, world, ElasticConfig(lost_after=LOST_AFTER)).start()
         phase.wait()  # steady state: count requests for measure_s
-        c0, b0, t0 = store.calls, counted_backend.calls, time.time()
+        c0, b0, s0, t0 = store.calls, counted_backend.calls, counted_backend.state_bytes, time.time()
         time.sleep(measure_s)
         rec["requests"] = (store.calls - c0) + (counted_backend.calls - b0)
+        rec["state_bytes"] = counted_backend.state_bytes - s0
         rec["measured_s"] = time.time() - t0
         if rank == world - 1:  # the victim: stops beating and keeping alive, as a SIGKILLed node
             live.stop()
@@ -144,6 +151,7 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
         ops0, failed0, t_join = counted_backend.calls, counted_backend.failed_sets, time.time()
         if evicting:  # as hpresil-run's agent does on a loss verdict
             evict(handler, joined, rec["lost"])
+            time.sleep(rejoin_delay(world))
         handler.next_rendezvous()
         rec["change_done"] = time.time()
         rec["join_s"] = rec["change_done"] - t_join
@@ -227,7 +235,7 @@ def measure(backend: str, n: int, procs: int, measure_s: float, keep_alive_s: in
         per = [n // procs + (1 if i < n % procs else 0) for i in range(min(procs, n))]
         from hpresil.elastic.membership import keep_alive_interval
 
-        tuning = (keep_alive_s or keep_alive_interval(n), evicting)
+        tuning = (keep_alive_s or keep_alive_interval(n, "c10d" if backend == "tcpstore" else "etcd-v2"), evicting)
         workers = [ctx.Process(target=_proc, args=(backend, endpoint, f"cp{n}", n, c, go, phase, victim_stop, queue,
                                                    measure_s, ready, tuning)) for c in per]
         for w in workers:
@@ -261,6 +269,7 @@ def measure(backend: str, n: int, procs: int, measure_s: float, keep_alive_s: in
             "keep_alive_s": tuning[0], "evict": evicting,
             "round_s": max(rounds) - t_go if len(rounds) == n else None,
             "req_per_s": sum(a.get("requests", 0) for a in agents) / measure_s,
+            "state_bytes_per_s": sum(a.get("state_bytes", 0) for a in agents) / measure_s,
             "agent_cpu": agent_cpu, "server_cpu": server_cpu,
             "change_s": max(changes) - stops[0] if stops and len(changes) == n - 1 else None,
             # the survivors' re-join (after their liveness verdict): rendezvous-state operations in all,
@@ -309,7 +318,7 @@ def main() -> int:
             results.append(r)
             print(f"{backend:8s} N={n:4d} keep-alive {r['keep_alive_s']} s{'' if r['evict'] else ', no eviction'}  round {r['round_s'] or float('nan'):6.2f} s  change "
                   f"{r['change_s'] or float('nan'):6.2f} s  {r['req_per_s']:8.0f} req/s "
-                  f"({r['req_per_s'] / n:5.1f}/agent)  agents {r['agent_cpu']:5.2f} cores  server "
+                  f"({r['req_per_s'] / n:5.1f}/agent, rendezvous state {r['state_bytes_per_s'] / 1e3:8.1f} kB/s)  agents {r['agent_cpu']:5.2f} cores  server "
                   f"{r['server_cpu']:5.2f} cores  errors {r['error_count']}; re-join {r['join_s'] or float('nan'):5.2f} s, "
                   f"{r['change_ops']} state ops ({r['change_failed_sets']} lost compare-and-sets)", flush=True)
     summary: dict[str, Any] = {}
@@ -319,7 +328,7 @@ def main() -> int:
             continue
         xs = [float(r["agents"]) for r in rows]
         proj = {}
-        for key in ("round_s", "change_s", "req_per_s", "agent_cpu", "server_cpu"):
+        for key in ("round_s", "change_s", "req_per_s", "state_bytes_per_s", "agent_cpu", "server_cpu"):
             a, b = fit(xs, [float(r[key]) for r in rows])
             proj[key] = {"a": a, "b": b, f"at_{args.at}": max(0.0, a + b * args.at)}
         small, large = rows[0], rows[-1]

@@ -57,21 +57,23 @@ DYNAMIC_BACKENDS: frozenset[str] = frozenset({"c10d", "etcd-v2"})
 #: ``--rdzv-conf`` values hpresil-run uses when the user did not set them:
 #: (key, value, reason). torch's defaults (5 s x 3 keep-alive, 30 s last call)
 #: make a node loss cost ~45 s before the smaller round even completes.
-#: ``keep_alive_interval`` is the value for jobs of up to :data:`KEEPALIVES_PER_S` nodes;
-#: larger jobs get ``ceil(max_nodes / KEEPALIVES_PER_S)`` seconds.
+#: ``keep_alive_interval`` is the value for the smallest jobs; larger ones get
+#: ``ceil(max_nodes / KEEPALIVES_PER_S[backend])`` seconds.
 RDZV_TUNED_DEFAULTS: tuple[tuple[str, str, str], ...] = (
     ("keep_alive_interval", "1", "torch forgets a dead node after keep_alive_interval x keep_alive_max_attempt "
      "(torch: 5 s x 3); hpresil's liveness ring declares it lost after 3 s and evicts it from the rendezvous at "
      "once, so the interval only bounds the store load: every keep-alive rewrites the whole rendezvous state, "
-     "and the interval grows with the job to keep them at 64 per second (at most 30 s)"),
+     "and the interval grows with the job to keep them at 64 per second on a TCPStore, 16 on etcd (at most 30 s)"),
     ("keep_alive_max_attempt", "3", "three missed keep-alives make a node dead (torch's default)"),
     ("last_call_timeout", "2", "wait 2 s for more nodes once MIN have joined (torch: 30 s), "
      "so a shrink or grow completes in seconds"),
 )
 
-#: Keep-alives per second the tuned ``keep_alive_interval`` aims at, whatever the job size: the load
-#: measured without lost compare-and-sets growing (bench/control_plane.py: 64 agents at 1 s, both backends).
-KEEPALIVES_PER_S = 64
+#: Keep-alives per second, in all, the tuned ``keep_alive_interval`` aims at whatever the job size, per
+#: backend (bench/control_plane.py, docs/benchmarks.md): a TCPStore served 64 agents at 1 s with the
+#: membership change at 1.4x its 3-agent time; etcd writes each one through raft, and 64 agents at 1 s
+#: collapsed into retried compare-and-sets there, while at 4 s (16 per second) they did not.
+KEEPALIVES_PER_S: dict[str, int] = {"c10d": 64, "etcd-v2": 16}
 #: The longest tuned keep-alive interval (seconds): a node that dies outside a round is forgotten in 3x this.
 MAX_KEEP_ALIVE_S = 30
 #: How long the liveness ring waits before declaring a peer lost when hpresil chose the keep-alive.

@@ -24,14 +24,34 @@ torch layout nothing is evicted and the keep-alive expiry applies, as before).
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any, Iterable
 
-__all__ = ["evict", "round_of"]
+__all__ = ["evict", "round_of", "rejoin_delay"]
 
 log = logging.getLogger(__name__)
 
 #: Compare-and-set attempts before giving up (each one re-reads the state).
 _ATTEMPTS = 20
+#: Survivors spread their re-join over N x this, at most :data:`REJOIN_SPREAD_MAX_S`.
+REJOIN_SPREAD_PER_NODE_S = 0.01
+#: Well inside hpresil-run's 2 s last call, so no survivor misses the smaller round.
+REJOIN_SPREAD_MAX_S = 1.0
+
+
+def rejoin_delay(nodes: int, rng: random.Random | None = None) -> float:
+    """How long a survivor of a round of ``nodes`` waits before re-joining:
+    uniform in ``[0, min(REJOIN_SPREAD_MAX_S, nodes x REJOIN_SPREAD_PER_NODE_S)]``.
+
+    torch's join is a compare-and-set of one shared state, retried at once when
+    it loses; survivors that all heard the verdict at the same moment would
+    re-join together, and each success makes every other attempt in flight
+    lose (N^2 attempts; on a loaded etcd this collapses:
+    ``bench/control_plane.py``, ``change_failed_sets``). Spread out, they
+    mostly take turns.
+    """
+    window = min(REJOIN_SPREAD_MAX_S, max(0, nodes) * REJOIN_SPREAD_PER_NODE_S)
+    return (rng or random).uniform(0.0, window)
 
 
 def _torch_parts() -> tuple[Any, Any] | None:

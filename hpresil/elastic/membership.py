@@ -30,8 +30,8 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Mapping
 
 from hpresil.elastic.api import (
-    ALIVE_KEY, DONE_KEY, DYNAMIC_BACKENDS, KEEPALIVES_PER_S, LOST_AFTER, MAX_KEEP_ALIVE_S, LOST_EPOCH_KEY, LOST_KEY, RDZV_TUNED_DEFAULTS,
-    WATCHERS, ElasticConfig, MembershipView,
+    ALIVE_KEY, DONE_KEY, DYNAMIC_BACKENDS, KEEPALIVES_PER_S, LOST_AFTER, LOST_EPOCH_KEY, LOST_KEY, MAX_KEEP_ALIVE_S,
+    RDZV_TUNED_DEFAULTS, WATCHERS, ElasticConfig, MembershipView,
 )
 from hpresil.runtime.store_ops import read_counter, writes_to_add
 
@@ -126,13 +126,14 @@ def restart_cause(failed: bool, lost: Iterable[int], waiting: int) -> tuple[str,
     return "membership", "requested"
 
 
-def keep_alive_interval(max_nodes: int) -> int:
+def keep_alive_interval(max_nodes: int, backend: str = "c10d") -> int:
     """The tuned keep-alive interval (seconds) of a job of up to ``max_nodes``
-    nodes: :data:`~hpresil.elastic.api.KEEPALIVES_PER_S` keep-alives per
-    second in all, between one per node per second and one per
-    :data:`~hpresil.elastic.api.MAX_KEEP_ALIVE_S` (torch still forgets a node
-    that dies outside a round, such as a waiter, only by its expiry)."""
-    return min(MAX_KEEP_ALIVE_S, max(1, math.ceil(max(1, max_nodes) / KEEPALIVES_PER_S)))
+    nodes on ``backend``: :data:`~hpresil.elastic.api.KEEPALIVES_PER_S`
+    keep-alives per second in all, between one per node per second and one
+    per :data:`~hpresil.elastic.api.MAX_KEEP_ALIVE_S` (torch still forgets a
+    node that dies outside a round, such as a waiter, only by its expiry)."""
+    rate = KEEPALIVES_PER_S.get(backend, min(KEEPALIVES_PER_S.values()))
+    return min(MAX_KEEP_ALIVE_S, max(1, math.ceil(max(1, max_nodes) / rate)))
 
 
 def tuned_rdzv_configs(backend: str, configs: Mapping[str, Any], max_nodes: int = 1
@@ -151,7 +152,7 @@ def tuned_rdzv_configs(backend: str, configs: Mapping[str, Any], max_nodes: int 
     for key, value, reason in RDZV_TUNED_DEFAULTS:
         if key not in out:
             if key == "keep_alive_interval":
-                value = str(keep_alive_interval(max_nodes))
+                value = str(keep_alive_interval(max_nodes, backend))
             out[key] = value
             added.append((key, value, reason))
     return out, added

@@ -20,7 +20,7 @@ from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, W
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
 from hpresil.elastic.api import RUNNING_KEY, ElasticConfig
-from hpresil.elastic.evict import evict, round_of
+from hpresil.elastic.evict import evict, rejoin_delay, round_of
 from hpresil.elastic.fast_restart import FastRestart, free_port
 from hpresil.elastic.membership import Liveness, restart_cause
 from hpresil.run.console import WorkerConsole
@@ -63,6 +63,7 @@ class HpresilAgent(LocalElasticAgent):
         self._restart_reason: tuple[str, str, list[int]] | None = None  # set by a membership verdict
         self._settle_pending = False
         self._round: int | None = None  # the rendezvous round this agent last joined
+        self._rejoin_delay = 0.0  # seconds to wait before re-joining after a loss
         self._nodes: int | None = None
         self._attempt = -1
         self._last_state = WorkerState.INIT
@@ -104,6 +105,9 @@ class HpresilAgent(LocalElasticAgent):
         if self._before_join is not None:
             before, self._before_join = self._before_join, None
             before()
+        if self._rejoin_delay:  # survivors of a loss take turns at torch's compare-and-set (evict.rejoin_delay)
+            time.sleep(self._rejoin_delay)
+            self._rejoin_delay = 0.0
         start = time.monotonic()
         super()._rendezvous(worker_group)
         self._round = round_of(worker_group.spec.rdzv_handler)
@@ -247,6 +251,7 @@ class HpresilAgent(LocalElasticAgent):
         nodes = evict(worker_group.spec.rdzv_handler, self._round, lost)
         if nodes:
             self._runtime.events.emit("rdzv_evicted", round=self._round, group_ranks=sorted(lost), nodes=nodes)
+        self._rejoin_delay = rejoin_delay(worker_group.group_world_size or 1)
 
     def _lost_peers(self, worker_group: WorkerGroup, result: RunResult, peer_failed: bool = False) -> frozenset[int]:
         liveness = self._liveness

@@ -208,8 +208,9 @@ def test_the_tuned_keep_alive_grows_with_the_job_and_the_loss_verdict_does_not()
     them at KEEPALIVES_PER_S per second in all; a lost node is evicted from the
     rendezvous (hpresil.elastic.evict), so the liveness verdict stays at 3 s."""
     assert [keep_alive_interval(n) for n in (1, 3, 64, 65, 128, 1920, 2048, 16384)] == [1, 1, 1, 2, 2, 30, 30, 30]
-    configs, added = tuned_rdzv_configs("etcd-v2", {}, max_nodes=2048)
-    assert configs["keep_alive_interval"] == "30" and configs["keep_alive_max_attempt"] == "3"
+    assert [keep_alive_interval(n, "etcd-v2") for n in (3, 16, 17, 64, 256, 480, 2048)] == [1, 1, 2, 4, 16, 30, 30]
+    configs, added = tuned_rdzv_configs("etcd-v2", {}, max_nodes=64)
+    assert configs["keep_alive_interval"] == "4" and configs["keep_alive_max_attempt"] == "3"
     assert lost_after_from_rdzv(configs, [k for k, _, _ in added]) == timedelta(seconds=3)
     user, added = tuned_rdzv_configs("c10d", {"keep_alive_interval": "10"}, max_nodes=2048)
     assert user["keep_alive_interval"] == "10" and lost_after_from_rdzv(user, [k for k, _, _ in added]) == \

@@ -120,3 +120,15 @@ def test_a_handler_without_torchs_dynamic_state_is_left_alone() -> None:
 
     assert round_of(Other()) is None
     assert evict(Other(), 0, [1]) == []
+
+
+def test_survivors_spread_their_rejoin_inside_the_last_call() -> None:
+    import random
+
+    from hpresil.elastic.evict import REJOIN_SPREAD_MAX_S, rejoin_delay
+
+    rng = random.Random(0)
+    small = [rejoin_delay(3, rng) for _ in range(200)]
+    large = [rejoin_delay(2048, rng) for _ in range(200)]
+    assert all(0 <= d <= 0.03 for d in small) and max(small) > 0.02
+    assert all(0 <= d <= REJOIN_SPREAD_MAX_S < 2 for d in large) and max(large) > 0.9  # 2 s: hpresil-run's last call
