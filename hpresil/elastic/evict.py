@@ -115,9 +115,9 @@ def evict(handler: Any, joined_round: int | None, lost_ranks: Iterable[int]) -> 
                 log.info("evicted lost node(s) %s from rendezvous round %d without waiting for their keep-alive "
                          "to expire", ", ".join(names), joined_round)
                 return names
-        log.warning("could not evict lost group rank(s) %s from the rendezvous after %d attempts; their keep-alive "
-                    "expiry will", sorted(lost), _ATTEMPTS)
+        log.warning("could not evict lost group rank(s) %s from the rendezvous after %d attempts; torch drops them "
+                    "when their keep-alive expires", sorted(lost), _ATTEMPTS)
     except Exception as exc:  # noqa: BLE001 - a failed eviction falls back to torch's expiry
-        log.warning("could not evict lost group rank(s) %s from the rendezvous (%s: %s); their keep-alive expiry "
-                    "will", sorted(lost), type(exc).__name__, exc)
+        log.warning("could not evict lost group rank(s) %s from the rendezvous (%s: %s); torch drops them when "
+                    "their keep-alive expires", sorted(lost), type(exc).__name__, exc)
     return []
