@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from hpresil.checkpoint.finite import encoding, holds_nonfinite
+from hpresil.checkpoint.flatten import dtype_name
 from hpresil.checkpoint.ram.files import write_atomic
 from hpresil.errors import ConfigError
 
@@ -142,12 +143,14 @@ class DeviceFlags:
         self.indices = indices
         self.host = host
 
+    def nonfinite(self, keys: list[str]) -> list[str]:
+        """The keys (of the tensor entries, in layout order) whose norm is not finite."""
+        return [keys[i] for i, ok in zip(self.indices, np.isfinite(self.host.numpy())) if not ok]
+
     def result(self, keys: list[str]) -> tuple[str, list[str]]:
         """``(checked bitmap, keys whose norm is not finite)`` for the record,
         given the tensor entries' keys in layout order."""
-        norms = self.host.numpy()
-        bad = [keys[i] for i, ok in zip(self.indices, np.isfinite(norms)) if not ok]
-        return checked_bitmap(self.indices, len(keys)), bad
+        return checked_bitmap(self.indices, len(keys)), self.nonfinite(keys)
 
 
 def device_finite_flags(
@@ -163,7 +166,7 @@ def device_finite_flags(
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i in cuda:
         t = tensors[i]
-        if t.is_floating_point() and t.numel() and encoding(str(t.dtype).removeprefix("torch.")) is not None:
+        if t.is_floating_point() and t.numel() and encoding(dtype_name(t.dtype)) is not None:
             by_dtype.setdefault(t.dtype, []).append(i)
     if not by_dtype:
         return None

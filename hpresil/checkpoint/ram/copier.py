@@ -52,15 +52,21 @@ class Flight:
     host_checked: list[int] = dataclasses.field(default_factory=list)
     host_nonfinite: list[int] = dataclasses.field(default_factory=list)
 
+    def note(self, i: int, nonfinite: bool | None) -> None:
+        """Records host entry ``i``'s verdict from its checked copy (``None``: not checked)."""
+        if nonfinite is not None:
+            self.host_checked.append(i)
+            if nonfinite:
+                self.host_nonfinite.append(i)
+
     def verdicts(self, keys: list[str]) -> tuple[str, list[str]] | None:
         """``(checked bitmap, keys holding NaN/Inf)`` for the record, given the
         tensor entries' keys in layout order; ``None`` when nothing was checked."""
         indices, bad = list(self.host_checked), [keys[i] for i in self.host_nonfinite]
         if self.flags is not None:
-            bitmap, device_bad = self.flags.result(keys)
-            indices += [i for i in range(len(keys)) if int(bitmap, 16) >> i & 1] if bitmap else []
-            bad += device_bad
-        return (checked_bitmap(sorted(indices), len(keys)), bad) if indices else None
+            indices += self.flags.indices
+            bad += self.flags.nonfinite(keys)
+        return (checked_bitmap(indices, len(keys)), bad) if indices else None
 
     @property
     def idle(self) -> bool:
@@ -116,10 +122,7 @@ def _copy_now(flight: Flight, i: int, dst: torch.Tensor, src: torch.Tensor) -> N
     nonfinite = copy_check(dst, src, enc) if enc is not None else None
     if nonfinite is None:
         dst.copy_(src)
-        return
-    flight.host_checked.append(i)
-    if nonfinite:
-        flight.host_nonfinite.append(i)
+    flight.note(i, nonfinite)
 
 
 #: Every copier of this process (see :func:`settle`).
@@ -260,11 +263,7 @@ class Copier:
         try:
             try:
                 for i, dst, src in flight.host:
-                    nonfinite = copy_checked(dst, src)
-                    if nonfinite is not None:
-                        flight.host_checked.append(i)
-                        if nonfinite:
-                            flight.host_nonfinite.append(i)
+                    flight.note(i, copy_checked(dst, src))
             finally:
                 if flight.host_done is not None:
                     flight.host_done.set()
