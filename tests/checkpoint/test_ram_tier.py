@@ -83,6 +83,34 @@ def test_slot_choice_keeps_newest_and_last_known_good_and_skips_rather_than_lose
     w.close()
 
 
+@pytest.mark.parametrize("sealed_in_time", [True, False])
+def test_a_snapshot_flagged_for_the_durable_tier_is_overwritten_only_after_the_wait(shm: str,
+                                                                                   sealed_in_time: bool) -> None:
+    """Newest unsealed, the last known good older, the durable-flagged one between
+    them: the next save waits (a seal landing frees the old slot) and takes the
+    durable slot only once its wait is spent."""
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=5.0 if sealed_in_time else 0.05)
+    _save(w, 1, state)
+    assert Sealer(shm_dir=shm).flush()  # step 1: the last known good
+    w.save(2, flatten(state).leaves, world_size=1, durable=True, durable_url="file:///unused", keep=1)
+    _save(w, 3, state)
+    s1, s2 = _slot_of(shm, 1), _slot_of(shm, 2)
+    if sealed_in_time:
+        sealer = threading.Timer(0.2, lambda: Sealer(shm_dir=shm).flush())  # steps 2 and 3 sealed
+        sealer.start()
+        t0 = time.monotonic()
+        assert _save(w, 4, state) is not None
+        waited = time.monotonic() - t0
+        sealer.join()
+        assert _slot_of(shm, 4) == s1 and _slot_of(shm, 2) == s2, "the durable-flagged step 2 survives"
+        assert 0.15 < waited < 4.0, waited
+    else:
+        assert _save(w, 4, state) is not None
+        assert _slot_of(shm, 4) == s2 and _slot_of(shm, 1) == s1, "the durable slot is the last resort"
+    w.close()
+
+
 def test_save_asks_readers_for_a_slot_and_waits_for_the_first_released(shm: str) -> None:
     state = {"t": torch.zeros(4)}
     w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=30.0)

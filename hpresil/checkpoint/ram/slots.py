@@ -85,9 +85,9 @@ class SlotTable:
         seal = cached_parse(path, self._seal_cache, lambda: read_seal(path, None, header_only=True))
         return seal is not None and seal.commit_id == commit[2] and (not healthy or seal.health == "ok")
 
-    def pick_and_lock(self) -> int | None:
-        """Takes ``LOCK_EX`` on the slot to overwrite and returns it; ``None``
-        when readers held every candidate for as long as this save may wait."""
+    def _choice(self) -> tuple[list[int], list[int], list[int], int | None, int | None, int | None]:
+        """``(candidates, allowed, preferred, newest, newest_durable, good)`` as the
+        slots stand now (see the module doc)."""
         usable = [k for k in range(len(self.fds)) if k not in self.unusable]
         newest = self.newest(usable)
         newest_durable = self.newest([k for k in usable if k in self.durable
@@ -105,14 +105,40 @@ class SlotTable:
         # The last known good slot is never taken while there is another (a snapshot
         # is skipped instead): a rollback needs it. The durable one only as a last resort.
         allowed = [k for k in candidates if k != good] if len(candidates) > 1 else candidates
-        preferred = [k for k in allowed if k != newest_durable] or allowed
+        preferred = [k for k in allowed if k != newest_durable]
+        return candidates, allowed, preferred, newest, newest_durable, good
+
+    def pick_and_lock(self) -> int | None:
+        """Takes ``LOCK_EX`` on the slot to overwrite and returns it; ``None``
+        when readers held every candidate for as long as this save may wait."""
+        candidates, allowed, preferred, newest, newest_durable, good = self._choice()
         k = self._try_lock(preferred)
         wait = self._refill()
         if k is not None or not candidates:
             return k
-        if wait > 0:
+        if wait > 0 and preferred:
             k = self._wait_for(preferred, newest, newest_durable, good, wait)
+        elif wait > 0 and allowed:
+            # Only the durable slot is left (the others: the newest and the last known
+            # good). A seal landing moves the last known good on and frees another.
+            k, allowed = self._wait_for_another(newest_durable, wait)
         return k if k is not None else self._try_lock(allowed)
+
+    def _wait_for_another(self, durable: int | None, wait: float) -> tuple[int | None, list[int]]:
+        """Waits up to ``wait`` seconds for a slot other than ``durable`` to become
+        allowed and free; returns it (or ``None``) and the slots allowed by then."""
+        t0 = time.monotonic()
+        allowed: list[int] = [durable] if durable is not None else []
+        try:
+            while time.monotonic() - t0 < wait:
+                time.sleep(0.001)
+                _, allowed, preferred, _, _, _ = self._choice()
+                k = self._try_lock(preferred)
+                if k is not None:
+                    return k, allowed
+        finally:
+            self._budget -= time.monotonic() - t0
+        return None, allowed
 
     def _wait_for(self, preferred: list[int], newest: int | None, newest_durable: int | None, good: int | None,
                   wait: float) -> int | None:
