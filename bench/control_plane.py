@@ -21,8 +21,11 @@ many clients. Per backend and N it measures:
   rendezvous-state operations of that re-join and the compare-and-sets among
   them that lost.
 
-torch's keep-alive interval is hpresil-run's tuned one for N
-(:func:`hpresil.elastic.membership.keep_alive_interval`) unless ``--keep-alive``.
+The agents' handlers are built as hpresil-run builds them: torch's keep-alive
+interval is the tuned one for N (:func:`hpresil.elastic.membership.keep_alive_interval`)
+unless ``--keep-alive``; a lost compare-and-set backs off and torch's event
+naming is a frame walk (:mod:`hpresil.elastic.torch_rdzv`) unless
+``--no-backoff`` / ``--torch-naming``.
 
 It fits ``a + b N`` to each figure, states the expected value at 2,048 nodes,
 and prints the targets of issue 22: ``change_s`` at the largest N within 2x its
@@ -66,6 +69,7 @@ class Counting:
 
     def __init__(self, inner: Any) -> None:
         self._inner, self.calls, self.failed_sets, self.state_bytes = inner, 0, 0, 0
+        self.last_win = 0.0  # when a compare-and-set last won
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -81,15 +85,20 @@ class Counting:
                 self.state_bytes += len(got[0])  # torch's whole rendezvous state, both ways
             if name == "set_state" and isinstance(got, tuple) and len(got) == 3 and not got[2]:
                 self.failed_sets += 1  # a compare-and-set that lost: another node wrote first
+            elif name == "set_state" and got is not None:
+                self.last_win = time.time()
             return got
 
         return call
 
 
-def _handler(backend: str, endpoint: str, run_id: str, n: int, keep_alive_s: int) -> tuple[Any, Counting]:
+def _handler(backend: str, endpoint: str, run_id: str, n: int, keep_alive_s: int,
+             backoff: bool) -> tuple[Any, Counting]:
     from torch.distributed import TCPStore
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    from hpresil.elastic.torch_rdzv import BackoffBackend
 
     params = RendezvousParameters(backend="c10d" if backend == "tcpstore" else "etcd-v2", endpoint=endpoint,
                                   run_id=run_id, min_nodes=max(1, n - 1), max_nodes=n, read_timeout="30",
@@ -110,19 +119,21 @@ def _handler(backend: str, endpoint: str, run_id: str, n: int, keep_alive_s: int
         client = hetcd._client(params)
         rdzv_backend = Counting(EtcdRendezvousBackend(client, run_id, key_prefix=hetcd.STATE_PREFIX))
         store = EtcdStore(client, hetcd.STORE_PREFIX, timeout=timedelta(seconds=600))
-    return create_handler(store, rdzv_backend, params), rdzv_backend
+    # hpresil-run's handlers back off after a lost compare-and-set (hpresil.elastic.torch_rdzv)
+    wrapped = rdzv_backend if not backoff else BackoffBackend(rdzv_backend)
+    return create_handler(store, wrapped, params), rdzv_backend
 
 
 def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any, victim_stop: Any,
-           out: list[dict[str, Any]], measure_s: float, ready: Any, tuning: tuple[int, bool]) -> None:
+           out: list[dict[str, Any]], measure_s: float, ready: Any, tuning: tuple[int, bool, bool]) -> None:
     from hpresil.elastic.api import LOST_AFTER, ElasticConfig
     from hpresil.elastic.evict import evict, rejoin_delay, round_of
     from hpresil.elastic.membership import Liveness
 
     rec: dict[str, Any] = {}
     try:
-        keep_alive_s, evicting = tuning
-        handler, counted_backend = _handler(backend, endpoint, run_id, n, keep_alive_s)
+        keep_alive_s, evicting, backoff = tuning
+        handler, counted_backend = _handler(backend, endpoint, run_id, n, keep_alive_s, backoff)
         with ready.get_lock():
             ready.value += 1
         go.wait()
@@ -147,11 +158,15 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
             return
         victim_stop.wait()
         rec["lost"] = sorted(live.wait_for_loss(60.0))
+        rec["verdict_at"] = time.time()
         live.stop()
         ops0, failed0, t_join = counted_backend.calls, counted_backend.failed_sets, time.time()
         if evicting:  # as hpresil-run's agent does on a loss verdict
             evict(handler, joined, rec["lost"])
             time.sleep(rejoin_delay(world))
+        counted_backend.last_win = 0.0
+        handler._stop_heartbeats()  # as next_rendezvous does first: the next win is this node's join
+        threading.Thread(target=_note_join, args=(counted_backend, rec), daemon=True).start()
         handler.next_rendezvous()
         rec["change_done"] = time.time()
         rec["join_s"] = rec["change_done"] - t_join
@@ -163,11 +178,21 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
         out.append(rec)
 
 
+def _note_join(backend: Counting, rec: dict[str, Any]) -> None:
+    """Records when this node's join (its first winning write of the re-join) landed."""
+    while "change_done" not in rec and not backend.last_win:
+        time.sleep(0.005)
+    if backend.last_win:
+        rec["joined_at"] = backend.last_win
+
+
 def _proc(backend: str, endpoint: str, run_id: str, n: int, count: int, go: Any, phase: Any, victim_stop: Any,
-          queue: Any, measure_s: float, ready: Any, tuning: tuple[int, bool]) -> None:
+          queue: Any, measure_s: float, ready: Any, tuning: tuple[int, bool, bool], torch_naming: bool) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # a liveness verdict per survivor is expected here, not news
+    # torch warns for each keep-alive that timed out while hundreds of agents share two cores
+    logging.getLogger("torch.distributed.elastic.rendezvous.dynamic_rendezvous").setLevel(logging.ERROR)
     # Import once before the threads do: concurrent first imports of torch.distributed fail.
     import torch.distributed  # noqa: F401
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, dynamic_rendezvous  # noqa: F401
@@ -175,6 +200,10 @@ def _proc(backend: str, endpoint: str, run_id: str, n: int, count: int, go: Any,
 
     import hpresil.elastic.etcd  # noqa: F401
     import hpresil.elastic.membership  # noqa: F401
+    from hpresil.elastic import torch_rdzv
+
+    if not torch_naming:
+        torch_rdzv.install()  # as hpresil-run does when it builds its handler
     out: list[dict[str, Any]] = []
     threads = [threading.Thread(target=_agent, args=(backend, endpoint, run_id, n, go, phase, victim_stop, out,
                                                      measure_s, ready, tuning), daemon=True) for _ in range(count)]
@@ -212,7 +241,7 @@ def _tcpstore_server(port: int, ready: Any) -> None:
 
 
 def measure(backend: str, n: int, procs: int, measure_s: float, keep_alive_s: int | None = None,
-            evicting: bool = True) -> dict[str, Any]:
+            evicting: bool = True, torch_naming: bool = False, backoff: bool = True) -> dict[str, Any]:
     """One backend at ``n`` agents (see the module doc)."""
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="hpresil-cp-")
@@ -235,9 +264,10 @@ def measure(backend: str, n: int, procs: int, measure_s: float, keep_alive_s: in
         per = [n // procs + (1 if i < n % procs else 0) for i in range(min(procs, n))]
         from hpresil.elastic.membership import keep_alive_interval
 
-        tuning = (keep_alive_s or keep_alive_interval(n, "c10d" if backend == "tcpstore" else "etcd-v2"), evicting)
+        tuning = (keep_alive_s or keep_alive_interval(n, "c10d" if backend == "tcpstore" else "etcd-v2"), evicting,
+                  backoff)
         workers = [ctx.Process(target=_proc, args=(backend, endpoint, f"cp{n}", n, c, go, phase, victim_stop, queue,
-                                                   measure_s, ready, tuning)) for c in per]
+                                                   measure_s, ready, tuning, torch_naming)) for c in per]
         for w in workers:
             w.start()
         deadline = time.monotonic() + 600
@@ -266,7 +296,8 @@ def measure(backend: str, n: int, procs: int, measure_s: float, keep_alive_s: in
         stops = [a["t_stop"] for a in agents if "t_stop" in a]
         return {
             "backend": backend, "agents": n, "error_count": len(errors), "errors": errors[:3],
-            "keep_alive_s": tuning[0], "evict": evicting,
+            "keep_alive_s": tuning[0], "evict": evicting, "torch_naming": torch_naming,
+            "backoff": backoff,
             "round_s": max(rounds) - t_go if len(rounds) == n else None,
             "req_per_s": sum(a.get("requests", 0) for a in agents) / measure_s,
             "state_bytes_per_s": sum(a.get("state_bytes", 0) for a in agents) / measure_s,
@@ -277,6 +308,11 @@ def measure(backend: str, n: int, procs: int, measure_s: float, keep_alive_s: in
             "change_ops": sum(a.get("change_ops", 0) for a in agents),
             "change_failed_sets": sum(a.get("change_failed_sets", 0) for a in agents),
             "join_s": max((a["join_s"] for a in agents if "join_s" in a), default=None),
+            # until the last survivor's join landed (the round then waits torch's last call and its polls)
+            "joined_s": max(a["joined_at"] for a in agents if "joined_at" in a) - stops[0]
+            if stops and any("joined_at" in a for a in agents) else None,
+            # until the last survivor had the liveness verdict
+            "detect_s": max(a["verdict_at"] for a in agents if "verdict_at" in a) - stops[0] if stops else None,
         }
     finally:
         if server is not None:
@@ -306,6 +342,10 @@ def main() -> int:
     p.add_argument("--keep-alive", type=int, help="torch's keep-alive interval (s); default: hpresil-run's, by N")
     p.add_argument("--no-evict", action="store_true",
                    help="survivors do not evict the lost node (torch forgets it when its keep-alive expires)")
+    p.add_argument("--torch-naming", action="store_true",
+                   help="keep torch's inspect.stack() event naming (hpresil-run replaces it: hpresil.elastic.torch_rdzv)")
+    p.add_argument("--no-backoff", action="store_true",
+                   help="retry a lost compare-and-set at once, as torch does (hpresil-run backs off)")
     args = p.parse_args()
     counts = [int(x) for x in args.agents.split(",")]
     results: list[dict[str, Any]] = []
@@ -314,12 +354,13 @@ def main() -> int:
             print("etcd: skipped (apt-get install etcd-server)")
             continue
         for n in counts:
-            r = measure(backend, n, args.procs, args.measure, args.keep_alive, not args.no_evict)
+            r = measure(backend, n, args.procs, args.measure, args.keep_alive, not args.no_evict, args.torch_naming,
+                        not args.no_backoff)
             results.append(r)
-            print(f"{backend:8s} N={n:4d} keep-alive {r['keep_alive_s']} s{'' if r['evict'] else ', no eviction'}  round {r['round_s'] or float('nan'):6.2f} s  change "
+            print(f"{backend:8s} N={n:4d} keep-alive {r['keep_alive_s']} s{'' if r['evict'] else ', no eviction'}{'' if r['backoff'] else ', no backoff'}{', torch naming' if r['torch_naming'] else ''}  round {r['round_s'] or float('nan'):6.2f} s  change "
                   f"{r['change_s'] or float('nan'):6.2f} s  {r['req_per_s']:8.0f} req/s "
                   f"({r['req_per_s'] / n:5.1f}/agent, rendezvous state {r['state_bytes_per_s'] / 1e3:8.1f} kB/s)  agents {r['agent_cpu']:5.2f} cores  server "
-                  f"{r['server_cpu']:5.2f} cores  errors {r['error_count']}; re-join {r['join_s'] or float('nan'):5.2f} s, "
+                  f"{r['server_cpu']:5.2f} cores  errors {r['error_count']}; all told {r['detect_s'] or float('nan'):5.2f} s, all joined {r['joined_s'] or float('nan'):5.2f} s, re-join {r['join_s'] or float('nan'):5.2f} s, "
                   f"{r['change_ops']} state ops ({r['change_failed_sets']} lost compare-and-sets)", flush=True)
     summary: dict[str, Any] = {}
     for backend in sorted({r["backend"] for r in results}):
@@ -351,7 +392,8 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"results": results, "summary": summary, "keep_alive_s": args.keep_alive or "by N",
                        "keep_alive_attempts": KEEP_ALIVE_ATTEMPTS, "last_call_s": LAST_CALL_S,
-                       "evict": not args.no_evict}, f, indent=2)
+                       "evict": not args.no_evict, "torch_naming": args.torch_naming,
+                       "backoff": not args.no_backoff}, f, indent=2)
     return 0
 
 

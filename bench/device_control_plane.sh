@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The control plane at the size issue 22 states (256 simulated agents), on a lent
-# device machine's 16 cores: this 2-core host saturates before 256 agents form
-# their first round. One prepared command, for a second device call once the GPU
-# checks (bench/gpu_session.sh) are done.
+# device machine's 16 cores: on this 2-core host 256 agents complete their rounds,
+# but the host is saturated and its timings include the agents waiting for a core.
+# One prepared command, for a second device call once the GPU checks
+# (bench/gpu_session.sh) are done.
 #
 # Here (with network), once:   pip download -d .wheels xxhash fsspec python-etcd
 #                              mkdir -p .bin && cp "$(command -v etcd)" .bin/   (Debian's etcd-server)

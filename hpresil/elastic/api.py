@@ -44,7 +44,7 @@ __all__ = [
     "LOST_AFTER",
     "DYNAMIC_BACKENDS",
     "ALIVE_KEY",
-    "DONE_KEY",
+    "DONE_MARK",
     "LOST_KEY",
     "LOST_EPOCH_KEY",
     "WATCHERS",
@@ -79,9 +79,10 @@ MAX_KEEP_ALIVE_S = 30
 #: How long the liveness ring waits before declaring a peer lost when hpresil chose the keep-alive.
 LOST_AFTER = timedelta(seconds=3)
 
-#: Store keys (under the round's prefix) of each agent's liveness counter and done flag.
+#: Store key (under the round's prefix) of each agent's liveness counter.
 ALIVE_KEY = "hpresil/elastic/alive/{group_rank}"
-DONE_KEY = "hpresil/elastic/done/{group_rank}"
+#: Added to a node's liveness counter once its workers are done: one read tells a watcher both.
+DONE_MARK = 1 << 40
 #: Loss verdicts: the watcher that declares one bumps ``LOST_EPOCH_KEY`` to ``i`` and sets
 #: ``LOST_KEY`` ``i`` to the lost group rank; every agent reads the counter each beat and
 #: the new keys when it moved.

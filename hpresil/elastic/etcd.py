@@ -145,7 +145,8 @@ def _failover_client(etcd: Any) -> type:
 
 def create_etcd_v2_handler(params: RendezvousParameters) -> Any:
     """torch's ``DynamicRendezvousHandler`` over torch's etcd backend and store,
-    with a client that fails over between every member in ``params.endpoint``.
+    with a client that fails over between every member in ``params.endpoint``
+    and a backoff after a lost compare-and-set (:class:`~hpresil.elastic.torch_rdzv.BackoffBackend`).
 
     Raises:
         ConfigError: the endpoint list or a ``--rdzv-conf`` value is invalid, or python-etcd is missing.
@@ -155,8 +156,10 @@ def create_etcd_v2_handler(params: RendezvousParameters) -> Any:
     from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend
     from torch.distributed.elastic.rendezvous.etcd_store import EtcdStore
 
+    from hpresil.elastic.torch_rdzv import BackoffBackend
+
     client = _client(params)
-    backend = EtcdRendezvousBackend(client, params.run_id, key_prefix=STATE_PREFIX)
+    backend = BackoffBackend(EtcdRendezvousBackend(client, params.run_id, key_prefix=STATE_PREFIX))
     return create_handler(EtcdStore(client, STORE_PREFIX), backend, params)
 
 

@@ -6,12 +6,23 @@ dead node stays a participant of the completed round, the round cannot start
 over, and the survivors' re-join waits. hpresil's liveness ring
 (:class:`~hpresil.elastic.membership.Liveness`) already agreed the node is
 lost, so :func:`evict` removes it from the shared rendezvous state at once,
-the way torch's own sanitizer would: out of the participants and the
-heartbeats, then torch's epilogue (a round with no participant left moves on).
+the way torch's own sanitizer would (out of the participants, the heartbeats
+and the lists).
 
-That takes the keep-alive expiry off the critical path of a membership
-change, which lets the keep-alive interval grow with the job
-(:func:`~hpresil.elastic.membership.tuned_rdzv_configs`): every keep-alive
+It also ends the round for the survivors in the same write. In torch's
+protocol every survivor, on re-joining, first leaves the completed round (the
+last one out moves it on) and then puts itself on the wait list for the next:
+2(N-1) compare-and-sets of one shared state, each one's success making every
+other attempt in flight lose and retry. :func:`evict` writes the state those
+operations would reach -- the survivors on the wait list with their heartbeats,
+no participant, the round moved on by torch's own epilogue -- in one
+compare-and-set, so each survivor's re-join is a single write: joining the new
+round. A survivor that has not heard the verdict yet is nudged by torch's own
+agent loop, which restarts when a node waits.
+
+That takes the keep-alive expiry and most of the writes off the critical path
+of a membership change, which also lets the keep-alive interval grow with the
+job (:func:`~hpresil.elastic.membership.tuned_rdzv_configs`): every keep-alive
 rewrites the whole rendezvous state, O(N) bytes, so N nodes beating every
 second move O(N^2) bytes per second through the store.
 
@@ -75,8 +86,8 @@ def round_of(handler: Any) -> int | None:
 
 def evict(handler: Any, joined_round: int | None, lost_ranks: Iterable[int]) -> list[str]:
     """Removes the nodes of ``lost_ranks`` (group ranks of round ``joined_round``)
-    from the shared rendezvous state, if that round is still the current,
-    completed one.
+    from the shared rendezvous state and moves the survivors to the next
+    round's wait list, if that round is still the current, completed one.
 
     Safe to call from every survivor: the first compare-and-set that wins
     removes them, the others find nothing left to do. Never raises: a failure
@@ -108,12 +119,18 @@ def evict(handler: Any, joined_round: int | None, lost_ranks: Iterable[int]) -> 
                 state.last_heartbeats.pop(node, None)
                 state.wait_list.discard(node)
                 state.redundancy_list.discard(node)
-            epilogue(state, settings)
+            # The survivors' exit and wait-list operations, done for them: they
+            # wait for the next round with their heartbeats kept (so one that
+            # dies before re-joining is still swept out by torch's expiry).
+            state.wait_list.update(state.participants)
+            state.participants.clear()
+            epilogue(state, settings)  # no participant left: torch moves the round on
             holder.mark_dirty()
             if holder.sync():
                 names = sorted(str(node) for node in dead)
                 log.info("evicted lost node(s) %s from rendezvous round %d without waiting for their keep-alive "
-                         "to expire", ", ".join(names), joined_round)
+                         "to expire; %d survivor(s) wait for round %d", ", ".join(names), joined_round,
+                         len(state.wait_list), state.round)
                 return names
         log.warning("could not evict lost group rank(s) %s from the rendezvous after %d attempts; torch drops them "
                     "when their keep-alive expires", sorted(lost), _ATTEMPTS)

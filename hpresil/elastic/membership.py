@@ -7,8 +7,8 @@ whose counter has not moved for ``lost_after`` — measured on the *observer's*
 monotonic clock, so no clock synchronisation is assumed — is lost; the watcher
 publishes the verdict as the next numbered key after bumping one epoch counter,
 which every agent reads each beat. A beat costs a constant number of store requests at any
-job size (reading every peer's two counters would be 2(n-1) requests per agent,
-~8 million per beat at the store at 2,048 nodes). A block of dead nodes is still seen by the
+job size (reading every peer's counter would be n-1 requests per agent,
+~4 million per beat at the store at 2,048 nodes). A block of dead nodes is still seen by the
 live node just before it. The decision logic
 (:class:`LivenessTracker`, :func:`restart_cause`, :func:`tuned_rdzv_configs`)
 is pure and unit-tested; :class:`Liveness` runs it on a thread against a real
@@ -30,7 +30,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Mapping
 
 from hpresil.elastic.api import (
-    ALIVE_KEY, DONE_KEY, DYNAMIC_BACKENDS, KEEPALIVES_PER_S, LOST_AFTER, LOST_EPOCH_KEY, LOST_KEY, MAX_KEEP_ALIVE_S,
+    ALIVE_KEY, DONE_MARK, DYNAMIC_BACKENDS, KEEPALIVES_PER_S, LOST_AFTER, LOST_EPOCH_KEY, LOST_KEY, MAX_KEEP_ALIVE_S,
     RDZV_TUNED_DEFAULTS, WATCHERS, ElasticConfig, MembershipView,
 )
 from hpresil.runtime.store_ops import read_counter, writes_to_add
@@ -233,9 +233,9 @@ class Liveness:
             for peer in tr.peers:
                 if peer in tr.lost or peer in tr.done:
                     continue
-                if read_counter(self.store, DONE_KEY.format(group_rank=peer), self._write_free):
-                    done.append(peer)
                 counters[peer] = read_counter(self.store, ALIVE_KEY.format(group_rank=peer), self._write_free)
+                if counters[peer] >= DONE_MARK:  # its workers are done: its silence is no loss
+                    done.append(peer)
             for peer in sorted(tr.observe(self.clock(), counters, done) - before):
                 # Verdict i is key LOST_KEY/i; add/set/check/get only, which every torch Store has.
                 self.store.set(LOST_KEY.format(index=self.store.add(LOST_EPOCH_KEY, 1)), str(peer))
@@ -272,7 +272,7 @@ class Liveness:
         """Marks this node's workers done, so peers never take its silence for a loss."""
         self._finished = True
         try:
-            self.store.add(DONE_KEY.format(group_rank=self.tracker.group_rank), 1)
+            self.store.add(ALIVE_KEY.format(group_rank=self.tracker.group_rank), DONE_MARK)
         except Exception as exc:
             log.debug("liveness: cannot mark done: %s", exc)
 

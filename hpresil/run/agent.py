@@ -20,11 +20,11 @@ from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, W
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
 from hpresil.elastic.api import RUNNING_KEY, ElasticConfig
-from hpresil.elastic.evict import evict, rejoin_delay, round_of
 from hpresil.elastic.fast_restart import FastRestart, free_port
-from hpresil.elastic.membership import Liveness, restart_cause
+from hpresil.elastic.membership import restart_cause
 from hpresil.run.console import WorkerConsole
 from hpresil.run.failure import failure_summary, guard_error_files
+from hpresil.run.peers import Peers, nodes_waiting
 from hpresil.runtime.api import WorkerGroupInfo
 from hpresil.runtime.node import NodeRuntime
 from hpresil.topology.service import TopologyService
@@ -59,12 +59,9 @@ class HpresilAgent(LocalElasticAgent):
         super().__init__(spec, **kwargs)
         self._runtime = runtime
         self._elastic = elastic or ElasticConfig()
-        self._liveness: Liveness | None = None
+        self._peers = Peers(self._elastic, runtime.events)
         self._restart_reason: tuple[str, str, list[int]] | None = None  # set by a membership verdict
         self._settle_pending = False
-        self._round: int | None = None  # the rendezvous round this agent last joined
-        self._rejoin_delay = 0.0  # seconds to wait before re-joining after a loss
-        self._nodes: int | None = None
         self._attempt = -1
         self._last_state = WorkerState.INIT
         self._group_info: WorkerGroupInfo | None = None
@@ -105,13 +102,10 @@ class HpresilAgent(LocalElasticAgent):
         if self._before_join is not None:
             before, self._before_join = self._before_join, None
             before()
-        if self._rejoin_delay:  # survivors of a loss take turns at torch's compare-and-set (evict.rejoin_delay)
-            time.sleep(self._rejoin_delay)
-            self._rejoin_delay = 0.0
+        self._peers.before_join()
         start = time.monotonic()
         super()._rendezvous(worker_group)
-        self._round = round_of(worker_group.spec.rdzv_handler)
-        self._watch_peers(worker_group)
+        self._peers.joined(worker_group)
         _mark_running(worker_group)
         self._fast = None
         if self._fast_enabled and worker_group.store is not None and not worker_group.spec.rdzv_handler.use_agent_store:
@@ -180,7 +174,7 @@ class HpresilAgent(LocalElasticAgent):
         # A peer's workers failed: ours sit in (or will reach) a broken collective.
         # With no restart left, let them fail on their own: torch's loop then ends the job.
         peer_failed = result.state == WorkerState.HEALTHY and self._remaining_restarts > 0 and self._peer_failed()
-        lost = self._lost_peers(worker_group, result, peer_failed)
+        lost = self._peers.lost(worker_group, result, self._fast, peer_failed)
         if peer_failed and not lost:
             # Join the restart now instead of waiting for our workers to fail too; it
             # is the same failure, so it costs this node a restart like the others.
@@ -191,12 +185,12 @@ class HpresilAgent(LocalElasticAgent):
         if lost:
             # A lost node: restart at once (the workers may sit in a collective
             # with it until its timeout), without consuming --max-restarts.
-            self._evict(worker_group, lost)
+            self._peers.evict(worker_group, lost)
             self._restart_reason = ("membership", "node_lost", sorted(lost))
             self._restart_workers(worker_group)
             return RunResult(state=worker_group.state)
-        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and self._liveness is not None:
-            cause, reason = restart_cause(True, (), _nodes_waiting(worker_group))
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and self._peers.liveness is not None:
+            cause, reason = restart_cause(True, (), nodes_waiting(worker_group))
             if cause == "membership":  # a node waits to join: the join's restart, not a failure
                 self._restart_reason = (cause, reason, [])
                 self._restart_workers(worker_group)
@@ -229,51 +223,6 @@ class HpresilAgent(LocalElasticAgent):
         files = getattr(pcontext, "error_files", None) or {}
         for path in guard_error_files(files, lambda: pcontext.pids(), self._checked_error_files):  # type: ignore[union-attr]
             log.warning("worker error file %s was not valid JSON (its writer died mid-write); replaced by a note", path)
-
-    def _watch_peers(self, worker_group: WorkerGroup) -> None:
-        """Starts watching the new round's nodes (replacing the previous round's watch)."""
-        if self._liveness is not None:
-            self._liveness.stop()
-            self._liveness = None
-        nodes = worker_group.group_world_size or 1
-        if self._nodes is not None and nodes != self._nodes:
-            self._runtime.events.emit("rescale", from_nodes=self._nodes, to_nodes=nodes,
-                                      world_size=worker_group.workers[0].world_size if worker_group.workers else None)
-            log.warning("rescaled from %d to %d nodes", self._nodes, nodes)
-        self._nodes = nodes
-        if self._elastic.enabled and nodes > 1 and worker_group.store is not None:
-            self._liveness = Liveness(worker_group.store, worker_group.group_rank or 0, nodes, self._elastic).start()
-
-    def _evict(self, worker_group: WorkerGroup, lost: frozenset[int]) -> None:
-        """Takes the lost nodes out of torch's rendezvous now, so the survivors'
-        re-join does not wait for their keep-alive to expire
-        (:mod:`hpresil.elastic.evict`); every survivor tries, the first wins."""
-        nodes = evict(worker_group.spec.rdzv_handler, self._round, lost)
-        if nodes:
-            self._runtime.events.emit("rdzv_evicted", round=self._round, group_ranks=sorted(lost), nodes=nodes)
-        self._rejoin_delay = rejoin_delay(worker_group.group_world_size or 1)
-
-    def _lost_peers(self, worker_group: WorkerGroup, result: RunResult, peer_failed: bool = False) -> frozenset[int]:
-        liveness = self._liveness
-        if liveness is None:
-            return frozenset()
-        if result.state == WorkerState.SUCCEEDED:
-            liveness.finish()
-            return frozenset()
-        lost = liveness.view().lost
-        if not lost and (peer_failed or result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY)):
-            # Broken collectives make the survivors of a lost node fail within
-            # milliseconds, before the loss can be declared: wait for the verdict
-            # (at most lost_after) unless a peer already re-joins or every node
-            # reported a failure of its own (a plain failure).
-            fast = self._fast
-            if fast is not None:
-                _quietly(fast.mark_failed)
-            wait = (self._elastic.lost_after + self._elastic.refresh_interval).total_seconds()
-            lost = liveness.wait_for_loss(
-                wait, give_up=lambda: _nodes_waiting(worker_group) > 0 or (fast is not None and fast.all_failed()),
-                poll=None if fast is None else fast.watch_interval)
-        return lost
 
     def _peer_failed(self) -> bool:
         """Another node marked a failure in this generation (looked up at most every
@@ -331,10 +280,15 @@ class HpresilAgent(LocalElasticAgent):
         if self._restart_reason is not None:
             cause, reason, lost = self._restart_reason
             self._restart_reason = None
-        else:
+        else:  # torch's loop: the workers failed, or a node waits in the rendezvous
             failed = self._last_state in (WorkerState.FAILED, WorkerState.UNHEALTHY)
-            cause, reason = restart_cause(failed, (), 0 if failed else 1)
-            lost = []
+            if not failed and self._peers.round_ended(worker_group):
+                # Not a join: a survivor of a loss this node has not heard of yet
+                # ended the round (hpresil.elastic.evict) and waits for the next.
+                cause, reason, lost = "membership", "node_lost", self._peers.lost_now()
+            else:
+                cause, reason = restart_cause(failed, (), 0 if failed else 1)
+                lost = []
         self._settle_pending = reason == "node_joined"
         self._runtime.events.emit(
             "workers_restart",
@@ -364,10 +318,8 @@ class HpresilAgent(LocalElasticAgent):
         start = time.monotonic()
         coordinator = fast.group_rank == 0
         port = (worker_group.spec.master_port or free_port()) if coordinator else None
-        liveness = self._liveness
-
         def give_up() -> bool:
-            return _nodes_waiting(worker_group) > 0 or bool(liveness is not None and liveness.view().lost)
+            return nodes_waiting(worker_group) > 0 or self._peers.any_lost()
 
         gen = fast.gen
         agreed = fast.agree(coordinator=coordinator, port=port, give_up=give_up)
@@ -387,8 +339,7 @@ class HpresilAgent(LocalElasticAgent):
         try:
             return super().run(role)
         finally:
-            if self._liveness is not None:
-                self._liveness.stop()
+            self._peers.stop()
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         super()._stop_workers(worker_group)
@@ -414,13 +365,6 @@ class HpresilAgent(LocalElasticAgent):
             {w.local_rank: stderrs[w.local_rank] for w in workers
              if stderrs.get(w.local_rank) and (not shown or w.local_rank in shown)},
             prefixes, {w.local_rank: w.global_rank for w in workers})
-
-
-def _nodes_waiting(worker_group: WorkerGroup) -> int:
-    try:
-        return worker_group.spec.rdzv_handler.num_nodes_waiting()
-    except Exception:  # the store is gone: torch's own loop reports it
-        return 0
 
 
 def _mark_running(worker_group: WorkerGroup) -> None:

@@ -28,6 +28,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.launcher.api import LaunchConfig
 
+from hpresil.elastic import torch_rdzv
 from hpresil.elastic.api import ElasticConfig
 from hpresil.elastic.etcd import BACKEND as ETCD_BACKEND, create_etcd_v2_handler, parse_endpoints, quorum_report
 from hpresil.elastic.membership import lost_after_from_rdzv, tuned_rdzv_configs
@@ -114,9 +115,14 @@ def join_when_ready(params: RendezvousParameters, warm: bool, timeout: float = 3
 
 def _rendezvous_handler(params: RendezvousParameters) -> Any:
     """torch's handler for ``params.backend``; for etcd-v2, the same handler over a
-    client that fails over between every listed member (:mod:`hpresil.elastic.etcd`)."""
+    client that fails over between every listed member (:mod:`hpresil.elastic.etcd`).
+    c10d and etcd-v2 back off after a lost compare-and-set, and torch's
+    per-operation event naming is made cheap first (:mod:`hpresil.elastic.torch_rdzv`)."""
+    torch_rdzv.install()
     if params.backend == ETCD_BACKEND:
         return create_etcd_v2_handler(params)
+    if params.backend == "c10d":
+        return torch_rdzv.c10d_handler(params)
     return rdzv_registry.get_rendezvous_handler(params)
 
 

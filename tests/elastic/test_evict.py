@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
 
 from _launch import free_port
+from hpresil.elastic.api import ElasticConfig
 from hpresil.elastic.evict import evict, round_of
+from hpresil.events import NullEventLog
+from hpresil.run.peers import Peers, nodes_waiting
 
 #: The dead node's keep-alive expires after 60 s x 3; every join below must finish within JOIN_S.
 KEEP_ALIVE_S, JOIN_S = 60, 40
@@ -107,6 +112,18 @@ def test_survivors_form_the_next_round_without_waiting_for_the_dead_keep_alive(m
     evicted = evict(survivors[0], joined, [2])
     assert evicted == [str(handlers[dead]._this_node)]
     assert evict(survivors[1], joined, [2]) == []  # the other survivor finds it done
+
+    # The round is over for the survivors in that one write: both wait for the next round, which
+    # torch's agent loop sees as nodes waiting (a survivor that missed the verdict restarts too),
+    # and the moved round tells that restart from a join's.
+    peers = Peers(ElasticConfig(), NullEventLog())
+    peers.round = joined
+    group = SimpleNamespace(spec=SimpleNamespace(rdzv_handler=survivors[1]))
+    deadline = time.monotonic() + 10  # torch's handler serves its state from a 1 s cache
+    while nodes_waiting(group) != 2 and time.monotonic() < deadline:  # type: ignore[arg-type]
+        time.sleep(0.1)
+    assert nodes_waiting(group) == 2  # type: ignore[arg-type]
+    assert round_of(survivors[1]) == joined + 1 and peers.round_ended(group)  # type: ignore[arg-type]
 
     again = _join_all(survivors)  # without the eviction this waits ~180 s for the keep-alive and times out
     assert all(not isinstance(i, BaseException) for i in again), again
