@@ -178,8 +178,7 @@ def _agent(backend: str, endpoint: str, run_id: str, n: int, go: Any, phase: Any
         out.append(rec)
 
 
-def _note_join(backend: Counting, rec: dict[str, Any]) -> None:
-    """Records when this node's join (its first winning write of the re-join) landed."""
+def _note_join(backend: Counting, rec: dict[str, Any]) -> None:  # when this node's join (first winning write) landed
     while "change_done" not in rec and not backend.last_win:
         time.sleep(0.005)
     if backend.last_win:
