@@ -147,11 +147,6 @@ class DeviceFlags:
         """The keys (of the tensor entries, in layout order) whose norm is not finite."""
         return [keys[i] for i, ok in zip(self.indices, np.isfinite(self.host.numpy())) if not ok]
 
-    def result(self, keys: list[str]) -> tuple[str, list[str]]:
-        """``(checked bitmap, keys whose norm is not finite)`` for the record,
-        given the tensor entries' keys in layout order."""
-        return checked_bitmap(self.indices, len(keys)), self.nonfinite(keys)
-
 
 def device_finite_flags(
     tensors: list[torch.Tensor], cuda: list[int], pinned: dict[int, torch.Tensor]

@@ -54,12 +54,12 @@ def rejoin_delay(nodes: int, rng: random.Random | None = None) -> float:
     """How long a survivor of a round of ``nodes`` waits before re-joining:
     uniform in ``[0, min(REJOIN_SPREAD_MAX_S, nodes x REJOIN_SPREAD_PER_NODE_S)]``.
 
-    torch's join is a compare-and-set of one shared state, retried at once when
-    it loses; survivors that all heard the verdict at the same moment would
-    re-join together, and each success makes every other attempt in flight
-    lose (N^2 attempts; on a loaded etcd this collapses:
-    ``bench/control_plane.py``, ``change_failed_sets``). Spread out, they
-    mostly take turns.
+    torch's join is a compare-and-set of one shared state; survivors that all
+    heard the verdict at the same moment would re-join together, and each
+    success makes every other attempt in flight lose (N^2 attempts; on a
+    loaded etcd this collapses: ``bench/control_plane.py``,
+    ``change_failed_sets``). Spread out, they mostly take turns; the losers
+    back off (:class:`~hpresil.elastic.torch_rdzv.BackoffBackend`).
     """
     window = min(REJOIN_SPREAD_MAX_S, max(0, nodes) * REJOIN_SPREAD_PER_NODE_S)
     return (rng or random).uniform(0.0, window)

@@ -98,10 +98,15 @@ class FastRestart:
         return PREFIX.format(gen=self.gen) + name
 
     def mark_failed(self) -> None:
-        """Counts this node as failed in the current generation (idempotent)."""
+        """Counts this node as failed in the current generation (idempotent;
+        an unreachable store only costs the fast path)."""
         if self._marked == self.gen or self.group_world_size <= 1:
             return
-        self.store.add(self._key("failed_n"), 1)
+        try:
+            self.store.add(self._key("failed_n"), 1)
+        except Exception as exc:  # the store host is gone: torch's rendezvous sorts it out
+            log.debug("fast restart: cannot mark this node failed: %s", exc)
+            return
         self._marked = self.gen
 
     def failed_count(self) -> int:

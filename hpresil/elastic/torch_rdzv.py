@@ -149,11 +149,9 @@ class BackoffBackend:
         took = time.monotonic() - start
         with self._lock:
             self.write_s = took if not self.write_s else (1 - _RTT_WEIGHT) * self.write_s + _RTT_WEIGHT * took
-        if got is None or got[2]:
-            with self._lock:
+            if got is None or got[2]:
                 self._losses = 0
-            return got
-        with self._lock:
+                return got
             self._losses += 1
             self.lost += 1
             wait = self._rng.uniform(0.0, self.window(self._losses))

@@ -304,7 +304,7 @@ class HpresilAgent(LocalElasticAgent):
         if self._fast is None or cause != "failure":
             super()._restart_workers(worker_group)
             return
-        _quietly(self._fast.mark_failed)
+        self._fast.mark_failed()
         self._stop_workers(worker_group)
         worker_group.state = WorkerState.STOPPED
         if not self._fast_restart(worker_group):
@@ -319,7 +319,7 @@ class HpresilAgent(LocalElasticAgent):
         coordinator = fast.group_rank == 0
         port = (worker_group.spec.master_port or free_port()) if coordinator else None
         def give_up() -> bool:
-            return nodes_waiting(worker_group) > 0 or self._peers.any_lost()
+            return nodes_waiting(worker_group) > 0 or bool(self._peers.lost_now())
 
         gen = fast.gen
         agreed = fast.agree(coordinator=coordinator, port=port, give_up=give_up)
@@ -377,14 +377,6 @@ def _mark_running(worker_group: WorkerGroup) -> None:
         base.set(RUNNING_KEY.format(run_id=worker_group.spec.rdzv_handler.get_run_id()), "1")
     except Exception as exc:  # noqa: BLE001 - an optimisation for joiners only
         log.debug("cannot mark the job running: %s", exc)
-
-
-def _quietly(fn: Any) -> None:
-    """Runs a store write whose failure only costs the fast path (the store's host may be gone)."""
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001
-        log.debug("fast restart: %s", exc)
 
 
 def _short(message: str, limit: int = 500) -> str:

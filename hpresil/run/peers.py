@@ -96,10 +96,7 @@ class Peers:
         lost = liveness.view().lost
         if not lost and (peer_failed or result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY)):
             if fast is not None:
-                try:
-                    fast.mark_failed()
-                except Exception as exc:  # noqa: BLE001 - the store's host may be gone: only the fast path is lost
-                    log.debug("fast restart: %s", exc)
+                fast.mark_failed()
             wait = (self._elastic.lost_after + self._elastic.refresh_interval).total_seconds()
             lost = liveness.wait_for_loss(
                 wait, give_up=lambda: nodes_waiting(worker_group) > 0 or (fast is not None and fast.all_failed()),
@@ -112,10 +109,6 @@ class Peers:
         joining waits on the same round, so this tells a loss from a join."""
         now = round_of(worker_group.spec.rdzv_handler)
         return self.round is not None and now is not None and now != self.round
-
-    def any_lost(self) -> bool:
-        """A peer of this round has been declared lost."""
-        return bool(self.liveness is not None and self.liveness.view().lost)
 
     def lost_now(self) -> list[int]:
         """The peers declared lost so far (sorted)."""

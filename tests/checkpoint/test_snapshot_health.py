@@ -146,6 +146,7 @@ def test_device_norms_name_the_nonfinite_entries_and_the_sealer_trusts_the_rest(
     from hpresil.checkpoint.api import slot_path
     from hpresil.checkpoint.flatten import flatten
     from hpresil.checkpoint.health import device_finite_flags
+    from hpresil.checkpoint.ram.copier import Flight
     from hpresil.checkpoint.ram.sealer import Sealer
     from hpresil.checkpoint.ram.writer import RamWriter
 
@@ -154,7 +155,7 @@ def test_device_norms_name_the_nonfinite_entries_and_the_sealer_trusts_the_rest(
     tensors = [big, nan, fine, ints, torch.tensor([float("-inf")], dtype=torch.bfloat16)]
     flags = device_finite_flags(tensors, list(range(len(tensors))), {4: torch.empty(4)})
     assert flags is not None
-    checked, bad = flags.result(["big", "nan", "fine", "ints", "bf16"])
+    checked, bad = Flight(flags=flags).verdicts(["big", "nan", "fine", "ints", "bf16"])
     assert bad == ["big", "nan", "bf16"] and int(checked, 16) == 0b10111
     # A record that says the device checked everything and found only "big": the
     # sealer confirms "big" is finite and never looks at "nan" (trusted as checked).

@@ -96,6 +96,8 @@ def test_single_node_needs_no_store_and_a_dead_store_means_rendezvous(store):
     client = TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=1))
     a = FastRestart(client, 1, 2, timeout=0.5)
     del server  # the store's host is gone
+    a.mark_failed()  # only the fast path is lost: no error reaches the agent
+    assert a._marked != a.gen  # not counted: a later call tries again
     assert a.failed_count() == 0
     assert a.agree(coordinator=False, port=None, give_up=lambda: False) is None
 

@@ -48,7 +48,8 @@ class Flight:
     loss: Callable[[], float | None] | None = None
     #: the device's NaN/Inf verdicts of this snapshot (read once ``event`` completed)
     flags: DeviceFlags | None = None
-    #: tensor indices of the host entries the commit thread's copy checked for NaN/Inf, and of those that hold one
+    #: tensor indices of the host entries whose copy (in ``save`` or on the commit thread) checked for NaN/Inf,
+    #: and of those that hold one
     host_checked: list[int] = dataclasses.field(default_factory=list)
     host_nonfinite: list[int] = dataclasses.field(default_factory=list)
 
