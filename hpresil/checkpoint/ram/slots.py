@@ -32,7 +32,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from hpresil.checkpoint.api import slot_path
 from hpresil.checkpoint.ram.files import ScanCache, cached_parse, read_seal, unlink
@@ -121,24 +121,10 @@ class SlotTable:
         elif wait > 0 and allowed:
             # Only the durable slot is left (the others: the newest and the last known
             # good). A seal landing moves the last known good on and frees another.
-            k, allowed = self._wait_for_another(newest_durable, wait)
+            k = self._poll(wait, lambda: self._choice()[2])
+            if k is None:
+                allowed = self._choice()[1]
         return k if k is not None else self._try_lock(allowed)
-
-    def _wait_for_another(self, durable: int | None, wait: float) -> tuple[int | None, list[int]]:
-        """Waits up to ``wait`` seconds for a slot other than ``durable`` to become
-        allowed and free; returns it (or ``None``) and the slots allowed by then."""
-        t0 = time.monotonic()
-        allowed: list[int] = [durable] if durable is not None else []
-        try:
-            while time.monotonic() - t0 < wait:
-                time.sleep(0.001)
-                _, allowed, preferred, _, _, _ = self._choice()
-                k = self._try_lock(preferred)
-                if k is not None:
-                    return k, allowed
-        finally:
-            self._budget -= time.monotonic() - t0
-        return None, allowed
 
     def _wait_for(self, preferred: list[int], newest: int | None, newest_durable: int | None, good: int | None,
                   wait: float) -> int | None:
@@ -149,19 +135,27 @@ class SlotTable:
         asked = [c for c in preferred if top is not None and c in self.commits and c != newest_durable
                  and self.commits[c][:2] < self.commits[top][:2]]
         requests = [slot_path(self.shm_dir, self.rank, c, "reclaim") for c in asked]
-        t0 = time.monotonic()
-        k = None
         try:
             for path in requests:
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            while k is None and time.monotonic() - t0 < wait:
-                time.sleep(0.001)
-                k = self._try_lock(preferred)
+            return self._poll(wait, lambda: preferred)
         finally:
             for path in requests:
                 unlink(path)
+
+    def _poll(self, wait: float, slots: Callable[[], Sequence[int]]) -> int | None:
+        """Tries to lock one of ``slots()`` every millisecond for up to ``wait``
+        seconds, spending the time from the budget; the slot, or ``None``."""
+        t0 = time.monotonic()
+        try:
+            while time.monotonic() - t0 < wait:
+                time.sleep(0.001)
+                k = self._try_lock(slots())
+                if k is not None:
+                    return k
+            return None
+        finally:
             self._budget -= time.monotonic() - t0
-        return k
 
     def budget(self) -> float:
         """The wait this save may still spend (seconds)."""
