@@ -111,6 +111,21 @@ def test_a_snapshot_flagged_for_the_durable_tier_is_overwritten_only_after_the_w
     w.close()
 
 
+def test_a_newer_snapshot_flagged_for_the_durable_tier_takes_the_older_ones_slot_without_waiting(shm: str) -> None:
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=5.0)
+    _save(w, 1, state)
+    assert Sealer(shm_dir=shm).flush()  # step 1: the last known good
+    w.save(2, flatten(state).leaves, world_size=1, durable=True, durable_url="file:///unused", keep=1)
+    _save(w, 3, state)
+    s1, s2 = _slot_of(shm, 1), _slot_of(shm, 2)
+    t0 = time.monotonic()
+    assert w.save(4, flatten(state).leaves, world_size=1, durable=True, durable_url="file:///unused", keep=1)
+    assert time.monotonic() - t0 < 1.0, "step 4 supersedes step 2 for the durable tier: no wait for a seal"
+    assert _slot_of(shm, 4) == s2 and _slot_of(shm, 1) == s1
+    w.close()
+
+
 def test_save_asks_readers_for_a_slot_and_waits_for_the_first_released(shm: str) -> None:
     state = {"t": torch.zeros(4)}
     w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=30.0)

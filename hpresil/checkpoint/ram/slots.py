@@ -1,9 +1,10 @@
 """Which RAM slot a save overwrites, and how long it may wait for one.
 
 Slot choice (double buffering): never the newest commit; preferably not the
-newest snapshot flagged for the durable tier, until a newer one is flagged (the
-sealer and the drainer reach it after newer snapshots under load, and it must
-not be overwritten before they do: else ``durable_every`` is silently skipped);
+newest snapshot flagged for the durable tier, until a newer one is flagged
+(the save choosing the slot may be that one; the sealer and the drainer reach
+it after newer snapshots under load, and it must not be overwritten before
+they do: else ``durable_every`` is silently skipped);
 then preferably not the last known good one: the newest sealed and healthy
 (it survives a crash while a newer one is still unsealed, and it is what a
 rollback restores when newer ones turn out poisoned,
@@ -85,13 +86,14 @@ class SlotTable:
         seal = cached_parse(path, self._seal_cache, lambda: read_seal(path, None, header_only=True))
         return seal is not None and seal.commit_id == commit[2] and (not healthy or seal.health == "ok")
 
-    def _choice(self) -> tuple[list[int], list[int], list[int], int | None, int | None, int | None]:
+    def _choice(self, durable: bool) -> tuple[list[int], list[int], list[int], int | None, int | None, int | None]:
         """``(candidates, allowed, preferred, newest, newest_durable, good)`` as the
-        slots stand now (see the module doc)."""
+        slots stand now for a save flagged ``durable`` or not (see the module doc)."""
         usable = [k for k in range(len(self.fds)) if k not in self.unusable]
         newest = self.newest(usable)
-        newest_durable = self.newest([k for k in usable if k in self.durable
-                                      and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
+        # A save flagged for the durable tier supersedes the older flagged snapshot: that one is then kept no longer.
+        newest_durable = None if durable else self.newest(
+            [k for k in usable if k in self.durable and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
         kept = [k for k in usable if k in self.commits and self.commits[k][0] == self.keep_step]
         if kept:  # the newest step every replica agreed on: what a divergence rollback restores
@@ -108,10 +110,11 @@ class SlotTable:
         preferred = [k for k in allowed if k != newest_durable]
         return candidates, allowed, preferred, newest, newest_durable, good
 
-    def pick_and_lock(self) -> int | None:
+    def pick_and_lock(self, durable: bool = False) -> int | None:
         """Takes ``LOCK_EX`` on the slot to overwrite and returns it; ``None``
-        when readers held every candidate for as long as this save may wait."""
-        candidates, allowed, preferred, newest, newest_durable, good = self._choice()
+        when readers held every candidate for as long as this save may wait.
+        ``durable``: the snapshot to write is flagged for the durable tier."""
+        candidates, allowed, preferred, newest, newest_durable, good = self._choice(durable)
         k = self._try_lock(preferred)
         wait = self._refill()
         if k is not None or not candidates:
@@ -121,9 +124,9 @@ class SlotTable:
         elif wait > 0 and allowed:
             # Only the durable slot is left (the others: the newest and the last known
             # good). A seal landing moves the last known good on and frees another.
-            k = self._poll(wait, lambda: self._choice()[2])
+            k = self._poll(wait, lambda: self._choice(durable)[2])
             if k is None:
-                allowed = self._choice()[1]
+                allowed = self._choice(durable)[1]
         return k if k is not None else self._try_lock(allowed)
 
     def _wait_for(self, preferred: list[int], newest: int | None, newest_durable: int | None, good: int | None,

@@ -144,7 +144,7 @@ class RamWriter:
         tensors = [l.value for l in leaves if isinstance(l.value, torch.Tensor)]
         device = cuda_device(leaves)
         while True:
-            k = self._table.pick_and_lock()
+            k = self._table.pick_and_lock(durable)
             if k is None:
                 log.warning("rank %d step %d: every RAM slot that may be overwritten is being read (sealer, drain "
                             "or peer send slower than the saves?); skipping this snapshot", self.rank, step)
