@@ -9,12 +9,14 @@ a message that names the fix; a failed job exits 1 after its report.
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import logging
 import os
 import socket
 import sys
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import config_from_args
@@ -27,6 +29,9 @@ from hpresil.netenv.env import apply_launcher_env
 from hpresil.run.options import (HPRESIL_OPTIONS, build_parser, check_entrypoint, resolve_rendezvous, seconds, validate,
                                  worker_env)
 from hpresil.runtime.api import RuntimeConfig
+
+if TYPE_CHECKING:
+    from hpresil.runtime.node import NodeRuntime
 
 __all__ = ["build_parser", "main", "console_main", "validate", "HPRESIL_OPTIONS", "SUBCOMMANDS", "run_subcommand"]
 
@@ -165,6 +170,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         ConfigError: an argument or ``HPRESIL_*`` value is invalid.
         ChildFailedError: the workers failed and ran out of restarts.
     """
+    launch, runtime = _prepared_launch(argv)
+    try:
+        launch()
+    finally:
+        # The launch's node services and agent form reference cycles that hold torch's
+        # stores. Collected now, a store this agent hosted is destroyed in the process
+        # that runs its server thread; left to a later collection in a process forked
+        # from this one (a second launch), its destructor would join a thread the fork
+        # did not copy and abort that process.
+        ran = runtime.stopped
+        del launch, runtime
+        if ran:
+            gc.collect()
+
+
+def _prepared_launch(argv: Sequence[str] | None) -> tuple[Callable[[], None], NodeRuntime]:
+    """The launch ``argv`` asks for, checked and prepared (nothing runs yet)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args)
@@ -184,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise
     from hpresil.run.launch import launch_agent
 
-    launch_agent(config, cmd, cmd_args, runtime, env_changes=env_changes, grace_period=grace,
-                 fast_restart=args.fast_restart != "off", console=console)
+    return functools.partial(launch_agent, config, cmd, cmd_args, runtime, env_changes=env_changes,
+                             grace_period=grace, fast_restart=args.fast_restart != "off", console=console), runtime
 
 
 def _handle_stop_signals() -> None:

@@ -60,6 +60,11 @@ class NodeRuntime:
         self._worker_defaults: dict[str, str] = {}
 
     @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` ran: the services and their threads are gone."""
+        return self._stop.is_set()
+
+    @property
     def context(self) -> RuntimeContext:
         """What services get: ids, paths and the event sink."""
         return RuntimeContext(
@@ -197,6 +202,7 @@ class NodeRuntime:
             except Exception:
                 log.exception("service %s failed to stop cleanly", service.name)
         self._started.clear()
+        self.group = None  # holds the round's store: see hpresil.run.cli.main
         keep = self.config.keep_shm or bool(unsaved)
         if unsaved and not self.config.keep_shm:
             log.warning("keeping %s: it holds the only copy of %s; run the job again with the same --rdzv-id on "

@@ -126,6 +126,95 @@ def test_a_newer_snapshot_flagged_for_the_durable_tier_takes_the_older_ones_slot
     w.close()
 
 
+def _hold(shm: str, step: int) -> int:
+    """A reader's shared lock on the slot of ``step`` (close the descriptor to release it)."""
+    fd = os.open(slot_path(shm, 0, _slot_of(shm, step), "bin"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def test_the_agreed_snapshot_yields_before_the_durable_one_while_an_older_healthy_one_stays(shm: str) -> None:
+    """Four slots: an old healthy step, the agreed one (divergence check), the
+    durable-flagged one and the newest. With the old one held by a reader the
+    agreed one goes at once: a divergence rollback still has the old one, and
+    the durable step survives for the drainer."""
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=4, run_id="r", slot_wait=5.0)
+    _save(w, 1, state)
+    _save(w, 2, state)
+    w.save(3, flatten(state).leaves, world_size=1, durable=True, durable_url="file:///unused", keep=1)
+    _save(w, 4, state)
+    assert Sealer(shm_dir=shm).flush()
+    w.keep(2)
+    s2, s3 = _slot_of(shm, 2), _slot_of(shm, 3)
+    fd = _hold(shm, 1)
+    w.slot_wait = 0.05  # the wait for the reader of step 1 is short
+    t0 = time.monotonic()
+    assert _save(w, 5, state) is not None
+    os.close(fd)
+    assert time.monotonic() - t0 < 1.0
+    assert _slot_of(shm, 5) == s2 and _slot_of(shm, 3) == s3, "the durable-flagged step 3 survives"
+    assert {i.record.step for i in scan(shm)} == {1, 3, 4, 5}
+    w.close()
+
+
+def test_the_agreed_snapshot_a_divergence_rollback_needs_is_never_overwritten(shm: str) -> None:
+    """No healthy snapshot older than the agreed one: it is kept like the last
+    known good one, and with the only other slot held the snapshot is skipped."""
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=0.05)
+    for step in (1, 2, 3):
+        _save(w, step, state)
+    assert Sealer(shm_dir=shm).flush()
+    w.keep(1)  # the replicas agreed on step 1 only
+    fd = _hold(shm, 2)
+    assert _save(w, 4, state) is None, "skipped: the agreed step 1 is what a divergence rollback restores"
+    os.close(fd)
+    assert _save(w, 4, state) is not None
+    assert {i.record.step for i in scan(shm)} == {1, 3, 4}
+    w.close()
+
+
+def test_the_agreed_snapshot_that_is_the_last_known_good_is_kept(shm: str) -> None:
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=0.05)
+    _save(w, 1, state)
+    assert Sealer(shm_dir=shm).flush()  # step 1: agreed and the last known good
+    w.save(2, flatten(state).leaves, world_size=1, durable=True, durable_url="file:///unused", keep=1)
+    _save(w, 3, state)  # steps 2 and 3 unsealed
+    w.keep(1)
+    s1, s2 = _slot_of(shm, 1), _slot_of(shm, 2)
+    assert _save(w, 4, state) is not None
+    assert _slot_of(shm, 1) == s1, "the only sealed healthy snapshot is never overwritten"
+    assert _slot_of(shm, 4) == s2, "the durable slot is the last resort"
+    w.close()
+
+
+def test_a_save_flagged_for_the_durable_tier_waits_for_a_seal_with_the_budget_spent(shm: str) -> None:
+    """The budget is spent and the only free slot is held: a plain snapshot is
+    skipped, one flagged for the durable tier waits (its skip would drop a
+    durable step) and takes the slot a seal landing frees meanwhile."""
+    state = {"t": torch.zeros(4)}
+    w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=5.0)
+    _save(w, 1, state)
+    _save(w, 2, state)
+    assert Sealer(shm_dir=shm).flush()
+    _save(w, 3, state)  # newest, unsealed: step 2 is the last known good
+    s2 = _slot_of(shm, 2)
+    fd = _hold(shm, 1)
+    w._table.spend(100.0)
+    assert _save(w, 4, state) is None
+    sealer = threading.Timer(0.2, lambda: Sealer(shm_dir=shm).flush())  # step 3 sealed: step 2 may go
+    sealer.start()
+    try:
+        assert w.save(4, flatten(state).leaves, world_size=1, durable=True, durable_url="file:///unused", keep=1)
+    finally:
+        sealer.join()
+        os.close(fd)
+    assert _slot_of(shm, 4) == s2 and {i.record.step for i in scan(shm)} == {1, 3, 4}
+    w.close()
+
+
 def test_save_asks_readers_for_a_slot_and_waits_for_the_first_released(shm: str) -> None:
     state = {"t": torch.zeros(4)}
     w = RamWriter(shm, 0, slots=3, run_id="r", slot_wait=30.0)

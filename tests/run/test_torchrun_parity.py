@@ -3,12 +3,14 @@ in-process: the same arguments must give the same workers, errors and exceptions
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import tempfile
 from unittest import mock
 
 import pytest
+from torch.distributed import Store
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from _launch import REPO, free_port, script
@@ -163,3 +165,22 @@ def test_multiple_agents_forked_after_a_launch(tmp_path) -> None:
           f"--touch-dir={first}"])
     assert _touched(first) == {"0"}
     _two_agents(tmp_path, "fork", "forked")
+
+
+def test_a_finished_launch_leaves_no_store_in_garbage(tmp_path) -> None:
+    """A torch store that a finished launch left in cyclic garbage is destroyed by
+    whichever process collects it. In a process forked later (the test above),
+    its destructor joins a server thread the fork did not copy, and that process
+    aborts ("terminate called after throwing an instance of 'std::system_error'")."""
+    d = tmp_path / "t"
+    d.mkdir()
+    main(["--nnodes=1", "--nproc-per-node=1", "--standalone", *_common(tmp_path), script("touch_rank.py"),
+          f"--touch-dir={d}"])
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        holders = [type(o).__name__ for o in gc.garbage if any(isinstance(r, Store) for r in gc.get_referents(o))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not holders, f"garbage holding a torch store: {holders}"

@@ -225,6 +225,7 @@ class Replicator(NodeService):
         self._senders.clear()
         if self.server is not None:
             self.server.stop()
+        self._group = None  # its store: nothing of the round outlives the runtime
 
     # -- work ------------------------------------------------------------
     def _loop(self) -> None:

@@ -1,19 +1,26 @@
 """Which RAM slot a save overwrites, and how long it may wait for one.
 
-Slot choice (double buffering): never the newest commit; preferably not the
-newest snapshot flagged for the durable tier, until a newer one is flagged
-(the save choosing the slot may be that one; the sealer and the drainer reach
-it after newer snapshots under load, and it must not be overwritten before
-they do: else ``durable_every`` is silently skipped);
-then preferably not the last known good one: the newest sealed and healthy
-(it survives a crash while a newer one is still unsealed, and it is what a
-rollback restores when newer ones turn out poisoned,
-:mod:`hpresil.checkpoint.health`), or, while replicas are compared, the
-newest step they agreed on (``keep_step``, older: what a divergence rollback
-restores, and healthy too); otherwise the oldest. With 3 slots that
-leaves two alternating slots and the durable one. The durable slot is taken
-only after the wait below, when nothing else could be locked; the last known
-good one never while another slot exists (the snapshot is skipped instead).
+Slot choice (double buffering): never the newest commit; never the last
+known good one while another slot exists (the newest sealed and healthy: it
+survives a crash while a newer one is still unsealed, and it is what a rollback
+restores when newer ones turn out poisoned, :mod:`hpresil.checkpoint.health`;
+the snapshot is skipped instead); otherwise the oldest, keeping two slots for
+last:
+
+* the newest step the replicas agreed on (``keep_step``, set by the divergence
+  check: what a divergence rollback restores). While an older healthy snapshot
+  stays in another slot, it is taken before the durable one and without
+  waiting: the agreement moves on only at the next save's vote, and losing it
+  only sends a rare divergence rollback one snapshot further back, where a
+  skipped snapshot costs every fault in that window a step. Without one it is
+  kept like the last known good one;
+* the newest snapshot flagged for the durable tier, until a newer one is
+  flagged (the save choosing the slot may be that one): the sealer and the
+  drainer reach it after newer snapshots under load, and it must not be
+  overwritten before they do, else ``durable_every`` is silently skipped. It
+  is taken only after the wait below, when nothing else could be locked.
+
+With 3 slots that leaves two alternating slots and the durable one.
 
 A slot locked by a reader (sealer, drainer, peer send) is skipped. When every
 slot the writer may take is locked, it waits for the first to be released, up
@@ -21,7 +28,9 @@ to ``slot_wait`` per save and, over time, :data:`WAIT_SHARE` of the wall clock
 (a token bucket that starts full): a sealer slowed down for a moment by a busy
 host costs one short wait instead of a snapshot, and a sealer that is slower
 than the saves themselves skips snapshots instead of slowing every step. Only
-then is the snapshot skipped. While it waits it asks for slots back whose
+then is the snapshot skipped. A save flagged for the durable tier may always
+wait its whole ``slot_wait`` (its skip would drop a ``durable_every`` step; the
+wait still counts against the budget). While it waits it asks for slots back whose
 commit is older than a sealed one (``slot<K>.reclaim``): sealing those cannot
 give a restore anything newer, and the sealer abandons such a seal between two
 chunks. It never asks for a slot whose seal would be the newest: if yielding
@@ -33,7 +42,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from hpresil.checkpoint.api import slot_path
 from hpresil.checkpoint.ram.files import ScanCache, cached_parse, read_seal, unlink
@@ -42,6 +51,21 @@ __all__ = ["SlotTable", "WAIT_SHARE"]
 
 #: The most of the wall clock that saves spend waiting for readers, over time.
 WAIT_SHARE = 0.01
+
+
+class _Choice(NamedTuple):
+    candidates: list[int]  # every slot but the newest, in the order they are given up
+    allowed: list[int]  # those that may be overwritten (not the ones a rollback needs, unless alone)
+    preferred: list[int]  # those taken before the agreed and the durable one
+    kept: int | None  # the agreed one (``keep_step``), when it may be taken
+    newest: int | None
+    newest_durable: int | None
+    good: int | None
+
+    @property
+    def before_durable(self) -> list[int]:
+        """The slots given up before the durable one."""
+        return self.preferred + ([self.kept] if self.kept is not None else [])
 
 
 class SlotTable:
@@ -86,62 +110,68 @@ class SlotTable:
         seal = cached_parse(path, self._seal_cache, lambda: read_seal(path, None, header_only=True))
         return seal is not None and seal.commit_id == commit[2] and (not healthy or seal.health == "ok")
 
-    def _choice(self, durable: bool) -> tuple[list[int], list[int], list[int], int | None, int | None, int | None]:
-        """``(candidates, allowed, preferred, newest, newest_durable, good)`` as the
-        slots stand now for a save flagged ``durable`` or not (see the module doc)."""
+    def _choice(self, durable: bool) -> _Choice:
+        """The slots as they stand now for a save flagged ``durable`` or not (see the module doc)."""
         usable = [k for k in range(len(self.fds)) if k not in self.unusable]
         newest = self.newest(usable)
         # A save flagged for the durable tier supersedes the older flagged snapshot: that one is then kept no longer.
         newest_durable = None if durable else self.newest(
             [k for k in usable if k in self.durable and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
-        kept = [k for k in usable if k in self.commits and self.commits[k][0] == self.keep_step]
-        if kept:  # the newest step every replica agreed on: what a divergence rollback restores
-            good: int | None = kept[0]
-        else:  # the last known good: the newest commit itself once sealed healthy (never overwritten anyway)
-            good = newest if newest is not None and self.sealed(newest, healthy=True) else \
-                self.newest([k for k in candidates if self.sealed(k, healthy=True)])
-        # Empty slots first, then oldest commit first; the last known good one, then the newest durable one last.
-        candidates.sort(key=lambda k: (k == newest_durable, k == good, k in self.commits,
+        # The last known good: the newest commit itself once sealed healthy (never overwritten anyway).
+        good = newest if newest is not None and self.sealed(newest, healthy=True) else \
+            self.newest([k for k in candidates if self.sealed(k, healthy=True)])
+        kept = next((k for k in candidates if k != good and k != newest_durable and k in self.commits
+                     and self.commits[k][0] == self.keep_step), None)
+        # The agreed one may go only while an older healthy snapshot stays for a divergence rollback.
+        spare = kept is not None and any(
+            j != kept and j in self.commits and self.commits[j][0] < self.commits[kept][0]
+            and self.sealed(j, healthy=True) for j in usable)
+        protected = {good} if spare or kept is None else {good, kept}
+        # Empty slots first, then oldest commit first; the agreed one, the durable one, the protected ones last.
+        candidates.sort(key=lambda k: (k in protected, k == newest_durable, k == kept, k in self.commits,
                                        self.commits.get(k, (0, 0.0))[:2]))
-        # The last known good slot is never taken while there is another (a snapshot
-        # is skipped instead): a rollback needs it. The durable one only as a last resort.
-        allowed = [k for k in candidates if k != good] if len(candidates) > 1 else candidates
-        preferred = [k for k in allowed if k != newest_durable]
-        return candidates, allowed, preferred, newest, newest_durable, good
+        # The protected slots are never taken while there is another (a snapshot is skipped
+        # instead): a rollback needs them. With two slots the only other one must do.
+        allowed = [k for k in candidates if k not in protected] or (candidates if len(candidates) == 1 else [])
+        preferred = [k for k in allowed if k != newest_durable and k != kept]
+        return _Choice(candidates, allowed, preferred, kept if spare and kept in allowed else None, newest,
+                       newest_durable, good)
 
     def pick_and_lock(self, durable: bool = False) -> int | None:
         """Takes ``LOCK_EX`` on the slot to overwrite and returns it; ``None``
         when readers held every candidate for as long as this save may wait.
         ``durable``: the snapshot to write is flagged for the durable tier."""
-        candidates, allowed, preferred, newest, newest_durable, good = self._choice(durable)
-        k = self._try_lock(preferred)
-        wait = self._refill()
-        if k is not None or not candidates:
+        c = self._choice(durable)
+        k = self._try_lock(c.preferred)
+        # A snapshot flagged for the durable tier may wait its whole slot_wait whatever the
+        # budget: one wait per durable_every steps, where a skip would drop a durable step.
+        wait = max(self._refill(), self.slot_wait if durable else 0.0)
+        if k is not None or not c.candidates:
             return k
-        if wait > 0 and preferred:
-            k = self._wait_for(preferred, newest, newest_durable, good, wait)
-        elif wait > 0 and allowed:
-            # Only the durable slot is left (the others: the newest and the last known
-            # good). A seal landing moves the last known good on and frees another.
-            k = self._poll(wait, lambda: self._choice(durable)[2])
-            if k is None:
-                allowed = self._choice(durable)[1]
-        return k if k is not None else self._try_lock(allowed)
+        if wait > 0 and c.preferred:  # readers hold them
+            k = self._wait_for(c, durable, wait)
+        if k is None and c.kept is not None:
+            k = self._try_lock([c.kept])
+        if k is None and wait > 0 and not c.preferred:
+            # Only the durable slot is left, or none: the others are the newest and the
+            # ones a rollback needs. A seal landing moves the last known good on and frees one.
+            k = self._poll(wait, lambda: self._choice(durable).before_durable)
+        return k if k is not None else self._try_lock(self._choice(durable).allowed)
 
-    def _wait_for(self, preferred: list[int], newest: int | None, newest_durable: int | None, good: int | None,
-                  wait: float) -> int | None:
-        """Waits up to ``wait`` seconds for one of ``preferred``, asking the
-        readers of the older ones to let go."""
+    def _wait_for(self, c: _Choice, durable: bool, wait: float) -> int | None:
+        """Waits up to ``wait`` seconds for a preferred slot (those of ``c``, or
+        one that a seal landing meanwhile frees), asking the readers of the
+        older ones to let go."""
         # The sealed commit every request is compared to.
-        top = newest if newest is not None and self.sealed(newest) else good
-        asked = [c for c in preferred if top is not None and c in self.commits and c != newest_durable
-                 and self.commits[c][:2] < self.commits[top][:2]]
-        requests = [slot_path(self.shm_dir, self.rank, c, "reclaim") for c in asked]
+        top = c.newest if c.newest is not None and self.sealed(c.newest) else c.good
+        asked = [k for k in c.preferred if top is not None and k in self.commits and k != c.newest_durable
+                 and self.commits[k][:2] < self.commits[top][:2]]
+        requests = [slot_path(self.shm_dir, self.rank, k, "reclaim") for k in asked]
         try:
             for path in requests:
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            return self._poll(wait, lambda: preferred)
+            return self._poll(wait, lambda: self._choice(durable).preferred)
         finally:
             for path in requests:
                 unlink(path)
