@@ -40,6 +40,13 @@ def _slot_of(shm: str, step: int, rank: int = 0) -> int:
     return next(i.slot for i in scan(shm, [rank]) if i.record.step == step)
 
 
+def _hold(shm: str, step: int) -> int:
+    """A reader's shared lock on the slot of ``step`` (close the descriptor to release it)."""
+    fd = os.open(slot_path(shm, 0, _slot_of(shm, step), "bin"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
 def test_layout_is_aligned_record_is_parseable_and_arena_is_reused(shm: str) -> None:
     state = {"a": torch.randn(3), "b": {"w": torch.randn(5, 7, dtype=torch.float64), "n": (1, b"x")}, "e": torch.empty(0)}
     w = RamWriter(shm, 0, slots=2, run_id="run")
@@ -70,8 +77,7 @@ def test_slot_choice_keeps_newest_and_last_known_good_and_skips_rather_than_lose
     _save(w, 4, state)  # oldest is step 1, but it is the newest *sealed* one: step 2's slot is taken
     assert _slot_of(shm, 4) == s2 and _slot_of(shm, 1) == s1
     s3 = _slot_of(shm, 3)
-    fd = os.open(slot_path(shm, 0, s3, "bin"), os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader (drainer) holds step 3
+    fd = _hold(shm, 3)  # a reader (drainer) holds step 3
     w.slot_wait = 0.05
     # the only other slot holds the last known good step (1, the newest sealed and healthy):
     # the snapshot is skipped rather than leave a rollback nothing to restore
@@ -124,13 +130,6 @@ def test_a_newer_snapshot_flagged_for_the_durable_tier_takes_the_older_ones_slot
     assert time.monotonic() - t0 < 1.0, "step 4 supersedes step 2 for the durable tier: no wait for a seal"
     assert _slot_of(shm, 4) == s2 and _slot_of(shm, 1) == s1
     w.close()
-
-
-def _hold(shm: str, step: int) -> int:
-    """A reader's shared lock on the slot of ``step`` (close the descriptor to release it)."""
-    fd = os.open(slot_path(shm, 0, _slot_of(shm, step), "bin"), os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
 
 
 def test_the_agreed_snapshot_yields_before_the_durable_one_while_an_older_healthy_one_stays(shm: str) -> None:
@@ -255,8 +254,7 @@ def test_save_waits_for_the_newest_seal_without_asking_and_within_its_budget(shm
     _save(w, 1, state)
     _save(w, 2, state)
     k1 = _slot_of(shm, 1)
-    fd = os.open(slot_path(shm, 0, k1, "bin"), os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    fd = _hold(shm, 1)
     seen: list[str] = []
 
     def reader_finishes() -> None:
@@ -594,9 +592,7 @@ def test_checkpointer_reports_a_skipped_snapshot(shm: str) -> None:
     cfg = CheckpointConfig(slots=2, durable_every=0, slot_wait=timedelta(milliseconds=20))
     ckpt = Checkpointer(state=state, shm_dir=shm, config=cfg, events=sink, run_services=False)
     assert ckpt.save(1) and ckpt.save(2)
-    older = _slot_of(shm, 1)
-    fd = os.open(slot_path(shm, 0, older, "bin"), os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader that does not yield holds the only slot a save may take
+    fd = _hold(shm, 1)  # a reader that does not yield holds the only slot a save may take
     try:
         assert not ckpt.save(3)
     finally:
@@ -624,8 +620,7 @@ def test_reclaim_requests_of_a_killed_writer_do_not_outlive_it(shm: str) -> None
     w.close()
     assert Sealer(shm_dir=shm).seal_once()  # step 2 sealed: the writer may ask for step 1's slot
     k1 = _slot_of(shm, 1)
-    fd = os.open(slot_path(shm, 0, k1, "bin"), os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader holds step 1's slot
+    fd = _hold(shm, 1)  # a reader holds step 1's slot
     request = slot_path(shm, 0, k1, "reclaim")
     proc = process(_wait_for_a_held_slot, (shm,))
     proc.start()

@@ -118,15 +118,13 @@ class SlotTable:
         newest_durable = None if durable else self.newest(
             [k for k in usable if k in self.durable and self.durable[k] == self.commits.get(k, (0, 0.0, ""))[2]])
         candidates = [k for k in usable if k != newest]
+        healthy = [k for k in usable if self.sealed(k, healthy=True)]
         # The last known good: the newest commit itself once sealed healthy (never overwritten anyway).
-        good = newest if newest is not None and self.sealed(newest, healthy=True) else \
-            self.newest([k for k in candidates if self.sealed(k, healthy=True)])
+        good = newest if newest in healthy else self.newest(healthy)
         kept = next((k for k in candidates if k != good and k != newest_durable and k in self.commits
                      and self.commits[k][0] == self.keep_step), None)
         # The agreed one may go only while an older healthy snapshot stays for a divergence rollback.
-        spare = kept is not None and any(
-            j != kept and j in self.commits and self.commits[j][0] < self.commits[kept][0]
-            and self.sealed(j, healthy=True) for j in usable)
+        spare = kept is not None and any(self.commits[j][0] < self.commits[kept][0] for j in healthy)
         protected = {good} if spare or kept is None else {good, kept}
         # Empty slots first, then oldest commit first; the agreed one, the durable one, the protected ones last.
         candidates.sort(key=lambda k: (k in protected, k == newest_durable, k == kept, k in self.commits,
@@ -135,8 +133,7 @@ class SlotTable:
         # instead): a rollback needs them. With two slots the only other one must do.
         allowed = [k for k in candidates if k not in protected] or (candidates if len(candidates) == 1 else [])
         preferred = [k for k in allowed if k != newest_durable and k != kept]
-        return _Choice(candidates, allowed, preferred, kept if spare and kept in allowed else None, newest,
-                       newest_durable, good)
+        return _Choice(candidates, allowed, preferred, kept if spare else None, newest, newest_durable, good)
 
     def pick_and_lock(self, durable: bool = False) -> int | None:
         """Takes ``LOCK_EX`` on the slot to overwrite and returns it; ``None``
